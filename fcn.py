@@ -1,0 +1,210 @@
+"""FCN-8s on VGG16, in TensorFlow 1.x style (``tf.compat.v1``), one function per concept.
+
+The four functions keep the course template's names and signatures:
+
+* ``load_vgg(sess, vgg_path)``      -> the five VGG16 tensors from the SavedModel
+* ``layers(l3, l4, l7, num_classes)`` -> the FCN-8s decoder (skips, 1x1 convs, upsampling)
+* ``optimize(last, labels, lr, num_classes)`` -> ``(logits, train_op, loss)``
+* ``train_nn(sess, epochs, batch_size, get_batches_fn, ...)`` -> mean loss per epoch
+
+The graph is built from ``tf.nn`` ops and ``tf.compat.v1.get_variable``:
+``tf.compat.v1.layers`` does not exist under Keras 3 (TF >= 2.16).
+"""
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from errors import UserError
+
+tf1 = tf.compat.v1
+
+VGG_TAG = "vgg16"
+VGG_TENSORS = ("image_input:0", "keep_prob:0", "layer3_out:0", "layer4_out:0", "layer7_out:0")
+IGNORE = 255
+
+
+# --------------------------------------------------------------------------- encoder
+def load_vgg(sess, vgg_path, input_map=None):
+    """Load the pretrained VGG16 SavedModel into ``sess``'s graph.
+
+    :param sess: TensorFlow session
+    :param vgg_path: folder holding ``saved_model.pb`` and ``variables/``
+    :param input_map: optional ``{"image_input:0": tensor, "keep_prob:0": tensor}`` to drive the
+        encoder from other tensors (e.g. a ``tf.data`` iterator) instead of its placeholders
+    :return: (image_input, keep_prob, layer3_out, layer4_out, layer7_out)
+    """
+    import vgg  # obtaining/validating the model is its own module
+
+    vgg.check_vgg_dir(vgg_path)
+    tf1.saved_model.loader.load(sess, [VGG_TAG], vgg_path, input_map=input_map)
+    graph = sess.graph
+    tensors = [graph.get_tensor_by_name(name) for name in VGG_TENSORS]
+    if input_map:  # the mapped tensors stand where the placeholders were
+        tensors = [input_map.get(name, t) for name, t in zip(VGG_TENSORS, tensors)]
+    return tuple(tensors)
+
+
+# --------------------------------------------------------------------------- decoder
+def bilinear_kernel(size, channels):
+    """Transposed-conv kernel ``[size, size, channels, channels]`` doing bilinear upsampling.
+
+    As in shelhamer's ``surgery.py``: each class is upsampled on its own (diagonal).
+    """
+    factor = (size + 1) // 2
+    center = factor - 1 if size % 2 == 1 else factor - 0.5
+    og = np.ogrid[:size, :size]
+    filt = (1 - abs(og[0] - center) / factor) * (1 - abs(og[1] - center) / factor)
+    kernel = np.zeros((size, size, channels, channels), np.float32)
+    for c in range(channels):
+        kernel[:, :, c, c] = filt
+    return kernel
+
+
+def _l2(weights, scale):
+    if scale:
+        tf1.add_to_collection(tf1.GraphKeys.REGULARIZATION_LOSSES,
+                              tf.multiply(scale, tf.reduce_sum(tf.square(weights)), name="l2"))
+
+
+def _score(x, num_classes, name, l2_scale, init_std):
+    """1x1 convolution to ``num_classes`` scores."""
+    with tf1.variable_scope(name):
+        c_in = x.shape[-1]
+        w = tf1.get_variable("weights", [1, 1, c_in, num_classes],
+                             initializer=tf1.truncated_normal_initializer(stddev=init_std))
+        b = tf1.get_variable("biases", [num_classes], initializer=tf1.zeros_initializer())
+        _l2(w, l2_scale)
+        return tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b)
+
+
+def _upsample(x, like_hw, factor, num_classes, name, l2_scale, bilinear):
+    """Transposed convolution by ``factor`` to the spatial size ``like_hw`` (a [2] tensor)."""
+    size = 2 * factor
+    with tf1.variable_scope(name):
+        init = (tf1.constant_initializer(bilinear_kernel(size, num_classes)) if bilinear
+                else tf1.truncated_normal_initializer(stddev=0.01))
+        w = tf1.get_variable("weights", [size, size, num_classes, num_classes], initializer=init)
+        _l2(w, l2_scale)
+        out_shape = tf.stack([tf.shape(x)[0], like_hw[0], like_hw[1], num_classes])
+        y = tf.nn.conv2d_transpose(x, w, out_shape, strides=factor, padding="SAME")
+        static = x.shape
+        y.set_shape([static[0], None if static[1] is None else static[1] * factor,
+                     None if static[2] is None else static[2] * factor, num_classes])
+        return y
+
+
+def _check_divisible(l3, l4, l7):
+    """Reject, at graph-build time, spatial sizes that are not divisible by 32."""
+    for small, big in ((l7, l4), (l4, l3)):
+        for axis in (1, 2):
+            s, b = small.shape[axis], big.shape[axis]
+            if s is not None and b is not None and 2 * s != b:
+                raise UserError(f"image height and width must be divisible by 32 (VGG16 downsamples "
+                                f"by 32); got a feature map of {b} vs {s} -- resize or crop the input")
+
+
+def layers(vgg_layer3_out, vgg_layer4_out, vgg_layer7_out, num_classes,
+           skip_scales=(0.01, 0.0001), l2_scale=1e-3, bilinear_init=True, score_init_std=0.01):
+    """FCN-8s decoder: score fc7, upsample x2, add scored pool4, x2, add scored pool3, x8.
+
+    :param vgg_layer3_out: pool3 (H/8), :param vgg_layer4_out: pool4 (H/16),
+    :param vgg_layer7_out: fc7 (H/32); :param num_classes: classes to score
+    :param skip_scales: pool4 / pool3 multipliers before their score layers (the FCN-8s
+        "at-once" reference uses 0.01 and 0.0001); ``None`` disables the scaling
+    :param l2_scale: L2 weight of the decoder's kernels, recorded in REGULARIZATION_LOSSES
+    :param bilinear_init: initialise transposed convolutions to bilinear upsampling
+    :return: logits ``[N, H, W, num_classes]`` with the input image's H and W.
+
+    Sizes: H and W must be divisible by 32; other sizes are rejected (a ``UserError``
+    when the shapes are static; the data pipeline and predictors resize to such a shape).
+    """
+    _check_divisible(vgg_layer3_out, vgg_layer4_out, vgg_layer7_out)
+    s4, s3 = skip_scales or (1.0, 1.0)
+    with tf1.variable_scope("fcn8"):
+        score7 = _score(vgg_layer7_out, num_classes, "score_fc7", l2_scale, score_init_std)
+        pool4 = vgg_layer4_out * s4 if s4 != 1 else vgg_layer4_out
+        score4 = _score(pool4, num_classes, "score_pool4", l2_scale, score_init_std)
+        up7 = _upsample(score7, tf.shape(score4)[1:3], 2, num_classes, "upscore2", l2_scale,
+                        bilinear_init)
+        fuse4 = tf.add(up7, score4, name="fuse_pool4")
+
+        pool3 = vgg_layer3_out * s3 if s3 != 1 else vgg_layer3_out
+        score3 = _score(pool3, num_classes, "score_pool3", l2_scale, score_init_std)
+        up4 = _upsample(fuse4, tf.shape(score3)[1:3], 2, num_classes, "upscore_pool4", l2_scale,
+                        bilinear_init)
+        fuse3 = tf.add(up4, score3, name="fuse_pool3")
+        return tf.identity(
+            _upsample(fuse3, tf.shape(score3)[1:3] * 8, 8, num_classes, "upscore8", l2_scale,
+                      bilinear_init), name="logits_4d")
+
+
+# --------------------------------------------------------------------------- loss
+def pixel_loss(nn_last_layer, correct_label, num_classes, class_weights=None):
+    """Mean cross-entropy over labelled pixels (no L2).
+
+    ``correct_label`` is either integer class ids ``[N, H, W]`` (255 = void) or the seed's
+    one-hot ``[N, H, W, C]`` (an all-zero row = void).  Void pixels contribute nothing.
+    With ``class_weights`` the mean is weighted (normalised by the weights' sum).
+    """
+    logits = tf.reshape(nn_last_layer, (-1, num_classes))
+    cw = None if class_weights is None else tf.constant(np.asarray(class_weights, np.float32))
+    if correct_label.dtype.is_integer:
+        labels = tf.reshape(tf.cast(correct_label, tf.int32), (-1,))
+        valid = tf.logical_and(labels >= 0, labels < num_classes)
+        safe = tf.where(valid, labels, tf.zeros_like(labels))
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe, logits=logits)
+        weight = tf.cast(valid, tf.float32)
+        if cw is not None:
+            weight *= tf.gather(cw, safe)
+    else:
+        onehot = tf.reshape(tf.cast(correct_label, tf.float32), (-1, num_classes))
+        ce = tf.nn.softmax_cross_entropy_with_logits(labels=onehot, logits=logits)
+        weight = tf.reduce_sum(onehot, axis=1)
+        if cw is not None:
+            weight = tf.reduce_sum(onehot * cw, axis=1)
+    return tf.math.divide_no_nan(tf.reduce_sum(ce * weight), tf.reduce_sum(weight),
+                                 name="pixel_loss")
+
+
+def optimize(nn_last_layer, correct_label, learning_rate, num_classes, class_weights=None,
+             global_step=None):
+    """Loss and Adam training op.
+
+    :param nn_last_layer: logits ``[N, H, W, C]`` from ``layers``
+    :param correct_label: integer labels ``[N, H, W]`` (255 = void) or one-hot ``[N, H, W, C]``
+    :param learning_rate: float or scalar tensor/placeholder
+    :param class_weights: optional per-class loss weights (e.g. median frequency)
+    :return: (logits ``[N*H*W, C]``, train_op, loss) -- the loss includes the L2 terms in
+        ``REGULARIZATION_LOSSES`` (the course seed dropped them)
+    """
+    logits = tf.reshape(nn_last_layer, (-1, num_classes), name="logits")
+    loss = pixel_loss(nn_last_layer, correct_label, num_classes, class_weights)
+    reg = tf1.get_collection(tf1.GraphKeys.REGULARIZATION_LOSSES)
+    if reg:
+        loss = tf.add(loss, tf.add_n(reg), name="total_loss")
+    train_op = tf1.train.AdamOptimizer(learning_rate).minimize(loss, global_step=global_step)
+    return logits, train_op, loss
+
+
+# --------------------------------------------------------------------------- training
+def train_nn(sess, epochs, batch_size, get_batches_fn, train_op, cross_entropy_loss, input_image,
+             correct_label, keep_prob, learning_rate, keep_prob_value=0.5, learning_rate_value=1e-4):
+    """Train with ``feed_dict`` batches, as in the course.
+
+    :param get_batches_fn: ``get_batches_fn(batch_size)`` yields ``(images, labels)``
+    :return: list of the mean loss of each epoch (printed as it goes)
+    """
+    history = []
+    for epoch in range(epochs):
+        losses = []
+        bar = tqdm(get_batches_fn(batch_size), desc=f"epoch {epoch + 1}/{epochs}", unit="batch")
+        for images, labels in bar:
+            _, loss = sess.run([train_op, cross_entropy_loss], feed_dict={
+                input_image: images, correct_label: labels,
+                keep_prob: keep_prob_value, learning_rate: learning_rate_value})
+            losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}")
+        mean = float(np.mean(losses)) if losses else float("nan")
+        print(f"Epoch {epoch + 1}/{epochs}: mean loss {mean:.4f} over {len(losses)} batches")
+        history.append(mean)
+    return history

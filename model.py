@@ -1,0 +1,185 @@
+"""Inference: the same graph for a training run, an exported SavedModel and a live session.
+
+``build_inference(sess, vgg_path, num_classes, image_shape)`` wires uint8 images of any size
+through resize -> VGG16 -> FCN-8s -> resize back -> softmax/argmax, so callers get class
+maps at their own image size.  ``export`` saves that graph with a run's weights as a
+self-contained SavedModel (tag ``serve``, signature ``predict``); ``load_predictor`` opens
+either a run folder or an export and returns one ``Predictor`` with
+``predict(images uint8 [N,H,W,3]) -> class maps uint8 [N,H,W]``.
+"""
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+import fcn
+from errors import UserError
+from schemes import get_scheme
+
+tf1 = tf.compat.v1
+
+SERVE_TAG = "serve"
+SIGNATURE = "predict"
+EXPORT_INFO = "export_info.json"
+RUN_CONFIG = "config.json"
+
+
+def decoder_kwargs(config):
+    """The ``fcn.layers`` options a run was trained with (from its config.json)."""
+    scales = config.get("skip_scales", [0.01, 0.0001])
+    return dict(skip_scales=tuple(scales) if scales else None,
+                l2_scale=config.get("l2_scale", 1e-3))
+
+
+def check_image_shape(image_shape):
+    h, w = (int(v) for v in image_shape)
+    if h <= 0 or w <= 0 or h % 32 or w % 32:
+        raise UserError(f"image shape {h}x{w} is not divisible by 32 (VGG16 downsamples by 32); "
+                        f"use e.g. {max(32, h // 32 * 32)} {max(32, w // 32 * 32)}")
+    return h, w
+
+
+def segmentation_head(logits_4d, out_size):
+    """Upsample logits to ``out_size`` ([2] tensor) -> (class map uint8, probabilities)."""
+    up = tf.image.resize(logits_4d, out_size, method="bilinear")
+    probs = tf.nn.softmax(up, name="probabilities")
+    classes = tf.cast(tf.argmax(up, axis=-1), tf.uint8, name="classes")
+    return classes, probs
+
+
+def build_inference(sess, vgg_path, num_classes, image_shape, **layer_kwargs):
+    """Build the inference graph in ``sess.graph``; returns (images, classes, probabilities)."""
+    h, w = check_image_shape(image_shape)
+    images = tf1.placeholder(tf.uint8, [None, None, None, 3], name="images")
+    x = tf.image.resize(tf.cast(images, tf.float32), (h, w), method="bilinear")
+    _, _, l3, l4, l7 = fcn.load_vgg(sess, vgg_path, input_map={
+        "image_input:0": x, "keep_prob:0": tf.constant(1.0, name="keep_prob_inference")})
+    logits = fcn.layers(l3, l4, l7, num_classes, **layer_kwargs)
+    classes, probs = segmentation_head(logits, tf.shape(images)[1:3])
+    return images, classes, probs
+
+
+def model_variables():
+    """VGG + FCN weights (no optimizer slots, no counters)."""
+    return [v for v in tf1.global_variables()
+            if "Adam" not in v.op.name and v.op.name not in ("beta1_power", "beta2_power")
+            and not v.op.name.startswith("train_state")]
+
+
+def read_run_config(run_dir):
+    path = os.path.join(run_dir, RUN_CONFIG)
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir} is not a training run (no {RUN_CONFIG}); pass a runs/<name> "
+                        f"folder made by 'segment.py train' or an exported model")
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_checkpoint(run_dir, which="best"):
+    """Checkpoint prefix of a run: its best-by-mIoU one if present (``which='best'``), else latest."""
+    order = ["best", "checkpoints"] if which == "best" else ["checkpoints"]
+    for sub in order:
+        ckpt = tf1.train.latest_checkpoint(os.path.join(run_dir, sub))
+        if ckpt:
+            return ckpt
+    raise UserError(f"{run_dir} has no checkpoint yet; train it first ('segment.py train')")
+
+
+def export(run_dir, out_dir, which="best"):
+    """Write a self-contained inference SavedModel of a run into the new folder ``out_dir``."""
+    if os.path.exists(out_dir):
+        raise UserError(f"{out_dir} already exists; choose a new --out folder (nothing is overwritten)")
+    config = read_run_config(run_dir)
+    ckpt = run_checkpoint(run_dir, which)
+    scheme = get_scheme(config["scheme"])
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(out_dir)))
+    os.rmdir(tmp)  # the Builder wants to create the folder itself
+    try:
+        with tf.Graph().as_default(), tf1.Session() as sess:
+            images, classes, probs = build_inference(sess, config["vgg"], scheme.num_classes,
+                                                     config["image_shape"], **decoder_kwargs(config))
+            tf1.train.Saver(model_variables()).restore(sess, ckpt)
+            sig = tf1.saved_model.signature_def_utils.predict_signature_def(
+                inputs={"images": images}, outputs={"classes": classes, "probabilities": probs})
+            builder = tf1.saved_model.Builder(tmp)
+            builder.add_meta_graph_and_variables(sess, [SERVE_TAG], signature_def_map={SIGNATURE: sig})
+            builder.save()
+        info = dict(scheme=scheme.name, class_names=list(scheme.class_names),
+                    image_shape=list(config["image_shape"]), checkpoint=os.path.basename(ckpt),
+                    run=os.path.abspath(run_dir))
+        with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
+            json.dump(info, f, indent=2)
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+class Predictor:
+    """``predict(images uint8 [N,H,W,3] RGB) -> class maps uint8 [N,H,W]`` at the input size."""
+
+    def __init__(self, graph, sess, images, classes, probs, scheme, image_shape, source):
+        self.graph, self.sess = graph, sess
+        self._images, self._classes, self._probs = images, classes, probs
+        self.scheme, self.image_shape, self.source = scheme, tuple(image_shape), source
+
+    def predict(self, images):
+        images = np.asarray(images)
+        if images.ndim == 3:
+            return self.predict(images[None])[0]
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise UserError(f"predict expects uint8 RGB images [N,H,W,3], got {images.dtype} "
+                            f"{images.shape}")
+        return self.sess.run(self._classes, {self._images: images})
+
+    def predict_proba(self, images):
+        return self.sess.run(self._probs, {self._images: np.asarray(images)})
+
+    __call__ = predict
+
+    def close(self):
+        self.sess.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load_predictor(path, which="best"):
+    """Open an exported model (``export``) or a run folder (``runs/<name>``) for inference."""
+    if not os.path.isdir(path):
+        raise UserError(f"model {path} does not exist; pass a runs/<name> folder or an exported model")
+    graph = tf.Graph()
+    sess = tf1.Session(graph=graph)
+    try:
+        with graph.as_default():
+            if os.path.isfile(os.path.join(path, "saved_model.pb")):
+                info_path = os.path.join(path, EXPORT_INFO)
+                if not os.path.isfile(info_path):
+                    raise UserError(f"{path} is a SavedModel but not one exported by this project "
+                                    f"(no {EXPORT_INFO}); export a run with 'segment.py export'")
+                with open(info_path) as f:
+                    info = json.load(f)
+                meta = tf1.saved_model.loader.load(sess, [SERVE_TAG], path)
+                sig = meta.signature_def[SIGNATURE]
+                get = graph.get_tensor_by_name
+                images = get(sig.inputs["images"].name)
+                classes = get(sig.outputs["classes"].name)
+                probs = get(sig.outputs["probabilities"].name)
+                scheme, shape = get_scheme(info["scheme"]), info["image_shape"]
+            else:
+                config = read_run_config(path)
+                scheme, shape = get_scheme(config["scheme"]), config["image_shape"]
+                ckpt = run_checkpoint(path, which)
+                images, classes, probs = build_inference(sess, config["vgg"], scheme.num_classes,
+                                                         shape, **decoder_kwargs(config))
+                tf1.train.Saver(model_variables()).restore(sess, ckpt)
+        return Predictor(graph, sess, images, classes, probs, scheme, shape, path)
+    except BaseException:
+        sess.close()
+        raise

@@ -1,0 +1,290 @@
+"""The training driver behind ``segment.py train`` and the notebook.
+
+A run lives in ``runs/<name>/``: ``config.json`` (everything needed to rebuild the model),
+``checkpoints/`` (latest few, with optimizer state and step/epoch counters), ``best/`` (best
+validation mIoU), ``history.json`` (loss and mIoU per epoch) and ``tb/`` (TensorBoard).
+
+The graph reads batches straight from ``tf.data`` (no ``feed_dict`` on the hot path);
+placeholders with defaults let evaluation feed its own images through the same weights.
+Checkpoints are written by ``tf.train.Saver``, whose ``checkpoint`` index file is
+replaced atomically only after the data files are complete, so a crash while saving
+leaves the previous checkpoint usable.  SIGINT/SIGTERM finish the current step, save, and
+return; a NaN/Inf loss stops with a clear message and keeps the last good checkpoint.
+"""
+import json
+import math
+import os
+import signal
+import time
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+import fcn
+import model
+from errors import UserError
+from schemes import get_scheme
+
+tf1 = tf.compat.v1
+
+DEFAULTS = dict(
+    scheme="road4", image_shape=[256, 512], epochs=10, batch_size=4, lr=1e-4, keep_prob=0.5,
+    lr_schedule="constant", warmup_epochs=0.0, class_weights=False, augment=True, seed=0,
+    skip_scales=[0.01, 0.0001], l2_scale=1e-3, checkpoint_every=0, keep_checkpoints=3,
+    eval_every=1, max_eval_images=None, cache=True, val_split=None,
+)
+# Options that must match when a run is resumed: the weights would not fit otherwise.
+MUST_MATCH = ("scheme", "image_shape", "vgg_info", "skip_scales")
+
+
+def learning_rate(step, total_steps, base, schedule="constant", warmup_steps=0):
+    """Learning rate at ``step``: linear warm-up, then constant, poly (power 0.9) or cosine."""
+    if warmup_steps and step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "poly":
+        return base * (1 - t) ** 0.9
+    if schedule == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "constant":
+        return base
+    raise UserError(f"unknown learning-rate schedule '{schedule}'; use constant, poly or cosine")
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (main thread only)."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: no handlers, Ctrl-C is the caller's
+            pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _open_run(runs_dir, run, resume, config):
+    """The run folder: a new one, or (``resume``) an existing compatible one."""
+    import outputs
+    if resume:
+        if run is None:
+            runs = [os.path.join(runs_dir, d) for d in os.listdir(runs_dir)] if os.path.isdir(runs_dir) else []
+            runs = [d for d in runs if os.path.isfile(os.path.join(d, model.RUN_CONFIG))]
+            if not runs:
+                raise UserError(f"--resume: no run to resume in {runs_dir}; start one without --resume")
+            run_dir = max(runs, key=os.path.getmtime)
+        else:
+            run_dir = os.path.join(runs_dir, run)
+        old = model.read_run_config(run_dir)
+        for key in MUST_MATCH:
+            if json.dumps(old.get(key)) != json.dumps(config.get(key)):
+                raise UserError(f"cannot resume {run_dir}: it was trained with {key}={old.get(key)}, "
+                                f"now {key}={config.get(key)}; use the same setting or start a new --run")
+        return run_dir, old
+    if run is not None and os.path.exists(os.path.join(runs_dir, run)):
+        raise UserError(f"run folder {os.path.join(runs_dir, run)} already exists; pass --resume to "
+                        f"continue it or choose another --run name (nothing is overwritten)")
+    run_dir = outputs.new_run_dir(runs_dir, run)
+    with open(os.path.join(run_dir, model.RUN_CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+    return run_dir, config
+
+
+def _splits(data_dir, val_split):
+    import datasets
+    ds = datasets.find_dataset(data_dir)
+    if "train" not in ds.splits:
+        raise UserError(f"{data_dir} ({ds.layout} layout) has no 'train' split with labels; "
+                        f"found splits: {', '.join(ds.splits) or 'none'}")
+    train = [s for s in ds.splits["train"] if s.label]
+    names = [val_split] if val_split else ["val", "test"]
+    val = next((ds.splits[n] for n in names if n in ds.splits and ds.splits[n]
+                and all(s.label for s in ds.splits[n])), [])
+    return ds, train, val
+
+
+def _summary(writer, step, **scalars):
+    if writer is not None:
+        writer.add_summary(tf1.Summary(value=[tf1.Summary.Value(tag=k, simple_value=float(v))
+                                              for k, v in scalars.items()]), step)
+
+
+def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print, **options):
+    """Train FCN-8s on ``data_dir`` from the VGG16 SavedModel at ``vgg_path``.
+
+    Options (see ``DEFAULTS``) are stored in the run's ``config.json``.  Returns a dict with
+    ``run_dir``, ``status`` ('finished' or 'interrupted: SIGINT'...), ``history``.
+    """
+    import datasets
+    import evaluate
+    import pipeline
+    import vgg as vgg_mod
+
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown training options: {sorted(unknown)}")
+    cfg = dict(DEFAULTS, **options)
+    cfg["image_shape"] = list(model.check_image_shape(cfg["image_shape"]))
+    scheme = get_scheme(cfg["scheme"])
+    vgg_mod.check_vgg_dir(vgg_path)
+    cfg["vgg"] = os.path.abspath(vgg_path)
+    cfg["vgg_info"] = vgg_mod.read_vgg_info(vgg_path)
+    cfg["data"] = os.path.abspath(data_dir)
+    dataset, train_samples, val_samples = _splits(data_dir, cfg["val_split"])
+    if cfg["class_weights"] is True:
+        counts = datasets.class_pixel_counts(train_samples, scheme)
+        cfg["class_weights"] = [float(w) for w in datasets.median_frequency_weights(counts)]
+        log("class weights (median frequency): " + ", ".join(
+            f"{n} {w:.2f}" for n, w in zip(scheme.class_names, cfg["class_weights"])))
+    run_dir, cfg = _open_run(runs_dir, run, resume, cfg)
+    weights = cfg["class_weights"] or None
+    batch, shape = cfg["batch_size"], cfg["image_shape"]
+    steps_per_epoch = math.ceil(len(train_samples) / batch)
+    total_steps = steps_per_epoch * cfg["epochs"]
+    log(f"run {run_dir}: {dataset.layout} data, {len(train_samples)} train / {len(val_samples)} val "
+        f"images, scheme {scheme.name}, {shape[0]}x{shape[1]}, {cfg['epochs']} epochs of "
+        f"{steps_per_epoch} steps")
+
+    graph = tf.Graph()
+    with graph.as_default(), tf1.Session(graph=graph) as sess, _StopFlag() as stop:
+        tf1.set_random_seed(cfg["seed"])
+        ds = pipeline.make_dataset(train_samples, scheme, shape, batch, shuffle=True,
+                                   augment=cfg["augment"], seed=cfg["seed"], cache=cfg["cache"] or None)
+        skip = tf1.placeholder_with_default(tf.constant(0, tf.int64), [], name="skip_batches")
+        iterator = tf1.data.make_initializable_iterator(ds.skip(skip))
+        x, y = iterator.get_next()
+        image_input = tf1.placeholder_with_default(x, [None, None, None, 3], name="image_feed")
+        label_input = tf1.placeholder_with_default(y, [None, None, None], name="label_feed")
+        keep_prob = tf1.placeholder_with_default(1.0, [], name="keep_prob_feed")
+        lr = tf1.placeholder(tf.float32, [], name="learning_rate")
+        _, _, l3, l4, l7 = fcn.load_vgg(sess, vgg_path, input_map={
+            "image_input:0": image_input, "keep_prob:0": keep_prob})
+        loaded = set(tf1.global_variables())
+        logits = fcn.layers(l3, l4, l7, scheme.num_classes, **model.decoder_kwargs(cfg))
+        with tf1.variable_scope("train_state"):
+            step_var = tf1.get_variable("step", [], tf.int64, tf1.zeros_initializer(), trainable=False)
+            best_var = tf1.get_variable("best_miou", [], tf.float32,
+                                        tf1.constant_initializer(-1.0), trainable=False)
+        data_loss = fcn.pixel_loss(logits, label_input, scheme.num_classes, weights)
+        _, train_op, loss = fcn.optimize(logits, label_input, lr, scheme.num_classes, weights,
+                                         global_step=step_var)
+        out_size = tf1.placeholder_with_default(tf.shape(logits)[1:3], [2], name="out_size")
+        classes, _ = model.segmentation_head(logits, out_size)
+        raw = tf1.placeholder(tf.uint8, [None, None, None, 3], name="raw_images")
+        resized = tf.image.resize(tf.cast(raw, tf.float32), shape)
+        new_best = tf1.placeholder(tf.float32, [])
+        set_best = best_var.assign(new_best)
+
+        sess.run(tf1.variables_initializer([v for v in tf1.global_variables() if v not in loaded]))
+        saver = tf1.train.Saver(max_to_keep=cfg["keep_checkpoints"])
+        best_saver = tf1.train.Saver(model.model_variables() + [best_var], max_to_keep=1)
+        ckpt_prefix = os.path.join(run_dir, "checkpoints", "model.ckpt")
+        latest = tf1.train.latest_checkpoint(os.path.dirname(ckpt_prefix))
+        if resume and latest:
+            saver.restore(sess, latest)
+            log(f"resumed from {latest}")
+        step, best = sess.run([step_var, best_var])
+        step, best = int(step), float(best)
+        writer = tf1.summary.FileWriter(os.path.join(run_dir, "tb"))
+        history = _read_history(run_dir)
+
+        def predict_fn(images):
+            small = sess.run(resized, {raw: images})
+            return sess.run(classes, {image_input: small, out_size: images.shape[1:3]})
+
+        def save():
+            saver.save(sess, ckpt_prefix, global_step=step)
+
+        status = "finished"
+        start_epoch = step // steps_per_epoch
+        for epoch in range(start_epoch, cfg["epochs"]):
+            done = step - epoch * steps_per_epoch
+            sess.run(iterator.initializer, {skip: done})
+            losses, data_losses = [], []
+            bar = tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
+                       unit="step")
+            t0 = time.time()
+            while True:
+                rate = learning_rate(step, total_steps, cfg["lr"], cfg["lr_schedule"],
+                                     int(cfg["warmup_epochs"] * steps_per_epoch))
+                try:
+                    _, value, dvalue = sess.run([train_op, loss, data_loss],
+                                                {keep_prob: cfg["keep_prob"], lr: rate})
+                except tf.errors.OutOfRangeError:
+                    break
+                if not np.isfinite(value):
+                    bar.close()
+                    kept = tf1.train.latest_checkpoint(os.path.dirname(ckpt_prefix))
+                    raise UserError(f"loss became {value} at step {step + 1} (epoch {epoch + 1}); "
+                                    f"training stopped, last good checkpoint kept: {kept or 'none yet'}; "
+                                    f"try a lower --lr (now {cfg['lr']})")
+                step += 1
+                losses.append(value)
+                data_losses.append(dvalue)
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{rate:.2e}")
+                if step % 10 == 0:
+                    _summary(writer, step, loss=value, pixel_loss=dvalue, learning_rate=rate)
+                if cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0:
+                    save()
+                if stop.signal:
+                    break
+            bar.close()
+            save()
+            if stop.signal:
+                status = f"interrupted: {stop.signal}"
+                log(f"{stop.signal} received: checkpoint saved at step {step}; resume with --resume")
+                break
+            record = dict(epoch=epoch + 1, step=step, loss=float(np.mean(losses)) if losses else None,
+                          pixel_loss=float(np.mean(data_losses)) if data_losses else None,
+                          seconds=round(time.time() - t0, 2))
+            if val_samples and cfg["eval_every"] and ((epoch + 1) % cfg["eval_every"] == 0
+                                                      or epoch + 1 == cfg["epochs"]):
+                subset = val_samples[:cfg["max_eval_images"]] if cfg["max_eval_images"] else val_samples
+                result = evaluate.evaluate(predict_fn, subset, scheme, progress=False)
+                record["miou"] = float(result["miou"])
+                record["iou"] = dict(zip(scheme.class_names, map(_num, result["iou"])))
+                _summary(writer, step, miou=result["miou"], pixel_accuracy=result["pixel_accuracy"])
+                if result["miou"] > best:
+                    best = float(result["miou"])
+                    sess.run(set_best, {new_best: best})
+                    best_saver.save(sess, os.path.join(run_dir, "best", "model.ckpt"), global_step=step)
+                    saver.save(sess, ckpt_prefix, global_step=step)  # keep best_miou in the latest too
+            history.append(record)
+            _write_history(run_dir, history)
+            log(f"epoch {epoch + 1}/{cfg['epochs']}: mean loss {record['loss']:.4f}"
+                + (f", val mIoU {record['miou']:.3f}" if "miou" in record else "")
+                + f" ({record['seconds']:.0f}s)")
+        writer.close()
+    return dict(run_dir=run_dir, status=status, history=history, best_miou=best, steps=step)
+
+
+def _num(v):
+    return None if v is None or not np.isfinite(v) else float(v)
+
+
+def _read_history(run_dir):
+    path = os.path.join(run_dir, "history.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return []
+
+
+def _write_history(run_dir, history):
+    path = os.path.join(run_dir, "history.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(history, f, indent=2)
+    os.replace(path + ".tmp", path)

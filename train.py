@@ -254,11 +254,11 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
                                                       or epoch + 1 == cfg["epochs"]):
                 subset = val_samples[:cfg["max_eval_images"]] if cfg["max_eval_images"] else val_samples
                 result = evaluate.evaluate(predict_fn, subset, scheme, progress=False)
-                record["miou"] = float(result["miou"])
+                record["miou"] = float(result["mean_iou"])
                 record["iou"] = dict(zip(scheme.class_names, map(_num, result["iou"])))
-                _summary(writer, step, miou=result["miou"], pixel_accuracy=result["pixel_accuracy"])
-                if result["miou"] > best:
-                    best = float(result["miou"])
+                _summary(writer, step, miou=result["mean_iou"], pixel_accuracy=result["pixel_accuracy"])
+                if result["mean_iou"] > best:
+                    best = float(result["mean_iou"])
                     sess.run(set_best, {new_best: best})
                     best_saver.save(sess, os.path.join(run_dir, "best", "model.ckpt"), global_step=step)
                     saver.save(sess, ckpt_prefix, global_step=step)  # keep best_miou in the latest too

@@ -1,0 +1,393 @@
+"""Tests for vgg.py: the Keras converter, the SavedModel interface, downloads and
+zip extraction against a local HTTP server (offline), and obtain_vgg's choices."""
+import hashlib
+import http.server
+import io
+import os
+import shutil
+import socket
+import threading
+import zipfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import vgg
+from errors import UserError
+
+WIDTH = 1 / 16
+
+
+def _load(sess, path):
+    tf.compat.v1.saved_model.loader.load(sess, [vgg.TAG], path)
+    return [sess.graph.get_tensor_by_name(f"{name}:0") for name in
+            ("image_input", "keep_prob", "layer3_out", "layer4_out", "layer7_out")]
+
+
+def _files_below(path):
+    return sorted(os.path.relpath(os.path.join(root, f), path)
+                  for root, _, files in os.walk(path) for f in files)
+
+
+# ----------------------------------------------------------------------------- model
+
+def test_converter_matches_keras(tmp_path):
+    """Same random weights: our graph's pool3/pool4 equal Keras' block3/4_pool and
+    fc7 at the centre of a 224x224 image equals Keras' fc2."""
+    import keras
+    model = vgg.keras_vgg16_layout(WIDTH)
+    rng = np.random.default_rng(1)
+    # random biases too, so a dropped or misplaced bias would show
+    model.set_weights([w if w.ndim > 1 else rng.normal(0, 0.1, w.shape).astype(np.float32)
+                       for w in model.get_weights()])
+    images = rng.uniform(0, 255, (2, 224, 224, 3)).astype(np.float32)
+    probe = keras.Model(model.input, [model.get_layer(n).output
+                                      for n in ("block3_pool", "block4_pool", "fc2")])
+    want = [np.asarray(t) for t in probe(keras.applications.vgg16.preprocess_input(images.copy()))]
+
+    path = vgg.build_vgg_savedmodel(str(tmp_path / "vgg"), keras_model=model)
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+        image_input, keep_prob, l3, l4, l7 = _load(sess, path)
+        got = sess.run([l3, l4, l7], {image_input: images, keep_prob: 1.0})
+
+    assert got[0].shape == want[0].shape == (2, 28, 28, 16)
+    assert got[1].shape == want[1].shape == (2, 14, 14, 32)
+    assert got[2].shape == (2, 7, 7, 256) and want[2].shape == (2, 256)
+    assert np.abs(want[2]).max() > 1e-3            # a non-trivial comparison
+    for ours, theirs in ((got[0], want[0]), (got[1], want[1]), (got[2][:, 3, 3, :], want[2])):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+    assert vgg.read_vgg_info(path)["source"] == "keras-model"
+
+
+def test_built_model_interface(vgg_dir):
+    assert vgg.read_vgg_info(vgg_dir) == {
+        "source": "random", "width": WIDTH, "seed": 0, "pretrained": False,
+        "channels": {"layer3_out": 16, "layer4_out": 32, "layer7_out": 256}}
+    images = np.random.default_rng(0).uniform(0, 255, (2, 64, 128, 3)).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+        image_input, keep_prob, l3, l4, l7 = _load(sess, vgg_dir)
+        assert image_input.dtype == keep_prob.dtype == tf.float32
+        a3, a4, a7 = sess.run([l3, l4, l7], {image_input: images, keep_prob: 1.0})
+        assert (a3.shape, a4.shape, a7.shape) == ((2, 8, 16, 16), (2, 4, 8, 32), (2, 2, 4, 256))
+        # keep_prob defaults to 1 (deterministic); 0.5 drops about half of fc7
+        np.testing.assert_array_equal(sess.run(l7, {image_input: images}), a7)
+        dropped = sess.run(l7, {image_input: images, keep_prob: 0.5})
+        alive = a7 > 0
+        assert 0.3 < np.mean(dropped[alive] == 0) < 0.7
+
+        trainable = {v.name: v for v in tf.compat.v1.trainable_variables()}
+        names = [n for n, *_ in vgg.VGG16_LAYERS]
+        assert sorted(trainable) == sorted(f"{n}/{part}:0" for n in names
+                                           for part in ("weights", "biases"))
+        assert trainable["fc6/weights:0"].shape == (7, 7, 32, 256)
+        kernel, bias = sess.run([trainable["conv5_3/weights:0"], trainable["conv5_3/biases:0"]])
+        assert abs(kernel.std() / np.sqrt(2 / (3 * 3 * 32)) - 1) < 0.05   # He-normal, fan-in
+        assert not bias.any()
+        # re-initializing the loaded VGG fails loudly instead of wiping its weights
+        with pytest.raises(tf.errors.InvalidArgumentError, match="restored_by_loader"):
+            sess.run(tf.compat.v1.global_variables_initializer())
+
+
+def test_build_refuses_existing_dir_and_bad_arguments(tmp_path):
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(UserError, match="already exists"):
+        vgg.build_vgg_savedmodel(str(tmp_path / "mine"), width=WIDTH)
+    with pytest.raises(UserError, match="unknown VGG source"):
+        vgg.build_vgg_savedmodel(str(tmp_path / "a"), source="imagenet")
+    with pytest.raises(UserError, match="positive"):
+        vgg.build_vgg_savedmodel(str(tmp_path / "b"), width=0)
+    assert sorted(os.listdir(tmp_path)) == ["mine"]
+
+
+def test_check_vgg_dir_names_the_missing_file(vgg_dir, tmp_path):
+    assert vgg.check_vgg_dir(vgg_dir) == vgg_dir
+    broken = tmp_path / "vgg"
+    shutil.copytree(vgg_dir, broken)
+    os.remove(broken / "variables" / "variables.index")
+    with pytest.raises(UserError, match=r"variables/variables.index is missing.*get-vgg"):
+        vgg.check_vgg_dir(str(broken))
+    with pytest.raises(UserError, match="does not exist.*get-vgg"):
+        vgg.check_vgg_dir(str(tmp_path / "nothing"))
+
+
+# ----------------------------------------------------------------------------- local server
+
+def _zip_bytes(entries):
+    """entries: {name: bytes} or {name: ("symlink", target)}."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in entries.items():
+            if isinstance(data, tuple):
+                info = zipfile.ZipInfo(name)
+                info.external_attr = 0o120777 << 16
+                archive.writestr(info, data[1])
+            else:
+                archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        server = self.server
+        server.hits[self.path] += 1
+        if self.path not in server.routes:
+            self.send_error(404)
+            return
+        kind, body = server.routes[self.path]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if kind == "ok":
+            self.wfile.write(body)
+        elif kind == "drop":                         # half the body, then hang up
+            self.wfile.write(body[:len(body) // 2])
+            self.close_connection = True
+        elif kind == "stall":                        # a little, then silence
+            self.wfile.write(body[:10])
+            self.wfile.flush()
+            server.release.wait(5)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def good_zip(vgg_dir):
+    """The course layout: a zip with a top-level vgg/ folder holding the model."""
+    return _zip_bytes({f"vgg/{rel}": open(os.path.join(vgg_dir, rel), "rb").read()
+                       for rel in _files_below(vgg_dir)})
+
+
+@pytest.fixture(scope="module")
+def server(good_zip):
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.hits, httpd.release = Counter(), threading.Event()
+    httpd.routes = {
+        "/vgg.zip": ("ok", good_zip),
+        "/truncated.zip": ("ok", good_zip[:len(good_zip) // 2]),
+        "/evil.zip": ("ok", _zip_bytes({"vgg/saved_model.pb": b"x", "../evil.txt": b"x"})),
+        "/drop.zip": ("drop", good_zip),
+        "/stall.zip": ("stall", good_zip),
+    }
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield httpd
+    httpd.release.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(vgg, "RETRY_BACKOFF_S", 0.01)
+
+
+@pytest.fixture
+def closed_url():
+    """An http URL on 127.0.0.1 where nothing listens (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/file"
+
+
+# ----------------------------------------------------------------------------- download
+
+def test_download_writes_complete_verified_file(server, good_zip, tmp_path):
+    dest = tmp_path / "vgg.zip"
+    sha = hashlib.sha256(good_zip).hexdigest()
+    assert vgg.download(server.url + "/vgg.zip", str(dest), sha256=sha,
+                        expected_size=len(good_zip)) == str(dest)
+    assert dest.read_bytes() == good_zip
+    assert os.listdir(tmp_path) == ["vgg.zip"]
+    with pytest.raises(UserError, match="already exists"):
+        vgg.download(server.url + "/vgg.zip", str(dest))
+    assert dest.read_bytes() == good_zip
+
+
+def test_download_wrong_sha256_keeps_nothing(server, tmp_path):
+    with pytest.raises(UserError, match="sha256 is [0-9a-f]{64}, expected 00"):
+        vgg.download(server.url + "/vgg.zip", str(tmp_path / "vgg.zip"), sha256="00" * 32)
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_retries_dropped_connection_then_fails_cleanly(server, tmp_path, fast_retries):
+    before = server.hits["/drop.zip"]
+    with pytest.raises(vgg.DownloadError,
+                       match=r"drop.zip.*closed after \d+ of \d+ bytes.*3 times"):
+        vgg.download(server.url + "/drop.zip", str(tmp_path / "vgg.zip"), retries=3)
+    assert server.hits["/drop.zip"] - before == 3
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_times_out_and_404_is_not_retried(server, tmp_path, fast_retries):
+    with pytest.raises(vgg.DownloadError, match="timed out.*2 times"):
+        vgg.download(server.url + "/stall.zip", str(tmp_path / "a.zip"), timeout=0.3, retries=2)
+    with pytest.raises(vgg.DownloadError, match="HTTP 404"):
+        vgg.download(server.url + "/missing.zip", str(tmp_path / "b.zip"))
+    assert server.hits["/missing.zip"] == 1
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("url", ["http://example.com/vgg.zip", "ftp://127.0.0.1/vgg.zip",
+                                 "file:///etc/passwd"])
+def test_download_refuses_insecure_urls(url, tmp_path):
+    with pytest.raises(UserError, match="only https"):
+        vgg.download(url, str(tmp_path / "x"))
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- zips
+
+def test_maybe_download_end_to_end(server, tmp_path):
+    data = tmp_path / "data"
+    url = server.url + "/vgg.zip"
+    before = server.hits["/vgg.zip"]
+    path = vgg.maybe_download_pretrained_vgg(str(data), url=url)
+    assert path == str(data / "vgg")
+    assert vgg.check_vgg_dir(path) and vgg.read_vgg_info(path)["width"] == WIDTH
+    assert sorted(os.listdir(data)) == ["vgg"]              # zip deleted, no temp left
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+        assert _load(sess, path)[4].shape[-1] == 256
+    assert vgg.maybe_download_pretrained_vgg(str(data), url=url) == path   # complete: no request
+    assert server.hits["/vgg.zip"] - before == 1
+
+
+def test_truncated_zip_is_reported_and_nothing_extracted(server, tmp_path):
+    data = tmp_path / "data"
+    with pytest.raises(UserError,
+                       match=r"vgg.zip is not a complete zip file.*delete .*download it again"):
+        vgg.maybe_download_pretrained_vgg(str(data), url=server.url + "/truncated.zip")
+    assert os.listdir(data) == ["vgg.zip"]
+
+
+def test_incomplete_vgg_folder_is_reported_not_deleted(vgg_dir, tmp_path):
+    shutil.copytree(vgg_dir, tmp_path / "vgg")
+    os.remove(tmp_path / "vgg" / "saved_model.pb")
+    with pytest.raises(UserError, match="saved_model.pb is missing"):
+        vgg.maybe_download_pretrained_vgg(str(tmp_path), url="https://127.0.0.1:1/never")
+    assert (tmp_path / "vgg" / "variables" / "variables.index").exists()
+
+
+def test_zip_with_parent_entry_writes_nothing(server, tmp_path):
+    data = tmp_path / "data"
+    with pytest.raises(UserError, match="unsafe entry '../evil.txt'"):
+        vgg.maybe_download_pretrained_vgg(str(data), url=server.url + "/evil.zip")
+    assert _files_below(tmp_path) == ["data/vgg.zip"]
+
+
+@pytest.mark.parametrize("entries", [
+    {"vgg/ok.txt": b"x", "/tmp/evil.txt": b"x"},
+    {"vgg/ok.txt": b"x", "vgg/../../evil.txt": b"x"},
+    {"vgg/ok.txt": b"x", "C:/evil.txt": b"x"},
+    {"vgg/ok.txt": b"x", "vgg/link": ("symlink", "/etc/passwd")},
+])
+def test_safe_extract_refuses_unsafe_entries(entries, tmp_path):
+    zip_path = tmp_path / "a.zip"
+    zip_path.write_bytes(_zip_bytes(entries))
+    with pytest.raises(UserError, match="unsafe entry"):
+        vgg.safe_extract_zip(str(zip_path), str(tmp_path / "target"))
+    assert _files_below(tmp_path) == ["a.zip"]
+
+
+def test_safe_extract_refuses_to_overwrite(tmp_path):
+    zip_path = tmp_path / "a.zip"
+    zip_path.write_bytes(_zip_bytes({"vgg/new.txt": b"new", "other.txt": b"o"}))
+    (tmp_path / "target" / "vgg").mkdir(parents=True)
+    with pytest.raises(UserError, match="vgg already exists"):
+        vgg.safe_extract_zip(str(zip_path), str(tmp_path / "target"))
+    assert os.listdir(tmp_path / "target") == ["vgg"]
+    shutil.rmtree(tmp_path / "target" / "vgg")
+    vgg.safe_extract_zip(str(zip_path), str(tmp_path / "target"))
+    assert _files_below(tmp_path / "target") == ["other.txt", "vgg/new.txt"]
+
+
+# ----------------------------------------------------------------------------- obtain_vgg
+
+def test_obtain_random_builds_once_in_its_own_folder(tmp_path):
+    path, pretrained = vgg.obtain_vgg(str(tmp_path), source="random", width=WIDTH)
+    assert path == str(tmp_path / "vgg_random_w0.0625") and pretrained is False
+    assert vgg.read_vgg_info(path)["source"] == "random"
+    stamp = os.path.getmtime(os.path.join(path, "saved_model.pb"))
+    # auto at width < 1 needs no network: the same random model, reused
+    assert vgg.obtain_vgg(str(tmp_path), source="auto", width=WIDTH) == (path, False)
+    assert os.path.getmtime(os.path.join(path, "saved_model.pb")) == stamp
+    assert sorted(os.listdir(tmp_path)) == ["vgg_random_w0.0625"]
+
+
+def test_obtain_course_uses_the_course_url(server, monkeypatch, tmp_path):
+    monkeypatch.setattr(vgg, "COURSE_VGG_URL", server.url + "/vgg.zip")
+    assert vgg.obtain_vgg(str(tmp_path)) == (str(tmp_path / "vgg"), True)   # auto: course first
+    assert vgg.obtain_vgg(str(tmp_path), source="course") == (str(tmp_path / "vgg"), True)
+    with pytest.raises(UserError, match="only at width 1"):
+        vgg.obtain_vgg(str(tmp_path), source="course", width=0.5)
+    with pytest.raises(UserError, match="unknown VGG source"):
+        vgg.obtain_vgg(str(tmp_path), source="imagenet")
+
+
+def test_obtain_keras_imagenet_offline_says_random_is_not_pretrained(closed_url, monkeypatch,
+                                                                     tmp_path, fast_retries):
+    monkeypatch.setattr(vgg, "KERAS_VGG16_URL", closed_url)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    with pytest.raises(UserError, match=r"cannot download Keras.*--source random.*NOT pretrained"):
+        vgg.obtain_vgg(str(tmp_path / "data"), source="keras-imagenet")
+    assert not (tmp_path / "data" / "vgg").exists()
+
+
+def test_obtain_auto_offline_falls_back_to_random_with_banner(closed_url, monkeypatch, tmp_path,
+                                                              fast_retries, capsys):
+    """Course and Keras downloads both fail -> random weights, loudly.  The width-1
+    random build is replaced by a stub to keep the test fast."""
+    monkeypatch.setattr(vgg, "COURSE_VGG_URL", closed_url)
+    monkeypatch.setattr(vgg, "KERAS_VGG16_URL", closed_url)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    calls, real_build = [], vgg.build_vgg_savedmodel
+
+    def fake_build(out_dir, source, width):
+        if source != "random":
+            return real_build(out_dir, source=source, width=width)
+        calls.append((os.path.basename(out_dir), source, width))
+        os.makedirs(os.path.join(out_dir, "variables"))
+        for name in vgg.REQUIRED_FILES:
+            open(os.path.join(out_dir, name), "w").close()
+        with open(os.path.join(out_dir, vgg.INFO_FILE), "w") as f:
+            f.write('{"source": "random", "pretrained": false}')
+
+    monkeypatch.setattr(vgg, "build_vgg_savedmodel", fake_build)
+    path, pretrained = vgg.obtain_vgg(str(tmp_path / "data"))
+    assert (path, pretrained) == (str(tmp_path / "data" / "vgg_random_w1"), False)
+    assert calls == [("vgg_random_w1", "random", 1.0)]
+    assert "FALLING BACK TO RANDOM WEIGHTS" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "data")) == ["vgg_random_w1"]
+
+
+def test_obtain_keras_imagenet_folder_choice(vgg_dir, monkeypatch, tmp_path):
+    """The width-1 conversion goes to data/vgg, or beside the course model that
+    already lives there.  A narrow Keras model stands in for the ImageNet one."""
+    monkeypatch.setattr(vgg, "_keras_imagenet_vgg16", lambda: vgg.keras_vgg16_layout(WIDTH))
+    first = tmp_path / "a"
+    assert vgg.obtain_vgg(str(first), source="keras-imagenet") == (str(first / "vgg"), True)
+    assert vgg.read_vgg_info(str(first / "vgg"))["source"] == "keras-imagenet"
+    assert vgg.obtain_vgg(str(first)) == (str(first / "vgg"), True)        # auto reuses it
+    course = tmp_path / "b"
+    shutil.copytree(vgg_dir, course / "vgg", ignore=shutil.ignore_patterns(vgg.INFO_FILE))
+    assert vgg.read_vgg_info(str(course / "vgg")) == {}
+    path, pretrained = vgg.obtain_vgg(str(course), source="keras-imagenet")
+    assert (path, pretrained) == (str(course / "vgg_keras-imagenet_w1"), True)
+    assert sorted(os.listdir(course)) == ["vgg", "vgg_keras-imagenet_w1"]
+
+
+def test_keras_weights_with_wrong_md5_are_refused(monkeypatch, server, tmp_path):
+    with pytest.raises(UserError, match="md5 is [0-9a-f]{32}, expected"):
+        vgg.download(server.url + "/vgg.zip", str(tmp_path / "w.h5"), md5=vgg.KERAS_VGG16_MD5)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    (tmp_path / "keras" / "models").mkdir(parents=True)
+    (tmp_path / "keras" / "models" / os.path.basename(vgg.KERAS_VGG16_URL)).write_bytes(b"junk")
+    with pytest.raises(UserError, match=r"is not Keras' VGG16 weights file.*delete it"):
+        vgg.obtain_vgg(str(tmp_path / "data"), source="keras-imagenet")

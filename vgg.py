@@ -1,0 +1,563 @@
+"""Obtain VGG16 as the course's SavedModel: download it, or build it from Keras.
+
+The FCN-8 model sits on a VGG16 encoder stored as a TensorFlow 1 SavedModel with
+the tag ``vgg16`` and the interface of the course's ``vgg.zip``:
+
+    image_input:0   float32 [N, H, W, 3], RGB 0..255 (ImageNet preprocessing is inside)
+    keep_prob:0     float32 scalar, keep probability of the fc6/fc7 dropout (default 1)
+    layer3_out:0    pool3, 256 channels, H/8 x W/8
+    layer4_out:0    pool4, 512 channels, H/16 x W/16
+    layer7_out:0    fc7 after ReLU and dropout, 4096 channels, H/32 x W/32
+
+Pools use SAME padding, so odd sizes round up (H/8 means ceil(H/8)).
+
+Ways to get one (``obtain_vgg`` tries them in this order):
+
+1. the course zip (``maybe_download_pretrained_vgg``), pretrained on ImageNet;
+2. Keras' ImageNet VGG16 converted (``build_vgg_savedmodel(source="keras-imagenet")``):
+   the dense layers fc1/fc2 become 7x7 and 1x1 convolutions (fc6/fc7), so the
+   network takes any image size;
+3. random He-normal weights (``source="random"``): NOT pretrained; for training from
+   scratch and for tests.  ``width`` scales every channel count, so tests build a
+   tiny model with the identical interface in seconds.
+
+Built models keep their weights in variables that ``loader.load`` restores and that
+stay trainable.  Their initial values are placeholders: running
+``global_variables_initializer()`` after loading fails loudly instead of silently
+wiping the weights -- initialize only the variables you add on top.
+
+Downloads are https only, retried, written to a temporary file and renamed when
+complete; zips are checked before anything is extracted.
+"""
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import ssl
+import stat
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+import zlib
+from pathlib import PureWindowsPath
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from errors import UserError
+
+COURSE_VGG_URL = "https://s3-us-west-1.amazonaws.com/udacity-selfdrivingcar/vgg.zip"
+# Keras' ImageNet VGG16 weights (with the dense layers) and the md5 hash Keras
+# publishes for them; both copied from keras/src/applications/vgg16.py (Keras 3).
+KERAS_VGG16_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/"
+                   "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5")
+KERAS_VGG16_MD5 = "64373286793e3c8b2b4e3219cbf3544b"
+
+TAG = "vgg16"
+REQUIRED_FILES = ("saved_model.pb", "variables/variables.index",
+                  "variables/variables.data-00000-of-00001")
+INFO_FILE = "vgg_info.json"
+SOURCES = ("auto", "course", "keras-imagenet", "random")
+GET_VGG_HINT = "get it with `python segment.py get-vgg`"
+IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)   # Keras' "caffe" preprocessing
+RETRY_BACKOFF_S = 1.0        # wait before the 2nd download attempt; doubles after
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+# (our name, Keras' layer name, output channels at width 1, kernel size).
+# A 2x2 max pool follows every layer in POOL_AFTER; fc6/fc7 are followed by dropout.
+VGG16_LAYERS = (
+    ("conv1_1", "block1_conv1", 64, 3), ("conv1_2", "block1_conv2", 64, 3),
+    ("conv2_1", "block2_conv1", 128, 3), ("conv2_2", "block2_conv2", 128, 3),
+    ("conv3_1", "block3_conv1", 256, 3), ("conv3_2", "block3_conv2", 256, 3),
+    ("conv3_3", "block3_conv3", 256, 3),
+    ("conv4_1", "block4_conv1", 512, 3), ("conv4_2", "block4_conv2", 512, 3),
+    ("conv4_3", "block4_conv3", 512, 3),
+    ("conv5_1", "block5_conv1", 512, 3), ("conv5_2", "block5_conv2", 512, 3),
+    ("conv5_3", "block5_conv3", 512, 3),
+    ("fc6", "fc1", 4096, 7), ("fc7", "fc2", 4096, 1),
+)
+POOL_AFTER = ("conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3")
+
+
+class DownloadError(UserError):
+    """The network let a download down (no connection, timeout, HTTP error, cut short)."""
+
+
+class _ShortRead(Exception):
+    """The connection ended before all announced bytes arrived."""
+
+
+_RETRYABLE = (urllib.error.URLError, TimeoutError, ConnectionError,
+              http.client.HTTPException, ssl.SSLError, _ShortRead)
+
+
+# ----------------------------------------------------------------------------- downloads
+
+def _check_url(url):
+    """Allow https, and plain http only for this computer (local test servers)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS):
+        return
+    raise UserError(f"refusing to download {url}: only https:// addresses are allowed "
+                    "(plain http only from 127.0.0.1/localhost); use the https address")
+
+
+def _file_hash(path, algorithm):
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetch(url, part, timeout, expected_size, label):
+    """One attempt: stream url into part (truncating it) with a progress bar."""
+    request = urllib.request.Request(url, headers={"User-Agent": "fcn8-segmentation"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        _check_url(response.geturl())            # no redirect from https down to http
+        length = response.headers.get("Content-Length")
+        total = int(length) if length is not None else expected_size
+        if expected_size is not None and total != expected_size:
+            raise UserError(f"{url} offers {total} bytes, expected {expected_size}: the file "
+                            "on the server is not the expected one; check the address")
+        done = 0
+        with open(part, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
+                                         unit_divisor=1024, desc=label) as bar:
+            while True:
+                chunk = response.read(1 << 20)
+                if not chunk:
+                    break
+                f.write(chunk)
+                done += len(chunk)
+                bar.update(len(chunk))
+    if total is not None and done != total:
+        raise _ShortRead(f"connection closed after {done} of {total} bytes")
+
+
+def download(url, dest, sha256=None, timeout=30, retries=3, expected_size=None, *, md5=None):
+    """Download url to dest with a progress bar; return dest.
+
+    The data goes to a temporary file next to dest, renamed to dest only once it is
+    complete (Content-Length / expected_size) and matches sha256 (or md5) when given.
+    Connection errors, timeouts, server errors and short reads are retried
+    ``retries`` times in all, waiting RETRY_BACKOFF_S, then twice as long, ...
+    Raises UserError (DownloadError for network failures); never overwrites dest.
+    """
+    _check_url(url)
+    retries = max(1, retries)
+    if os.path.exists(dest):
+        raise UserError(f"{dest} already exists; not downloading {url} over it "
+                        "(delete or move it first)")
+    folder = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(folder, exist_ok=True)
+    fd, part = tempfile.mkstemp(dir=folder, prefix=os.path.basename(dest) + ".", suffix=".part")
+    os.close(fd)
+    try:
+        for attempt in range(1, retries + 1):
+            try:
+                _fetch(url, part, timeout, expected_size, os.path.basename(dest))
+                break
+            except urllib.error.HTTPError as err:
+                problem = f"HTTP {err.code} {err.reason}"
+                if err.code < 500:               # 4xx: asking again will not help
+                    raise DownloadError(f"could not download {url}: {problem}; "
+                                        "check the address") from err
+            except _RETRYABLE as err:
+                problem = str(getattr(err, "reason", None) or err or type(err).__name__)
+            if attempt < retries:
+                wait = RETRY_BACKOFF_S * 2 ** (attempt - 1)
+                tqdm.write(f"download of {url} failed ({problem}); retrying in {wait:g} s")
+                time.sleep(wait)
+        else:
+            raise DownloadError(f"could not download {url}: {problem} (tried {retries} times); "
+                                "check your internet connection and retry, or download it "
+                                f"by hand to {dest}")
+        for algorithm, wanted in (("sha256", sha256), ("md5", md5)):
+            got = _file_hash(part, algorithm) if wanted else None
+            if got != (wanted and wanted.lower()):
+                raise UserError(f"downloaded {url}, but its {algorithm} is {got}, expected "
+                                f"{wanted}; nothing was saved: retry, and if it persists "
+                                "check the address and hash")
+        if os.path.exists(dest):
+            raise UserError(f"{dest} appeared while downloading; not overwriting it")
+        os.replace(part, dest)
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+    return dest
+
+
+# ----------------------------------------------------------------------------- zips
+
+def _top_level_names(zip_path, archive):
+    """First path component of every entry; UserError on any entry that could
+    land outside the target folder (absolute, drive letter, '..', symlink)."""
+    tops = set()
+    for info in archive.infolist():
+        name = info.filename.replace("\\", "/")
+        is_link = stat.S_ISLNK(info.external_attr >> 16)
+        if (is_link or name.startswith("/") or PureWindowsPath(info.filename).drive
+                or ".." in name.split("/")):
+            raise UserError(f"{zip_path} holds an unsafe entry {info.filename!r} (a symlink or a "
+                            "path outside the target folder); nothing was extracted: delete "
+                            "the file and download it from a trusted source")
+        tops.add(name.split("/")[0])
+    tops.discard("")
+    return sorted(tops)
+
+
+def safe_extract_zip(zip_path, target_dir):
+    """Extract zip_path so its entries end up inside target_dir (created if needed).
+
+    The archive is checked first (CRCs, and that no entry escapes target_dir), then
+    extracted into a temporary folder inside target_dir and its top-level entries
+    renamed into place.  Entries that already exist are refused, never overwritten.
+    """
+    fix = f"delete {zip_path} and download it again"
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except FileNotFoundError:
+        raise UserError(f"zip file {zip_path} does not exist") from None
+    except zipfile.BadZipFile as err:
+        raise UserError(f"{zip_path} is not a complete zip file ({err}); {fix}") from None
+    with archive:
+        try:
+            bad_entry = archive.testzip()
+        except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+            raise UserError(f"{zip_path} is damaged ({err}); {fix}") from None
+        if bad_entry is not None:
+            raise UserError(f"{zip_path} is damaged ({bad_entry} fails its CRC check); {fix}")
+        tops = _top_level_names(zip_path, archive)
+        os.makedirs(target_dir, exist_ok=True)
+        for top in tops:
+            if os.path.lexists(os.path.join(target_dir, top)):
+                raise UserError(f"{os.path.join(target_dir, top)} already exists; not extracting "
+                                f"{zip_path} over it (move it away first)")
+        staging = tempfile.mkdtemp(dir=target_dir, prefix=".extract-")
+        try:
+            archive.extractall(staging)
+            for top in tops:
+                os.rename(os.path.join(staging, top), os.path.join(target_dir, top))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- model folders
+
+def _is_complete(path):
+    return all(os.path.isfile(os.path.join(path, name)) for name in REQUIRED_FILES)
+
+
+def check_vgg_dir(path):
+    """Return path if it holds a complete VGG16 SavedModel, else UserError naming
+    the first missing file."""
+    if not os.path.isdir(path):
+        raise UserError(f"VGG16 model folder {path} does not exist; {GET_VGG_HINT}")
+    for name in REQUIRED_FILES:
+        if not os.path.isfile(os.path.join(path, name)):
+            raise UserError(f"VGG16 model folder {path} is incomplete: {name} is missing; "
+                            f"move the folder away and {GET_VGG_HINT}")
+    return path
+
+
+def read_vgg_info(path):
+    """The {source, width, pretrained, ...} record of a built model; {} for the
+    course zip, which has none."""
+    info_path = os.path.join(path, INFO_FILE)
+    if not os.path.exists(info_path):
+        return {}
+    try:
+        with open(info_path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{info_path} is not valid JSON ({err}); delete it") from None
+
+
+def maybe_download_pretrained_vgg(data_dir, url=None):
+    """The course's entry point: make sure data_dir/vgg holds the course model.
+
+    Nothing happens when data_dir/vgg is complete.  Otherwise vgg.zip is downloaded
+    to data_dir (from url, default COURSE_VGG_URL), extracted, checked and deleted.
+    A vgg.zip that is already there (e.g. downloaded by hand) is used and kept.
+    An incomplete data_dir/vgg is reported, never deleted.  Returns data_dir/vgg.
+    """
+    vgg_path = os.path.join(data_dir, "vgg")
+    if _is_complete(vgg_path):
+        return vgg_path
+    if os.path.exists(vgg_path):
+        check_vgg_dir(vgg_path)                  # raises, naming the missing file
+    zip_path = os.path.join(data_dir, "vgg.zip")
+    downloaded = not os.path.exists(zip_path)
+    if downloaded:
+        print(f"Downloading the course's pretrained VGG16 from {url or COURSE_VGG_URL}")
+        download(url or COURSE_VGG_URL, zip_path)
+    else:
+        print(f"Using the existing {zip_path}")
+    print(f"Extracting {zip_path}")
+    safe_extract_zip(zip_path, data_dir)
+    check_vgg_dir(vgg_path)
+    if downloaded:
+        os.remove(zip_path)
+    return vgg_path
+
+
+# ----------------------------------------------------------------------------- weights
+
+def _banner(*lines):
+    """A warning nobody can miss, on stderr."""
+    bar = "!" * 78
+    print("\n".join([bar, *("!!  " + line for line in lines), bar]), file=sys.stderr)
+
+
+def _check_width(width):
+    if not width > 0:
+        raise UserError(f"VGG width must be a positive number (1 = real VGG16), not {width}")
+
+
+def _channels(width):
+    return [max(1, int(round(channels * width))) for _, _, channels, _ in VGG16_LAYERS]
+
+
+def _random_weights(width, seed):
+    """{our layer name: (kernel, bias)}: He-normal (fan-in) kernels, zero biases."""
+    rng = np.random.default_rng(seed)
+    weights, c_in = {}, 3
+    for (name, _, _, k), c_out in zip(VGG16_LAYERS, _channels(width)):
+        std = np.sqrt(2.0 / (k * k * c_in))
+        kernel = rng.standard_normal((k, k, c_in, c_out), dtype=np.float32) * np.float32(std)
+        weights[name] = (kernel, np.zeros(c_out, np.float32))
+        c_in = c_out
+    return weights
+
+
+def _weights_from_keras(model):
+    """{our layer name: (kernel, bias)} from a Keras VGG16-layout model built for
+    224x224 input; fc1 becomes a 7x7 convolution, fc2 a 1x1 convolution."""
+    if model.get_layer("block1_conv1").data_format != "channels_last":
+        raise UserError("the Keras VGG16 model uses channels_first; set "
+                        "image_data_format to channels_last in ~/.keras/keras.json")
+    weights = {}
+    for name, keras_name, _, _ in VGG16_LAYERS:
+        layer = model.get_layer(keras_name)
+        kernel, bias = (np.asarray(w, np.float32) for w in layer.get_weights())
+        if name == "fc6":
+            c5 = weights["conv5_3"][1].shape[0]
+            if kernel.shape[0] != 7 * 7 * c5:
+                raise UserError(f"Keras layer fc1 takes {kernel.shape[0]} inputs, not 7x7x{c5}: "
+                                "the Keras model must be built for 224x224 images")
+            kernel = kernel.reshape(7, 7, c5, -1)      # Flatten order is (row, col, channel)
+        elif name == "fc7":
+            kernel = kernel.reshape(1, 1, *kernel.shape)
+        weights[name] = (kernel, bias)
+    return weights
+
+
+def keras_vgg16_layout(width=1.0, seed=0):
+    """A Keras model with VGG16's layer names (block1_conv1 .. block5_pool, flatten,
+    fc1, fc2; no classifier) for 224x224 RGB input, every channel count times width.
+    He-normal kernels, zero biases: NOT pretrained."""
+    import keras
+    _check_width(width)
+    x = inputs = keras.Input((224, 224, 3))
+    for i, ((name, keras_name, _, k), channels) in enumerate(zip(VGG16_LAYERS, _channels(width))):
+        init = keras.initializers.HeNormal(seed=seed + i)
+        if k == 3:
+            x = keras.layers.Conv2D(channels, 3, padding="same", activation="relu",
+                                    kernel_initializer=init, name=keras_name)(x)
+        else:
+            if keras_name == "fc1":
+                x = keras.layers.Flatten(name="flatten")(x)
+            x = keras.layers.Dense(channels, activation="relu", kernel_initializer=init,
+                                   name=keras_name)(x)
+        if name in POOL_AFTER:
+            block = keras_name.split("_")[0]
+            x = keras.layers.MaxPooling2D(2, strides=2, name=f"{block}_pool")(x)
+    return keras.Model(inputs, x, name="vgg16_layout")
+
+
+def _keras_imagenet_vgg16():
+    """keras.applications.VGG16 with its ImageNet weights, downloaded into Keras'
+    own cache (so a file Keras fetched before is reused) and checked against the
+    md5 hash Keras publishes."""
+    import keras
+    cache = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
+    path = os.path.join(cache, os.path.basename(KERAS_VGG16_URL))
+    if os.path.exists(path):
+        if _file_hash(path, "md5") != KERAS_VGG16_MD5:
+            raise UserError(f"{path} is not Keras' VGG16 weights file (its md5 differs from "
+                            f"{KERAS_VGG16_MD5}); delete it and retry")
+    else:
+        try:
+            download(KERAS_VGG16_URL, path, md5=KERAS_VGG16_MD5)
+        except DownloadError as err:
+            raise DownloadError(f"cannot download Keras' ImageNet VGG16 weights: {err}. "
+                                "Offline, `--source random` works, but that model is NOT "
+                                "pretrained (random weights)") from err
+    return keras.applications.VGG16(include_top=True, weights=path)
+
+
+# ----------------------------------------------------------------------------- SavedModel
+
+def _vgg16_graph(weights):
+    """Build VGG16 in the current graph; return {initial-value placeholder: value}.
+
+    The variables' initial values are placeholders, fed once here; after
+    loader.load the saved values are restored instead, and re-running their
+    initializers fails loudly rather than wiping them."""
+    image_input = tf.compat.v1.placeholder(tf.float32, [None, None, None, 3], name="image_input")
+    keep_prob = tf.compat.v1.placeholder_with_default(1.0, [], name="keep_prob")
+    # Keras' "caffe" preprocessing: RGB -> BGR, minus the ImageNet mean per channel.
+    x = tf.reverse(image_input, axis=[-1]) - tf.constant(IMAGENET_MEAN_BGR, tf.float32)
+    feeds, pools = {}, []
+    for name, _, _, _ in VGG16_LAYERS:
+        params = []
+        with tf.compat.v1.variable_scope(name):
+            for var_name, value in zip(("weights", "biases"), weights[name]):
+                initial = tf.compat.v1.placeholder(
+                    tf.float32, value.shape, name=f"{var_name}_value_restored_by_loader")
+                feeds[initial] = value
+                params.append(tf.compat.v1.get_variable(var_name, initializer=initial))
+        x = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, params[0], 1, "SAME"), params[1]))
+        if name in ("fc6", "fc7"):
+            x = tf.nn.dropout(x, rate=1.0 - keep_prob)
+        if name in POOL_AFTER:
+            x = tf.nn.max_pool2d(x, 2, 2, "SAME", name=f"pool{len(pools) + 1}")
+            pools.append(x)
+    tf.identity(pools[2], name="layer3_out")
+    tf.identity(pools[3], name="layer4_out")
+    tf.identity(x, name="layer7_out")
+    return feeds
+
+
+def _save_savedmodel(out_dir, weights, info):
+    """Write weights as a SavedModel (tag vgg16) plus INFO_FILE, via a temporary
+    folder next to out_dir that is renamed when complete."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
+    try:
+        model_dir = os.path.join(staging, "model")
+        graph = tf.Graph()
+        with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+            feeds = _vgg16_graph(weights)
+            sess.run(tf.compat.v1.global_variables_initializer(), feed_dict=feeds)
+            builder = tf.compat.v1.saved_model.Builder(model_dir)
+            builder.add_meta_graph_and_variables(sess, [TAG])
+            builder.save()
+        with open(os.path.join(model_dir, INFO_FILE), "w") as f:
+            json.dump(info, f, indent=2)
+        check_vgg_dir(model_dir)
+        if os.path.exists(out_dir):
+            raise UserError(f"{out_dir} appeared while building; not overwriting it")
+        os.rename(model_dir, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def build_vgg_savedmodel(out_dir, source="random", width=1.0, seed=0, keras_model=None):
+    """Build a VGG16 SavedModel with the course interface in out_dir; return out_dir.
+
+    source="random": He-normal weights from seed (NOT pretrained).
+    source="keras-imagenet": Keras' ImageNet VGG16 (needs internet once); with
+        width < 1 a narrow Keras VGG16 layout, which is NOT pretrained.
+    keras_model: convert this Keras VGG16-layout model instead (source is ignored).
+    width multiplies every channel count (64 .. 4096).  out_dir must not exist.
+    """
+    if os.path.exists(out_dir):
+        raise UserError(f"{out_dir} already exists; not overwriting it "
+                        "(choose another folder or move it away)")
+    if keras_model is not None:
+        weights = _weights_from_keras(keras_model)
+        info = {"source": "keras-model", "width": weights["conv1_1"][1].shape[0] / 64,
+                "pretrained": None}
+    elif source == "random":
+        _check_width(width)
+        _banner(f"VGG16 WITH RANDOM WEIGHTS (width {width:g}, seed {seed}): NOT PRETRAINED.",
+                "Fine for tests and training from scratch; for good segmentation use a "
+                "pretrained model:", f"{GET_VGG_HINT}.")
+        weights = _random_weights(width, seed)
+        info = {"source": "random", "width": width, "seed": seed, "pretrained": False}
+    elif source == "keras-imagenet":
+        _check_width(width)
+        if width == 1:
+            model, pretrained = _keras_imagenet_vgg16(), True
+        else:
+            _banner(f"NARROW VGG16 (width {width:g}): ImageNet weights exist only at width 1,",
+                    "so this model has RANDOM weights: NOT PRETRAINED.")
+            model, pretrained = keras_vgg16_layout(width, seed), False
+        weights = _weights_from_keras(model)
+        info = {"source": "keras-imagenet", "width": width, "pretrained": pretrained}
+    else:
+        raise UserError(f"unknown VGG source {source!r}; use 'random' or 'keras-imagenet'")
+    info["channels"] = {"layer3_out": int(weights["conv3_3"][1].shape[0]),
+                        "layer4_out": int(weights["conv4_3"][1].shape[0]),
+                        "layer7_out": int(weights["fc7"][1].shape[0])}
+    _save_savedmodel(out_dir, weights, info)
+    print(f"VGG16 SavedModel written to {out_dir}")
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def _built_dir(data_dir, source, width):
+    """Where obtain_vgg keeps a built model: data_dir/vgg for the width-1 ImageNet
+    conversion (unless another model lives there), else data_dir/vgg_<source>_w<width>."""
+    vgg_path = os.path.join(data_dir, "vgg")
+    if (source == "keras-imagenet" and width == 1 and
+            (not os.path.exists(vgg_path) or read_vgg_info(vgg_path).get("source") == source)):
+        return vgg_path
+    return os.path.join(data_dir, f"vgg_{source}_w{width:g}")
+
+
+def _built(data_dir, source, width):
+    """(path, pretrained) of the model built from source, building it if needed."""
+    path = _built_dir(data_dir, source, width)
+    if not os.path.exists(path):
+        build_vgg_savedmodel(path, source=source, width=width)
+    check_vgg_dir(path)
+    pretrained = bool(read_vgg_info(path).get("pretrained"))
+    if not pretrained:
+        print(f"Using {path}: random weights, NOT pretrained", file=sys.stderr)
+    return path, pretrained
+
+
+def obtain_vgg(data_dir, source="auto", width=1.0):
+    """Get a VGG16 SavedModel into data_dir; return (vgg_path, pretrained).
+
+    source="auto": data_dir/vgg if complete, else the course download, else Keras'
+      ImageNet conversion, else (no network at all) random weights with a loud
+      warning.  Narrow models (width < 1) are never pretrained: auto builds random.
+    source="course" | "keras-imagenet" | "random": only that one way.
+    Built models are reused when they exist already.
+    """
+    if source not in SOURCES:
+        raise UserError(f"unknown VGG source {source!r}; use one of: {', '.join(SOURCES)}")
+    _check_width(width)
+    if source == "course":
+        if width != 1:
+            raise UserError(f"the course VGG16 exists only at width 1, not {width:g}; use "
+                            "width 1 or source 'random'")
+        return maybe_download_pretrained_vgg(data_dir), True
+    if source != "auto" or width != 1:
+        return _built(data_dir, "random" if source == "auto" else source, width)
+    vgg_path = os.path.join(data_dir, "vgg")
+    if _is_complete(vgg_path):
+        return vgg_path, bool(read_vgg_info(vgg_path).get("pretrained", True))
+    try:
+        return maybe_download_pretrained_vgg(data_dir), True
+    except DownloadError as err:
+        print(f"The course VGG16 is unavailable ({err}); trying Keras' ImageNet VGG16",
+              file=sys.stderr)
+    try:
+        return _built(data_dir, "keras-imagenet", 1.0)
+    except DownloadError as err:
+        _banner("NO PRETRAINED VGG16 COULD BE DOWNLOADED (no network?):", str(err),
+                "FALLING BACK TO RANDOM WEIGHTS: segmentation will be far worse.",
+                f"When online, {GET_VGG_HINT}.")
+    return _built(data_dir, "random", 1.0)

@@ -38,7 +38,7 @@ def cmd_get_vgg(a):
             raise UserError("--out works with --source random or keras-imagenet; the course model "
                             "always goes to <data>/vgg")
         vgg.build_vgg_savedmodel(a.out, source=a.source, width=a.width, seed=a.seed)
-        path, pretrained = a.out, a.source != "random"
+        path, pretrained = a.out, bool(vgg.read_vgg_info(a.out).get("pretrained"))
     else:
         path, pretrained = vgg.obtain_vgg(a.data, source=a.source, width=a.width)
     print(f"VGG16 ready at {path} ({'pretrained' if pretrained else 'NOT pretrained: random weights'})")

@@ -66,6 +66,10 @@ INFO_FILE = "vgg_info.json"
 SOURCES = ("auto", "course", "keras-imagenet", "random")
 GET_VGG_HINT = "get it with `python segment.py get-vgg`"
 IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)   # Keras' "caffe" preprocessing
+# Random-weight models also divide by the ImageNet std (BGR): with He-initialised
+# weights this keeps activations near unit scale, which training from scratch needs
+# (with caffe's 0..255 range the initial logits are ~20 and the first steps diverge).
+IMAGENET_STD_BGR = (57.375, 57.12, 58.395)
 RETRY_BACKOFF_S = 1.0        # wait before the 2nd download attempt; doubles after
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -404,8 +408,11 @@ def _keras_imagenet_vgg16():
 
 # ----------------------------------------------------------------------------- SavedModel
 
-def _vgg16_graph(weights):
+def _vgg16_graph(weights, normalize_std=False):
     """Build VGG16 in the current graph; return {initial-value placeholder: value}.
+
+    ``normalize_std`` adds a division by the ImageNet std after the mean subtraction
+    (random-weight models only; pretrained weights expect caffe's 0..255 range).
 
     The variables' initial values are placeholders, fed once here; after
     loader.load the saved values are restored instead, and re-running their
@@ -414,6 +421,8 @@ def _vgg16_graph(weights):
     keep_prob = tf.compat.v1.placeholder_with_default(1.0, [], name="keep_prob")
     # Keras' "caffe" preprocessing: RGB -> BGR, minus the ImageNet mean per channel.
     x = tf.reverse(image_input, axis=[-1]) - tf.constant(IMAGENET_MEAN_BGR, tf.float32)
+    if normalize_std:
+        x = x / tf.constant(IMAGENET_STD_BGR, tf.float32)
     feeds, pools = {}, []
     for name, _, _, _ in VGG16_LAYERS:
         params = []
@@ -445,7 +454,7 @@ def _save_savedmodel(out_dir, weights, info):
         model_dir = os.path.join(staging, "model")
         graph = tf.Graph()
         with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
-            feeds = _vgg16_graph(weights)
+            feeds = _vgg16_graph(weights, normalize_std=info.get("input_norm") == "mean/std")
             sess.run(tf.compat.v1.global_variables_initializer(), feed_dict=feeds)
             builder = tf.compat.v1.saved_model.Builder(model_dir)
             builder.add_meta_graph_and_variables(sess, [TAG])
@@ -482,7 +491,8 @@ def build_vgg_savedmodel(out_dir, source="random", width=1.0, seed=0, keras_mode
                 "Fine for tests and training from scratch; for good segmentation use a "
                 "pretrained model:", f"{GET_VGG_HINT}.")
         weights = _random_weights(width, seed)
-        info = {"source": "random", "width": width, "seed": seed, "pretrained": False}
+        info = {"source": "random", "width": width, "seed": seed, "pretrained": False,
+                "input_norm": "mean/std"}
     elif source == "keras-imagenet":
         _check_width(width)
         if width == 1:

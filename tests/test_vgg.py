@@ -65,7 +65,7 @@ def test_converter_matches_keras(tmp_path):
 def test_built_model_interface(vgg_dir):
     assert vgg.read_vgg_info(vgg_dir) == {
         "source": "random", "width": WIDTH, "seed": 0, "pretrained": False,
-        "channels": {"layer3_out": 16, "layer4_out": 32, "layer7_out": 256}}
+        "input_norm": "mean/std", "channels": {"layer3_out": 16, "layer4_out": 32, "layer7_out": 256}}
     images = np.random.default_rng(0).uniform(0, 255, (2, 64, 128, 3)).astype(np.float32)
     graph = tf.Graph()
     with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
@@ -73,6 +73,8 @@ def test_built_model_interface(vgg_dir):
         assert image_input.dtype == keep_prob.dtype == tf.float32
         a3, a4, a7 = sess.run([l3, l4, l7], {image_input: images, keep_prob: 1.0})
         assert (a3.shape, a4.shape, a7.shape) == ((2, 8, 16, 16), (2, 4, 8, 32), (2, 2, 4, 256))
+        # random models normalise by the ImageNet std: unit-scale activations, not ~60
+        assert 0.1 < a3.std() < 5, a3.std()
         # keep_prob defaults to 1 (deterministic); 0.5 drops about half of fc7
         np.testing.assert_array_equal(sess.run(l7, {image_input: images}), a7)
         dropped = sess.run(l7, {image_input: images, keep_prob: 0.5})

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from errors import UserError  # noqa: E402
 
@@ -59,7 +59,7 @@ def cmd_train(a):
                    batch_size=a.batch_size, lr=a.lr, keep_prob=a.keep_prob,
                    lr_schedule=a.lr_schedule, warmup_epochs=a.warmup_epochs,
                    class_weights=a.class_weights, augment=not a.no_augment, seed=a.seed,
-                   checkpoint_every=a.checkpoint_every, eval_every=a.eval_every,
+                   checkpoint_every=a.checkpoint_every, eval_every=a.eval_every, val_split=a.val_split,
                    skip_scales=None if a.no_skip_scaling else [0.01, 0.0001], l2_scale=a.l2)
     result = train.train(a.data, resolve_vgg(a), runs_dir=a.runs, run=a.run, resume=a.resume,
                          **options)
@@ -198,6 +198,8 @@ def build_parser():
     sp.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                     help="also checkpoint every STEPS steps (default: each epoch)")
     sp.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS")
+    sp.add_argument("--val-split", help="validation split (default: 'val', else every 10th train "
+                    "image held out; 'none' for no validation)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--run", help="run name (default: a timestamp)")
     sp.add_argument("--resume", action="store_true", help="continue --run (or the latest run)")

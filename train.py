@@ -102,16 +102,33 @@ def _open_run(runs_dir, run, resume, config):
     return run_dir, config
 
 
-def _splits(data_dir, val_split):
+def _splits(data_dir, val_split, log=print):
+    """(dataset, train samples, validation samples).
+
+    ``val_split``: None -> the 'val' split if the dataset has one, else every 10th labelled
+    training image is held out (never the test split: choosing the best checkpoint on
+    it would leak); 'none' -> no validation; a name -> that split.
+    """
     import datasets
     ds = datasets.find_dataset(data_dir)
-    if "train" not in ds.splits:
-        raise UserError(f"{data_dir} ({ds.layout} layout) has no 'train' split with labels; "
+    train = [s for s in ds.splits.get("train", []) if s.label]
+    if not train:
+        raise UserError(f"{data_dir} ({ds.layout} layout) has no labelled 'train' split; "
                         f"found splits: {', '.join(ds.splits) or 'none'}")
-    train = [s for s in ds.splits["train"] if s.label]
-    names = [val_split] if val_split else ["val", "test"]
-    val = next((ds.splits[n] for n in names if n in ds.splits and ds.splits[n]
-                and all(s.label for s in ds.splits[n])), [])
+    if val_split == "none":
+        return ds, train, []
+    if val_split is None and "val" not in ds.splits:
+        val, train = train[::10], [s for i, s in enumerate(train) if i % 10]
+        log(f"no 'val' split in {data_dir}: holding out every 10th training image "
+            f"({len(val)}) for validation")
+        return ds, train, val
+    name = val_split or "val"
+    if name not in ds.splits:
+        raise UserError(f"{data_dir} has no '{name}' split for validation (it has "
+                        f"{', '.join(ds.splits)}); pass --val-split")
+    val = [s for s in ds.splits[name] if s.label]
+    if not val:
+        raise UserError(f"split '{name}' of {data_dir} has no labels; pass another --val-split")
     return ds, train, val
 
 
@@ -142,7 +159,7 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
     cfg["vgg"] = os.path.abspath(vgg_path)
     cfg["vgg_info"] = vgg_mod.read_vgg_info(vgg_path)
     cfg["data"] = os.path.abspath(data_dir)
-    dataset, train_samples, val_samples = _splits(data_dir, cfg["val_split"])
+    dataset, train_samples, val_samples = _splits(data_dir, cfg["val_split"], log)
     if cfg["class_weights"] is True:
         counts = datasets.class_pixel_counts(train_samples, scheme)
         cfg["class_weights"] = [float(w) for w in datasets.median_frequency_weights(counts)]

@@ -1,0 +1,482 @@
+"""datasets.py: layout detection, label mapping per scheme, bad data, statistics.
+
+Fixtures are tiny PNGs written into tmp_path by the tests themselves.
+"""
+import io
+import struct
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import datasets
+from datasets import Sample
+from errors import UserError
+from schemes import IGNORE, get_scheme
+
+ROAD, SIDEWALK, CAR, PERSON, LIGHT = (128, 64, 128), (244, 35, 232), (0, 0, 142), (220, 20, 60), \
+    (250, 170, 30)
+
+
+def png(path, array):
+    """Write ``array`` as a PNG at ``path`` (parents created); return the path as str."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array)).save(path)
+    return str(path)
+
+
+def rgb(h=4, w=6, value=100):
+    return np.full((h, w, 3), value, np.uint8)
+
+
+def ids(h=4, w=6, value=7):
+    return np.full((h, w), value, np.uint8)
+
+
+def png16_rgb(path, array):
+    """A 16-bit RGB PNG written by hand (PIL cannot write them)."""
+    h, w, _ = array.shape
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # 16 bits, RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------
+# Layouts
+# ---------------------------------------------------------------------------------
+def make_cityscapes(root, frames=("a_000000_000019", "a_000001_000019")):
+    for split in ("train", "val"):
+        for f in frames:
+            png(root / "leftImg8bit" / split / "aachen" / f"{f}_leftImg8bit.png", rgb())
+            png(root / "gtFine" / split / "aachen" / f"{f}_gtFine_color.png", rgb(value=0))
+            if split == "train":
+                png(root / "gtFine" / split / "aachen" / f"{f}_gtFine_labelIds.png", ids())
+    png(root / "leftImg8bit" / "test" / "berlin" / "b_000000_000019_leftImg8bit.png", rgb())
+    return root
+
+
+def test_cityscapes_layout(tmp_path):
+    ds = datasets.find_dataset(make_cityscapes(tmp_path / "cs"))
+    assert ds.layout == "cityscapes"
+    assert sorted(ds.splits) == ["test", "train", "val"]
+    train, val, test = ds.splits["train"], ds.splits["val"], ds.splits["test"]
+    assert len(train) == len(val) == 2 and len(test) == 1
+    # labelIds preferred over colour; colour used when it is the only label.
+    assert all(s.kind == "ids" and s.label.endswith("_gtFine_labelIds.png") for s in train)
+    assert all(s.kind == "color" and s.label.endswith("_gtFine_color.png") for s in val)
+    assert test[0].label is None and test[0].image.endswith("b_000000_000019_leftImg8bit.png")
+    assert {s.dataset for s in train + val + test} == {"cityscapes"}
+    assert train[0].image.endswith("a_000000_000019_leftImg8bit.png")
+    assert "a_000000_000019_gtFine" in train[0].label
+
+
+def test_seed_layout(tmp_path):
+    root = tmp_path / "seed"
+    for f in ("um_a", "um_b"):
+        png(root / "training" / "image" / f"{f}_leftImg8bit.png", rgb())
+        png(root / "training" / "gt_image" / f"{f}_gtFine_color.png", rgb(value=0))
+    png(root / "testing" / "image" / "x.png", rgb())
+    ds = datasets.find_dataset(root)
+    assert ds.layout == "seed" and sorted(ds.splits) == ["test", "train"]
+    assert [s.kind for s in ds.splits["train"]] == ["color", "color"]
+    assert ds.splits["train"][1].label.endswith("um_b_gtFine_color.png")
+    assert ds.splits["test"][0].label is None
+
+
+def make_camvid(root, n=3, lists=False, absolute=False):
+    for split in ("train", "test"):
+        lines = []
+        for i in range(n):
+            png(root / split / f"f{i}.png", rgb(value=10 * i))
+            png(root / f"{split}annot" / f"f{i}.png", ids(value=i))
+            prefix = "/SegNet/CamVid/" if absolute else ""
+            lines.append(f"{prefix}{split}/f{i}.png {prefix}{split}annot/f{i}.png")
+        if lists:
+            (root / f"{split}.txt").write_text("\n".join(lines[:-1]) + "\n")  # lists skip one
+    return root
+
+
+def test_camvid_layout_from_folders(tmp_path):
+    ds = datasets.find_dataset(make_camvid(tmp_path / "camvid"))
+    assert ds.layout == "camvid" and sorted(ds.splits) == ["test", "train"]
+    assert [len(v) for v in ds.splits.values()] == [3, 3]
+    s = ds.splits["train"][2]
+    assert (s.kind, s.dataset) == ("ids", "camvid")
+    assert s.image.endswith("train/f2.png") and s.label.endswith("trainannot/f2.png")
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_camvid_layout_prefers_lists(tmp_path, absolute):
+    """SegNet's lists hold /SegNet/CamVid/... paths; their last two parts are used."""
+    ds = datasets.find_dataset(make_camvid(tmp_path / "camvid", lists=True, absolute=absolute))
+    assert [len(v) for v in ds.splits.values()] == [2, 2]  # only what the lists name
+    assert datasets.load_image(ds.splits["test"][1].image)[0, 0, 0] == 10
+
+
+def test_camvid_list_with_missing_file(tmp_path):
+    root = make_camvid(tmp_path / "camvid", lists=True)
+    (root / "train.txt").write_text("train/f0.png trainannot/f0.png\n"
+                                    "train/nope.png trainannot/f1.png\n")
+    with pytest.raises(UserError, match=r"train.txt lists 1 missing files: train/nope.png"):
+        datasets.find_dataset(root)
+
+
+def make_kitti(root):
+    base = root / "data_road"
+    for stem in ("um_000000", "uu_000003"):
+        cat, num = stem.split("_")
+        png(base / "training" / "image_2" / f"{stem}.png", rgb())
+        png(base / "training" / "gt_image_2" / f"{cat}_road_{num}.png", rgb(value=0))
+    png(base / "training" / "gt_image_2" / "um_lane_000000.png", rgb(value=0))  # ignored
+    png(base / "testing" / "image_2" / "um_000009.png", rgb())
+    return root
+
+
+@pytest.mark.parametrize("sub", ["", "data_road"])
+def test_kitti_layout(tmp_path, sub):
+    ds = datasets.find_dataset(make_kitti(tmp_path / "kitti") / sub)
+    assert ds.layout == "kitti" and sorted(ds.splits) == ["test", "train"]
+    train = ds.splits["train"]
+    names = [s.label.rsplit("/", 1)[1] for s in train]
+    assert names == ["um_road_000000.png", "uu_road_000003.png"]
+    assert {(s.kind, s.dataset) for s in train} == {("color", "kitti")}
+    assert ds.splits["test"][0].label is None
+
+
+# ---------------------------------------------------------------------------------
+# Layout errors
+# ---------------------------------------------------------------------------------
+def test_missing_root(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        datasets.find_dataset(tmp_path / "nowhere")
+
+
+def test_unknown_layout_names_what_was_tried_and_found(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError) as err:
+        datasets.find_dataset(tmp_path)
+    msg = str(err.value)
+    assert "photos/" in msg and "notes.txt" in msg
+    for layout in ("cityscapes", "seed", "camvid", "kitti"):
+        assert layout in msg
+    assert "\n" not in msg
+
+
+def test_empty_split(tmp_path):
+    root = make_cityscapes(tmp_path / "cs")
+    (root / "leftImg8bit" / "val" / "empty_city").mkdir()
+    for p in (root / "leftImg8bit" / "val" / "aachen").iterdir():
+        p.unlink()
+    with pytest.raises(UserError, match="split 'val' .* has no images"):
+        datasets.find_dataset(root)
+
+
+def test_images_without_labels(tmp_path):
+    root = make_cityscapes(tmp_path / "cs")
+    for i in range(5):
+        png(root / "leftImg8bit" / "train" / "aachen" / f"z_00000{i}_000019_leftImg8bit.png", rgb())
+    with pytest.raises(UserError) as err:
+        datasets.find_dataset(root)
+    msg = str(err.value)
+    assert "5 images without labels" in msg and "(5 in all)" in msg
+    assert msg.count("z_0000") == 3  # up to three examples
+    assert "labels without images" not in msg
+
+
+def test_labels_without_images(tmp_path):
+    root = make_camvid(tmp_path / "camvid")
+    png(root / "trainannot" / "lonely.png", ids())
+    with pytest.raises(UserError, match=r"1 labels without images: .*trainannot/lonely.png"):
+        datasets.find_dataset(root)
+
+
+def test_train_split_without_any_labels(tmp_path):
+    root = make_cityscapes(tmp_path / "cs")
+    for p in (root / "gtFine" / "val" / "aachen").iterdir():
+        p.unlink()
+    with pytest.raises(UserError, match="split 'val' .* 2 images without labels"):
+        datasets.find_dataset(root)
+
+
+def test_test_split_with_some_labels_must_be_complete(tmp_path):
+    root = make_kitti(tmp_path / "kitti")
+    png(root / "data_road" / "testing" / "gt_image_2" / "um_road_000001.png", rgb(value=0))
+    with pytest.raises(UserError, match="1 images without labels.*1 labels without images"):
+        datasets.find_dataset(root)
+
+
+# ---------------------------------------------------------------------------------
+# Scheme mappings on hand-made labels
+# ---------------------------------------------------------------------------------
+CS_IDS = [0, 1, 4, 7, 8, 11, 19, 24, 25, 26, 27, 33]
+
+
+@pytest.mark.parametrize("scheme, expected", [
+    # unlabeled, ego, static, road, sidewalk, building, light, person, rider, car, truck, bicycle
+    ("road4", [IGNORE, IGNORE, 0, 1, 0, 0, 4, 3, 3, 2, 2, 2]),
+    ("seed4", [0, 0, 0, 1, 0, 0, 4, 3, 0, 2, 0, 0]),
+    ("cityscapes19", [IGNORE, IGNORE, IGNORE, 0, 1, 2, 6, 11, 12, 13, 14, 18]),
+])
+def test_cityscapes_ids_per_scheme(tmp_path, scheme, expected):
+    label = png(tmp_path / "x_gtFine_labelIds.png", np.array([CS_IDS], np.uint8))
+    out = datasets.load_label(Sample("unused", label, "ids", "cityscapes"), get_scheme(scheme))
+    assert out.dtype == np.uint8 and out.shape == (1, len(CS_IDS))
+    assert out[0].tolist() == expected
+
+
+def test_cityscapes_colors_with_boundary_and_void(tmp_path):
+    blend = (64, 32, 135)  # an anti-aliased road/car boundary pixel: no such class colour
+    colours = [ROAD, CAR, PERSON, LIGHT, SIDEWALK, (0, 0, 0), blend, blend]
+    label = png(tmp_path / "x_gtFine_color.png", np.array([colours], np.uint8))
+    sample = Sample("unused", label, "color", "cityscapes")
+    with pytest.warns(UserWarning, match=r"2 pixels of .*x_gtFine_color.png.* colours outside"):
+        out = datasets.load_label(sample, get_scheme("road4"))
+    # black is both 'unlabeled' (ignored) and 'static' (background): ambiguous -> IGNORE
+    assert out[0].tolist() == [1, 2, 3, 4, 0, IGNORE, IGNORE, IGNORE]
+
+
+def test_camvid_ids_to_road4(tmp_path):
+    label = png(tmp_path / "l.png", np.arange(12, dtype=np.uint8)[None])
+    out = datasets.load_label(Sample("unused", label, "ids", "camvid"), get_scheme("road4"))
+    # Sky Building Pole Road Pavement Tree Sign Fence Car Pedestrian Bicyclist Unlabelled
+    assert out[0].tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 2, 3, 3, IGNORE]
+
+
+def test_kitti_colors_to_road4(tmp_path):
+    label = png(tmp_path / "um_road_000000.png",
+                np.array([[(255, 0, 255), (255, 0, 0), (0, 0, 0), (255, 0, 254)]], np.uint8))
+    with pytest.warns(UserWarning, match="1 pixels"):
+        out = datasets.load_label(Sample("unused", label, "color", "kitti"), get_scheme("road4"))
+    assert out[0].tolist() == [1, 0, IGNORE, IGNORE]
+
+
+def test_palette_and_16bit_id_labels_use_the_stored_ids(tmp_path):
+    pal = Image.fromarray(np.array([[3, 8, 11]], np.uint8), "P")
+    pal.putpalette([255, 0, 0] * 256)  # colours must not matter for id labels
+    pal.save(tmp_path / "p.png")
+    out = datasets.load_label(Sample("", str(tmp_path / "p.png"), "ids", "camvid"),
+                              get_scheme("road4"))
+    assert out[0].tolist() == [1, 2, IGNORE]
+    Image.fromarray(np.array([[7, 26]], np.uint16)).save(tmp_path / "i16.png")
+    out = datasets.load_label(Sample("", str(tmp_path / "i16.png"), "ids", "cityscapes"),
+                              get_scheme("road4"))
+    assert out[0].tolist() == [1, 2]
+
+
+# ---------------------------------------------------------------------------------
+# Bad data and conversions
+# ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dataset, bad", [("cityscapes", [34, 200]), ("camvid", [12])])
+def test_unknown_label_ids(tmp_path, dataset, bad):
+    label = png(tmp_path / "bad_ids.png", np.array([[0, 7] + bad], np.uint8))
+    with pytest.raises(UserError) as err:
+        datasets.load_label(Sample("", label, "ids", dataset), get_scheme("road4"))
+    assert "bad_ids.png" in str(err.value) and str(bad) in str(err.value)
+
+
+def test_16bit_id_label_beyond_255_is_unknown(tmp_path):
+    Image.fromarray(np.array([[7, 300]], np.uint16)).save(tmp_path / "i16.png")
+    with pytest.raises(UserError, match=r"ids \[300\]"):
+        datasets.load_label(Sample("", str(tmp_path / "i16.png"), "ids", "cityscapes"),
+                            get_scheme("road4"))
+
+
+def test_colour_file_given_as_ids(tmp_path):
+    label = png(tmp_path / "c.png", np.array([[ROAD, CAR]], np.uint8))
+    with pytest.raises(UserError, match="c.png' is a colour image"):
+        datasets.load_label(Sample("", label, "ids", "cityscapes"), get_scheme("road4"))
+
+
+def test_undecodable_png(tmp_path):
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n this is not image data")
+    with pytest.raises(UserError) as err:
+        datasets.load_image(str(path))
+    assert "broken.png" in str(err.value) and "--skip-bad" in str(err.value)
+
+
+def test_size_mismatch_names_both_files(tmp_path):
+    s = Sample(png(tmp_path / "img.png", rgb(4, 6)), png(tmp_path / "lab.png", ids(4, 5)),
+               "ids", "cityscapes")
+    with pytest.raises(UserError) as err:
+        datasets.load_pair(s, get_scheme("road4"))
+    assert "img.png' is 6x4" in str(err.value) and "lab.png' is 5x4" in str(err.value)
+
+
+def test_load_pair(tmp_path):
+    s = Sample(png(tmp_path / "img.png", rgb(4, 6, 9)), png(tmp_path / "lab.png", ids(4, 6, 26)),
+               "ids", "cityscapes")
+    image, label = datasets.load_pair(s, get_scheme("road4"))
+    assert image.shape == (4, 6, 3) and image.dtype == np.uint8 and (image == 9).all()
+    assert label.shape == (4, 6) and (label == 2).all()
+    assert datasets.load_pair(Sample(s.image, None), get_scheme("road4"))[1] is None
+
+
+def test_image_conversions(tmp_path):
+    grey = np.array([[0, 100, 255]], np.uint8)
+    out = datasets.load_image(png(tmp_path / "grey.png", grey))
+    assert out.shape == (1, 3, 3) and out.dtype == np.uint8
+    assert out[0, :, 1].tolist() == [0, 100, 255]
+    assert (out == out[..., :1]).all()
+
+    rgba = np.array([[[10, 20, 30, 0], [40, 50, 60, 255]]], np.uint8)  # alpha dropped, no blending
+    out = datasets.load_image(png(tmp_path / "rgba.png", rgba))
+    assert out.tolist() == [[[10, 20, 30], [40, 50, 60]]]
+
+    pal = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
+    pal.putpalette([9, 8, 7, 200, 100, 50] + [0] * 762)
+    pal.save(tmp_path / "pal.png")
+    assert datasets.load_image(str(tmp_path / "pal.png")).tolist() == [[[9, 8, 7], [200, 100, 50]]]
+
+    Image.fromarray(np.array([[0, 256, 65535]], np.uint16)).save(tmp_path / "g16.png")
+    out = datasets.load_image(str(tmp_path / "g16.png"))
+    assert out.dtype == np.uint8 and out[0, :, 0].tolist() == [0, 1, 255]
+    assert (out == out[..., :1]).all()
+
+    out = datasets.load_image(png16_rgb(tmp_path / "rgb16.png",
+                                        np.array([[[65535, 512, 0], [256, 0, 4000]]], np.uint16)))
+    assert out.dtype == np.uint8 and out.tolist() == [[[255, 2, 0], [1, 0, 15]]]
+
+
+# ---------------------------------------------------------------------------------
+# check_dataset and statistics
+# ---------------------------------------------------------------------------------
+def small_labelled(root):
+    """Cityscapes layout, train: two 2x4 frames with known classes, val: one colour frame."""
+    frames = {"a_000000_000019": [[7, 7, 7, 26], [24, 0, 0, 11]],   # road 3, car, person, 2 ign
+              "a_000001_000019": [[7, 7, 7, 7], [11, 11, 11, 11]]}  # road 4, background 4
+    for f, lab in frames.items():
+        png(root / "leftImg8bit/train/a" / f"{f}_leftImg8bit.png", rgb(2, 4))
+        png(root / "gtFine/train/a" / f"{f}_gtFine_labelIds.png", np.array(lab, np.uint8))
+    png(root / "leftImg8bit/val/a/a_000002_000019_leftImg8bit.png", rgb(1, 2))
+    png(root / "gtFine/val/a/a_000002_000019_gtFine_color.png",
+        np.array([[ROAD, (1, 2, 3)]], np.uint8))
+    return root
+
+
+def test_check_dataset_report(tmp_path):
+    report = datasets.check_dataset(small_labelled(tmp_path / "cs"), "road4")
+    assert report["layout"] == "cityscapes" and report["problems"] == []
+    train = report["splits"]["train"]
+    assert (train["images"], train["labelled"]) == (2, 2)
+    share = train["class_share"]
+    assert share["road"] == pytest.approx(7 / 16) and share["background"] == pytest.approx(5 / 16)
+    assert share["vehicle"] == share["pedestrian"] == pytest.approx(1 / 16)
+    assert share["traffic light"] == 0 and train["ignore_share"] == pytest.approx(2 / 16)
+    assert "class 'traffic light' never occurs in split 'train'" in train["warnings"]
+    val = report["splits"]["val"]
+    assert val["class_share"]["road"] == 0.5 and val["ignore_share"] == 0.5
+    assert any("1 pixels of unknown colour" in w for w in val["warnings"])
+    text = datasets.format_report(report)
+    assert "road" in text and "43.75%" in text and "problems: 0" in text
+
+
+def test_check_dataset_bad_files(tmp_path):
+    root = small_labelled(tmp_path / "cs")
+    (root / "leftImg8bit/train/a/a_000001_000019_leftImg8bit.png").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="a_000001_000019_leftImg8bit.png"):
+        datasets.check_dataset(root, "road4")
+    report = datasets.check_dataset(root, "road4", skip_bad=True)
+    assert len(report["problems"]) == 1 and "cannot decode" in report["problems"][0]
+    train = report["splits"]["train"]
+    assert (train["images"], train["labelled"]) == (2, 1)
+    assert train["class_share"]["road"] == pytest.approx(3 / 8)
+    assert "problems: 1" in datasets.format_report(report)
+
+
+def test_median_frequency_weights_known_case(tmp_path):
+    # image A: 2 background, 2 road, 2 ignored; image B: 4 background.
+    a = png(tmp_path / "a.png", np.array([[11, 11, 7, 7, 0, 0]], np.uint8))
+    b = png(tmp_path / "b.png", np.array([[11, 11, 11, 11]], np.uint8))
+    samples = [Sample("", a, "ids", "cityscapes"), Sample("", b, "ids", "cityscapes"),
+               Sample("unlabelled.png", None)]
+    counts = datasets.class_pixel_counts(samples, get_scheme("road4"))
+    assert counts.pixels.tolist() == [6, 2, 0, 0, 0]
+    assert counts.image_pixels.tolist() == [8, 4, 0, 0, 0]   # IGNORE pixels not counted
+    weights = datasets.median_frequency_weights(counts)
+    # freq: background 6/8, road 2/4; median 0.625; unseen classes weigh 0
+    assert weights == pytest.approx([0.625 / 0.75, 0.625 / 0.5, 0, 0, 0])
+
+
+def test_get_cityscapes_without_credentials_is_a_clear_error(tmp_path, monkeypatch):
+    import requests
+    monkeypatch.delenv("CITYSCAPES_USERNAME", raising=False)
+    monkeypatch.delenv("CITYSCAPES_PASSWORD", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))  # no stored credentials file
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))        # not a terminal: no prompt
+    monkeypatch.setattr(requests, "Session", lambda: pytest.fail("network used"))
+    with pytest.raises(UserError, match="CITYSCAPES_USERNAME and CITYSCAPES_PASSWORD"):
+        datasets.get_cityscapes(tmp_path / "cityscapes")
+
+
+def test_get_cityscapes_bad_credentials_from_environment(tmp_path, monkeypatch):
+    import requests
+
+    class Response:
+        status_code = 200  # a failed login is not redirected
+
+        def raise_for_status(self):
+            pass
+
+    class FakeSession:
+        def get(self, url, **kw):
+            return Response()
+
+        def post(self, url, data, **kw):
+            assert (data["username"], data["password"]) == ("me", "secret")
+            return Response()
+    monkeypatch.setenv("CITYSCAPES_USERNAME", "me")
+    monkeypatch.setenv("CITYSCAPES_PASSWORD", "secret")
+    monkeypatch.setattr(requests, "Session", FakeSession)
+    with pytest.raises(UserError, match="login failed: bad CITYSCAPES_USERNAME"):
+        datasets.get_cityscapes(tmp_path / "cityscapes")
+
+
+def test_get_cityscapes_unzips_existing_packages_without_login(tmp_path, monkeypatch):
+    import zipfile
+    dest = tmp_path / "cs"
+    dest.mkdir()
+    with zipfile.ZipFile(dest / "gtFine_trainvaltest.zip", "w") as zf:
+        zf.writestr("gtFine/train/a/x_gtFine_labelIds.png", b"new")
+        zf.writestr("README", b"readme")
+    (dest / "README").write_text("mine")  # already there: left alone
+    monkeypatch.setattr(datasets, "_cityscapes_session", lambda d: pytest.fail("login attempted"))
+    datasets.get_cityscapes(dest, packages=("gtFine_trainvaltest.zip",))
+    assert (dest / "gtFine/train/a/x_gtFine_labelIds.png").read_bytes() == b"new"
+    assert (dest / "README").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------
+# Real data (../shared/data)
+# ---------------------------------------------------------------------------------
+def test_real_camvid(shared_data):
+    ds = datasets.find_dataset(shared_data / "camvid")
+    assert ds.layout == "camvid"
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 367, "test": 233}
+    counts = datasets.class_pixel_counts(ds.splits["train"], get_scheme("road4"))
+    share = counts.pixels / counts.pixels.sum()
+    background, road, vehicle, pedestrian, light = share
+    assert 0.2 < road < 0.45 and 0.4 < background < 0.7
+    assert 0.02 < vehicle < 0.1 and 0.003 < pedestrian < 0.03 and light == 0
+    weights = datasets.median_frequency_weights(counts)
+    assert weights[3] > weights[2] > weights[1] and weights[4] == 0
+
+
+def test_real_cityscapes_sample(shared_data):
+    ds = datasets.find_dataset(shared_data / "cityscapes_sample")
+    assert ds.layout == "cityscapes" and list(ds.splits) == ["val"]
+    (sample,) = ds.splits["val"]
+    assert sample.kind == "ids" and sample.label.endswith("_gtFine_labelIds.png")
+    image, label = datasets.load_pair(sample, get_scheme("road4"))
+    assert image.shape == (128, 256, 3) and label.shape == (128, 256)
+    present = set(np.unique(label).tolist())
+    assert {1, 2, 3} <= present and 4 not in present

@@ -139,13 +139,27 @@ def layers(vgg_layer3_out, vgg_layer4_out, vgg_layer7_out, num_classes,
 
 
 # --------------------------------------------------------------------------- loss
-def pixel_loss(nn_last_layer, correct_label, num_classes, class_weights=None):
-    """Mean cross-entropy over labelled pixels (no L2).
+LOSSES = ("ce", "focal", "ohem")
+
+
+def pixel_loss(nn_last_layer, correct_label, num_classes, class_weights=None, loss="ce",
+               focal_gamma=2.0, ohem_fraction=0.25):
+    """Mean per-pixel loss over labelled pixels (no L2).
 
     ``correct_label`` is either integer class ids ``[N, H, W]`` (255 = void) or the seed's
     one-hot ``[N, H, W, C]`` (an all-zero row = void).  Void pixels contribute nothing.
     With ``class_weights`` the mean is weighted (normalised by the weights' sum).
+
+    ``loss`` picks the per-pixel term:
+
+    * ``"ce"``    cross-entropy ``-log p`` (``p`` = softmax probability of the true class)
+    * ``"focal"`` focal loss ``-(1 - p) ** focal_gamma * log p`` (Lin et al. 2017): pixels
+      already classified confidently count less, so rare, hard pixels count more
+    * ``"ohem"``  online hard example mining: cross-entropy averaged over only the hardest
+      ``ohem_fraction`` of the labelled pixels of the batch (highest weighted loss)
     """
+    if loss not in LOSSES:
+        raise UserError(f"unknown loss '{loss}'; use one of {', '.join(LOSSES)}")
     logits = tf.reshape(nn_last_layer, (-1, num_classes))
     cw = None if class_weights is None else tf.constant(np.asarray(class_weights, np.float32))
     if correct_label.dtype.is_integer:
@@ -162,23 +176,32 @@ def pixel_loss(nn_last_layer, correct_label, num_classes, class_weights=None):
         weight = tf.reduce_sum(onehot, axis=1)
         if cw is not None:
             weight = tf.reduce_sum(onehot * cw, axis=1)
+    if loss == "focal":
+        ce = (1.0 - tf.exp(-ce)) ** focal_gamma * ce  # exp(-ce) is p of the true class
+    elif loss == "ohem":
+        n_valid = tf.reduce_sum(tf.cast(weight > 0, tf.float32))
+        k = tf.cast(tf.maximum(1.0, tf.math.ceil(ohem_fraction * n_valid)), tf.int32)
+        # Void pixels get -1 so they are never among the hardest (real losses are >= 0).
+        hardest = tf.math.top_k(tf.where(weight > 0, ce * weight, -tf.ones_like(ce)), k).indices
+        ce, weight = tf.gather(ce, hardest), tf.gather(weight, hardest)
     return tf.math.divide_no_nan(tf.reduce_sum(ce * weight), tf.reduce_sum(weight),
                                  name="pixel_loss")
 
 
 def optimize(nn_last_layer, correct_label, learning_rate, num_classes, class_weights=None,
-             global_step=None):
+             global_step=None, **loss_options):
     """Loss and Adam training op.
 
     :param nn_last_layer: logits ``[N, H, W, C]`` from ``layers``
     :param correct_label: integer labels ``[N, H, W]`` (255 = void) or one-hot ``[N, H, W, C]``
     :param learning_rate: float or scalar tensor/placeholder
     :param class_weights: optional per-class loss weights (e.g. median frequency)
+    :param loss_options: ``loss``, ``focal_gamma``, ``ohem_fraction`` of ``pixel_loss``
     :return: (logits ``[N*H*W, C]``, train_op, loss) -- the loss includes the L2 terms in
         ``REGULARIZATION_LOSSES`` (the course seed dropped them)
     """
     logits = tf.reshape(nn_last_layer, (-1, num_classes), name="logits")
-    loss = pixel_loss(nn_last_layer, correct_label, num_classes, class_weights)
+    loss = pixel_loss(nn_last_layer, correct_label, num_classes, class_weights, **loss_options)
     reg = tf1.get_collection(tf1.GraphKeys.REGULARIZATION_LOSSES)
     if reg:
         loss = tf.add(loss, tf.add_n(reg), name="total_loss")

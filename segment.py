@@ -60,7 +60,8 @@ def cmd_train(a):
                    lr_schedule=a.lr_schedule, warmup_epochs=a.warmup_epochs,
                    class_weights=a.class_weights, augment=not a.no_augment, seed=a.seed,
                    checkpoint_every=a.checkpoint_every, eval_every=a.eval_every, val_split=a.val_split,
-                   skip_scales=None if a.no_skip_scaling else [0.01, 0.0001], l2_scale=a.l2)
+                   skip_scales=None if a.no_skip_scaling else [0.01, 0.0001], l2_scale=a.l2,
+                   loss=a.loss, focal_gamma=a.focal_gamma, ohem_fraction=a.ohem_fraction)
     result = train.train(a.data, resolve_vgg(a), runs_dir=a.runs, run=a.run, resume=a.resume,
                          **options)
     print(f"{result['status']}: {result['steps']} steps, best val mIoU "
@@ -192,6 +193,12 @@ def build_parser():
     sp.add_argument("--keep-prob", type=float, default=0.5)
     sp.add_argument("--l2", type=float, default=1e-3, help="L2 weight of the decoder kernels")
     sp.add_argument("--class-weights", action="store_true", help="median-frequency class weights")
+    sp.add_argument("--loss", default="ce", choices=["ce", "focal", "ohem"],
+                    help="per-pixel loss: cross-entropy, focal, or cross-entropy of the hardest "
+                    "pixels only (OHEM)")
+    sp.add_argument("--focal-gamma", type=float, default=2.0, help="focusing power of --loss focal")
+    sp.add_argument("--ohem-fraction", type=float, default=0.25,
+                    help="share of labelled pixels kept by --loss ohem")
     sp.add_argument("--no-augment", action="store_true", help="no flips/scale-crop/colour jitter")
     sp.add_argument("--no-skip-scaling", action="store_true",
                     help="do not scale pool4/pool3 by 0.01/0.0001 before their score layers")

@@ -33,6 +33,7 @@ DEFAULTS = dict(
     lr_schedule="constant", warmup_epochs=0.0, class_weights=False, augment=True, seed=0,
     skip_scales=[0.01, 0.0001], l2_scale=1e-3, checkpoint_every=0, keep_checkpoints=3,
     eval_every=1, max_eval_images=None, cache=True, val_split=None,
+    loss="ce", focal_gamma=2.0, ohem_fraction=0.25,
 )
 # Options that must match when a run is resumed: the weights would not fit otherwise.
 MUST_MATCH = ("scheme", "image_shape", "vgg_info", "skip_scales")
@@ -194,9 +195,10 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
             step_var = tf1.get_variable("step", [], tf.int64, tf1.zeros_initializer(), trainable=False)
             best_var = tf1.get_variable("best_miou", [], tf.float32,
                                         tf1.constant_initializer(-1.0), trainable=False)
-        data_loss = fcn.pixel_loss(logits, label_input, scheme.num_classes, weights)
+        loss_options = {k: cfg.get(k, DEFAULTS[k]) for k in ("loss", "focal_gamma", "ohem_fraction")}
+        data_loss = fcn.pixel_loss(logits, label_input, scheme.num_classes, weights, **loss_options)
         _, train_op, loss = fcn.optimize(logits, label_input, lr, scheme.num_classes, weights,
-                                         global_step=step_var)
+                                         global_step=step_var, **loss_options)
         out_size = tf1.placeholder_with_default(tf.shape(logits)[1:3], [2], name="out_size")
         classes, _ = model.segmentation_head(logits, out_size)
         raw = tf1.placeholder(tf.uint8, [None, None, None, 3], name="raw_images")

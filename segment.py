@@ -53,15 +53,16 @@ def resolve_vgg(a):
     return path
 
 
+# train's command-line flag -> train.DEFAULTS option.  Flags default to None ("not given"):
+# a new run then uses train.DEFAULTS, a resumed one (--resume) its own saved settings.
+TRAIN_FLAGS = ("scheme", "image_shape", "epochs", "batch_size", "lr", "lr_schedule", "warmup_epochs",
+               "keep_prob", "l2_scale", "class_weights", "loss", "focal_gamma", "ohem_fraction",
+               "augment", "skip_scales", "checkpoint_every", "eval_every", "val_split", "seed")
+
+
 def cmd_train(a):
     import train
-    options = dict(scheme=a.scheme, image_shape=a.image_shape, epochs=a.epochs,
-                   batch_size=a.batch_size, lr=a.lr, keep_prob=a.keep_prob,
-                   lr_schedule=a.lr_schedule, warmup_epochs=a.warmup_epochs,
-                   class_weights=a.class_weights, augment=not a.no_augment, seed=a.seed,
-                   checkpoint_every=a.checkpoint_every, eval_every=a.eval_every, val_split=a.val_split,
-                   skip_scales=None if a.no_skip_scaling else [0.01, 0.0001], l2_scale=a.l2,
-                   loss=a.loss, focal_gamma=a.focal_gamma, ohem_fraction=a.ohem_fraction)
+    options = {k: getattr(a, k) for k in TRAIN_FLAGS if getattr(a, k) is not None}
     result = train.train(a.data, resolve_vgg(a), runs_dir=a.runs, run=a.run, resume=a.resume,
                          **options)
     print(f"{result['status']}: {result['steps']} steps, best val mIoU "
@@ -183,31 +184,36 @@ def build_parser():
     sp.add_argument("--vgg", help="VGG16 SavedModel folder (default: obtained into data/)")
     sp.add_argument("--vgg-source", default="auto", choices=["auto", "course", "keras-imagenet", "random"])
     sp.add_argument("--width", type=float, default=1.0, help="VGG width when it is built here")
-    sp.add_argument("--scheme", default="road4", choices=SCHEMES)
-    sp.add_argument("--image-shape", type=int, nargs=2, default=[256, 512], metavar=("H", "W"))
-    sp.add_argument("--epochs", type=int, default=10)
-    sp.add_argument("--batch-size", type=int, default=4)
-    sp.add_argument("--lr", type=float, default=1e-4)
-    sp.add_argument("--lr-schedule", default="constant", choices=["constant", "poly", "cosine"])
-    sp.add_argument("--warmup-epochs", type=float, default=0.0)
-    sp.add_argument("--keep-prob", type=float, default=0.5)
-    sp.add_argument("--l2", type=float, default=1e-3, help="L2 weight of the decoder kernels")
-    sp.add_argument("--class-weights", action="store_true", help="median-frequency class weights")
-    sp.add_argument("--loss", default="ce", choices=["ce", "focal", "ohem"],
-                    help="per-pixel loss: cross-entropy, focal, or cross-entropy of the hardest "
-                    "pixels only (OHEM)")
-    sp.add_argument("--focal-gamma", type=float, default=2.0, help="focusing power of --loss focal")
-    sp.add_argument("--ohem-fraction", type=float, default=0.25,
-                    help="share of labelled pixels kept by --loss ohem")
-    sp.add_argument("--no-augment", action="store_true", help="no flips/scale-crop/colour jitter")
-    sp.add_argument("--no-skip-scaling", action="store_true",
-                    help="do not scale pool4/pool3 by 0.01/0.0001 before their score layers")
-    sp.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
-                    help="also checkpoint every STEPS steps (default: each epoch)")
-    sp.add_argument("--eval-every", type=int, default=1, metavar="EPOCHS")
-    sp.add_argument("--val-split", help="validation split (default: 'val', else every 10th train "
-                    "image held out; 'none' for no validation)")
-    sp.add_argument("--seed", type=int, default=0)
+    from train import DEFAULTS as D
+
+    def opt(flag, help, **kw):
+        dest = flag[2:].replace("-", "_")
+        sp.add_argument(flag, help=f"{help} (default {D[kw.get('dest', dest)]})", **kw)
+
+    opt("--scheme", "class scheme", choices=SCHEMES)
+    opt("--image-shape", "network input H W, divisible by 32", type=int, nargs=2,
+        metavar=("H", "W"))
+    opt("--epochs", "epochs", type=int)
+    opt("--batch-size", "images per step", type=int)
+    opt("--lr", "learning rate (Adam)", type=float)
+    opt("--lr-schedule", "learning-rate schedule", choices=["constant", "poly", "cosine"])
+    opt("--warmup-epochs", "linear learning-rate warm-up", type=float)
+    opt("--keep-prob", "dropout keep probability of fc6/fc7", type=float)
+    opt("--l2", "L2 weight of the decoder kernels", type=float, dest="l2_scale")
+    opt("--class-weights", "median-frequency class weights", action="store_const", const=True)
+    opt("--loss", "per-pixel loss: cross-entropy, focal, or the hardest pixels only (OHEM)",
+        choices=["ce", "focal", "ohem"])
+    opt("--focal-gamma", "focusing power of --loss focal", type=float)
+    opt("--ohem-fraction", "share of labelled pixels kept by --loss ohem", type=float)
+    opt("--no-augment", "no flips, scale-crop or colour jitter", action="store_const", const=False,
+        dest="augment")
+    opt("--no-skip-scaling", "do not scale pool4/pool3 by 0.01/0.0001 before their score layers "
+        "(right for random init)", action="store_const", const=[], dest="skip_scales")
+    opt("--checkpoint-every", "also checkpoint every N steps; 0 = each epoch", type=int)
+    opt("--eval-every", "validate every N epochs", type=int)
+    opt("--val-split", "validation split; unset = 'val', else every 10th train image held out; "
+        "'none' = no validation")
+    opt("--seed", "seed of shuffling and augmentation", type=int)
     sp.add_argument("--run", help="run name (default: a timestamp)")
     sp.add_argument("--resume", action="store_true", help="continue --run (or the latest run)")
     sp.add_argument("--runs", default=DEFAULT_RUNS, help=argparse.SUPPRESS)
@@ -246,7 +252,24 @@ def build_parser():
     return p
 
 
+def quiet_tensorflow_import():
+    """Import TensorFlow with stderr muted: at import it prints C++ info lines (oneDNN, CUDA
+    stubs) that TF_CPP_MIN_LOG_LEVEL does not silence, which would bury our one-line errors.
+    An import failure still raises, with its traceback, after stderr is restored."""
+    if "tensorflow" in sys.modules:
+        return
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def main(argv=None):
+    quiet_tensorflow_import()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

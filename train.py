@@ -76,31 +76,37 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _open_run(runs_dir, run, resume, config):
-    """The run folder: a new one, or (``resume``) an existing compatible one."""
+def _resume_dir(runs_dir, run):
+    """The run folder to resume: ``runs_dir/run``, or the most recent run in ``runs_dir``."""
+    if run is not None:
+        return os.path.join(runs_dir, run)
+    runs = [os.path.join(runs_dir, d) for d in os.listdir(runs_dir)] if os.path.isdir(runs_dir) else []
+    runs = [d for d in runs if os.path.isfile(os.path.join(d, model.RUN_CONFIG))]
+    if not runs:
+        raise UserError(f"--resume: no run to resume in {runs_dir}; start one without --resume")
+    return max(runs, key=os.path.getmtime)
+
+
+def _check_resumable(run_dir, old, config):
+    for key in MUST_MATCH:
+        if json.dumps(old.get(key)) != json.dumps(config.get(key)):
+            raise UserError(f"cannot resume {run_dir}: it was trained with {key}={old.get(key)}, "
+                            f"now {key}={config.get(key)}; use the same setting or start a new --run")
+
+
+def _new_run_dir(runs_dir, run):
     import outputs
-    if resume:
-        if run is None:
-            runs = [os.path.join(runs_dir, d) for d in os.listdir(runs_dir)] if os.path.isdir(runs_dir) else []
-            runs = [d for d in runs if os.path.isfile(os.path.join(d, model.RUN_CONFIG))]
-            if not runs:
-                raise UserError(f"--resume: no run to resume in {runs_dir}; start one without --resume")
-            run_dir = max(runs, key=os.path.getmtime)
-        else:
-            run_dir = os.path.join(runs_dir, run)
-        old = model.read_run_config(run_dir)
-        for key in MUST_MATCH:
-            if json.dumps(old.get(key)) != json.dumps(config.get(key)):
-                raise UserError(f"cannot resume {run_dir}: it was trained with {key}={old.get(key)}, "
-                                f"now {key}={config.get(key)}; use the same setting or start a new --run")
-        return run_dir, old
     if run is not None and os.path.exists(os.path.join(runs_dir, run)):
         raise UserError(f"run folder {os.path.join(runs_dir, run)} already exists; pass --resume to "
                         f"continue it or choose another --run name (nothing is overwritten)")
-    run_dir = outputs.new_run_dir(runs_dir, run)
-    with open(os.path.join(run_dir, model.RUN_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
-    return run_dir, config
+    return outputs.new_run_dir(runs_dir, run)
+
+
+def _write_json(path, value):
+    """Write JSON atomically (temporary file, then rename)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def _splits(data_dir, val_split, log=print):
@@ -153,7 +159,10 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown training options: {sorted(unknown)}")
-    cfg = dict(DEFAULTS, **options)
+    # A resumed run keeps its own settings; options passed now override them.
+    run_dir = _resume_dir(runs_dir, run) if resume else None
+    old = model.read_run_config(run_dir) if resume else {}
+    cfg = {**DEFAULTS, **{k: v for k, v in old.items() if k in DEFAULTS}, **options}
     cfg["image_shape"] = list(model.check_image_shape(cfg["image_shape"]))
     scheme = get_scheme(cfg["scheme"])
     vgg_mod.check_vgg_dir(vgg_path)
@@ -166,7 +175,11 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
         cfg["class_weights"] = [float(w) for w in datasets.median_frequency_weights(counts)]
         log("class weights (median frequency): " + ", ".join(
             f"{n} {w:.2f}" for n, w in zip(scheme.class_names, cfg["class_weights"])))
-    run_dir, cfg = _open_run(runs_dir, run, resume, cfg)
+    if resume:
+        _check_resumable(run_dir, old, cfg)
+    else:
+        run_dir = _new_run_dir(runs_dir, run)
+    _write_json(os.path.join(run_dir, model.RUN_CONFIG), cfg)
     weights = cfg["class_weights"] or None
     batch, shape = cfg["batch_size"], cfg["image_shape"]
     steps_per_epoch = math.ceil(len(train_samples) / batch)
@@ -303,7 +316,4 @@ def _read_history(run_dir):
 
 
 def _write_history(run_dir, history):
-    path = os.path.join(run_dir, "history.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(history, f, indent=2)
-    os.replace(path + ".tmp", path)
+    _write_json(os.path.join(run_dir, "history.json"), history)

@@ -89,10 +89,21 @@ def cmd_evaluate(a):
         out = a.out or os.path.join(a.model, f"evaluation-{a.split}-{time.strftime('%Y%m%d-%H%M%S')}.json")
         evaluate.save_json(result, names, out)
         print(f"saved {out}")
+        if a.official and not a.cityscapes_out:
+            raise UserError("--official needs --cityscapes-out DIR (a new folder for the labelIds PNGs)")
         if a.cityscapes_out:
             evaluate.write_cityscapes_predictions(predictor.predict, samples, predictor.scheme,
                                                   a.cityscapes_out)
             print(f"Cityscapes labelIds predictions in {a.cityscapes_out}")
+        if a.official:
+            gt = [s.label for s in samples]
+            if not all(g.endswith("_gtFine_labelIds.png") for g in gt):
+                raise UserError("--official needs Cityscapes gtFine *_gtFine_labelIds.png ground truth")
+            official = evaluate.run_official_evaluator(gt, a.cityscapes_out)
+            print("official cityscapesscripts evaluator (19 classes):")
+            for name, iou in official["class_iou"].items():
+                print(f"  {name:<15} {iou:.4f}")
+            print(f"  {'mean IoU':<15} {official['mean_iou']:.4f}")
 
 
 def _image_paths(inputs):
@@ -226,6 +237,8 @@ def build_parser():
     sp.add_argument("--out", help="JSON path (default: in the model folder)")
     sp.add_argument("--cityscapes-out", help="also write Cityscapes labelIds PNGs here for "
                     "csEvalPixelLevelSemanticLabeling")
+    sp.add_argument("--official", action="store_true", help="then score them with the official "
+                    "cityscapesscripts evaluator (use --scheme cityscapes19 runs for exact classes)")
 
     sp = add("predict", cmd_predict, "overlays and class maps for images or folders")
     sp.add_argument("--model", required=True)

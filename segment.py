@@ -57,10 +57,12 @@ def resolve_vgg(a):
 # a new run then uses train.DEFAULTS, a resumed one (--resume) its own saved settings.
 TRAIN_FLAGS = ("scheme", "image_shape", "epochs", "batch_size", "lr", "lr_schedule", "warmup_epochs",
                "keep_prob", "l2_scale", "class_weights", "loss", "focal_gamma", "ohem_fraction",
-               "augment", "skip_scales", "checkpoint_every", "eval_every", "val_split", "seed")
+               "augment", "skip_scales", "checkpoint_every", "eval_every", "val_split", "seed",
+               "skip_bad")
 
 
 def cmd_train(a):
+    """Exit 0 when finished; 130 when SIGINT (Ctrl-C) or SIGTERM stopped it after saving."""
     import train
     options = {k: getattr(a, k) for k in TRAIN_FLAGS if getattr(a, k) is not None}
     result = train.train(a.data, resolve_vgg(a), runs_dir=a.runs, run=a.run, resume=a.resume,
@@ -74,6 +76,13 @@ def cmd_evaluate(a):
     import datasets
     import evaluate
     import model
+    # Outputs that are taken are refused before anything is computed or written.
+    if a.out and os.path.exists(a.out):
+        raise UserError(f"{a.out} already exists; choose another file name (nothing is overwritten)")
+    if a.cityscapes_out and os.path.isdir(a.cityscapes_out) and os.listdir(a.cityscapes_out):
+        raise UserError(f"prediction folder {a.cityscapes_out} is not empty; choose a new folder")
+    if a.official and not a.cityscapes_out:
+        raise UserError("--official needs --cityscapes-out DIR (a new folder for the labelIds PNGs)")
     with model.load_predictor(a.model) as predictor:
         found = datasets.find_dataset(a.data)
         if a.split not in found.splits:
@@ -89,8 +98,6 @@ def cmd_evaluate(a):
         out = a.out or os.path.join(a.model, f"evaluation-{a.split}-{time.strftime('%Y%m%d-%H%M%S')}.json")
         evaluate.save_json(result, names, out)
         print(f"saved {out}")
-        if a.official and not a.cityscapes_out:
-            raise UserError("--official needs --cityscapes-out DIR (a new folder for the labelIds PNGs)")
         if a.cityscapes_out:
             evaluate.write_cityscapes_predictions(predictor.predict, samples, predictor.scheme,
                                                   a.cityscapes_out)
@@ -152,8 +159,10 @@ def cmd_export(a):
 
 
 def cmd_demo(a):
+    """Exit 0 when finished; 130 when Ctrl-C stopped the training (after saving it)."""
     import demo
-    demo.run_demo(quick=a.quick, runs_dir=a.runs)
+    result = demo.run_demo(quick=a.quick, runs_dir=a.runs)
+    return 0 if result["status"] == "finished" else 130
 
 
 # ----------------------------------------------------------------------------- parser
@@ -190,7 +199,8 @@ def build_parser():
     sp.add_argument("--seed", type=int, default=0)
 
     sp = add("train", cmd_train, "train FCN-8s; a run folder runs/<name> holds checkpoints, "
-             "history and TensorBoard logs")
+             "history and TensorBoard logs. Ctrl-C or SIGTERM saves a checkpoint and exits "
+             "with code 130 (continue with --resume)")
     sp.add_argument("--data", required=True, help="dataset root (any supported layout)")
     sp.add_argument("--vgg", help="VGG16 SavedModel folder (default: obtained into data/)")
     sp.add_argument("--vgg-source", default="auto", choices=["auto", "course", "keras-imagenet", "random"])
@@ -225,6 +235,8 @@ def build_parser():
     opt("--val-split", "validation split; unset = 'val', else every 10th train image held out; "
         "'none' = no validation")
     opt("--seed", "seed of shuffling and augmentation", type=int)
+    opt("--skip-bad", "leave out samples that cannot be read or whose image and label differ "
+        "in size (each is listed, the count reported)", action="store_const", const=True)
     sp.add_argument("--run", help="run name (default: a timestamp)")
     sp.add_argument("--resume", action="store_true", help="continue --run (or the latest run)")
     sp.add_argument("--runs", default=DEFAULT_RUNS, help=argparse.SUPPRESS)
@@ -260,7 +272,8 @@ def build_parser():
 
     sp = add("demo", cmd_demo, "the embedded default end to end: demo data, VGG, short training, "
              "evaluation, overlays and a video in runs/")
-    sp.add_argument("--quick", action="store_true", help="smallest settings (about a minute)")
+    sp.add_argument("--quick", action="store_true", help="tiny settings: every step in well "
+                    "under a minute, no download (a smoke test; learns little)")
     sp.add_argument("--runs", default=DEFAULT_RUNS, help=argparse.SUPPRESS)
     return p
 

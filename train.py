@@ -8,12 +8,19 @@ The graph reads batches straight from ``tf.data`` (no ``feed_dict`` on the hot p
 placeholders with defaults let evaluation feed its own images through the same weights.
 Checkpoints are written by ``tf.train.Saver``, whose ``checkpoint`` index file is
 replaced atomically only after the data files are complete, so a crash while saving
-leaves the previous checkpoint usable.  SIGINT/SIGTERM finish the current step, save, and
-return; a NaN/Inf loss stops with a clear message and keeps the last good checkpoint.
+leaves the previous checkpoint usable (and ``--resume`` falls back to an older checkpoint
+when the newest cannot be read).  SIGINT/SIGTERM finish the current step, save, and
+return (the CLI then exits with code 130); a NaN/Inf loss stops with a clear message, and
+only finite weights are ever saved.  Before anything is allocated, the memory a
+training step needs is estimated and a run that cannot fit is refused.  A new run that
+fails before its first checkpoint leaves no run folder behind.
 """
+import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import time
 
@@ -33,7 +40,7 @@ DEFAULTS = dict(
     lr_schedule="constant", warmup_epochs=0.0, class_weights=False, augment=True, seed=0,
     skip_scales=[0.01, 0.0001], l2_scale=1e-3, checkpoint_every=0, keep_checkpoints=3,
     eval_every=1, max_eval_images=None, cache=True, val_split=None,
-    loss="ce", focal_gamma=2.0, ohem_fraction=0.25,
+    loss="ce", focal_gamma=2.0, ohem_fraction=0.25, skip_bad=False,
 )
 # Options that must match when a run is resumed: the weights would not fit otherwise.
 MUST_MATCH = ("scheme", "image_shape", "vgg_info", "skip_scales")
@@ -74,6 +81,123 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+# Peak memory of TensorFlow itself with this graph (measured: about 0.7 GB resident).
+FRAMEWORK_BYTES = 0.7e9
+
+
+def estimate_training_memory(image_shape, batch_size, width=1.0):
+    """Rough peak bytes of one training step on VGG16 of channel ``width``.
+
+    Activations: every VGG16 layer output (and pool output) per input pixel, kept for the
+    backward pass and matched by a gradient (x2, float32); weights: values, gradients and
+    two Adam moments (x4, float32); plus ``FRAMEWORK_BYTES``.  A width-1/4 run at 256x512,
+    batch 4, measured 1.13 GB peak resident memory; this gives 1.2 GB.
+    """
+    from vgg import POOL_AFTER, VGG16_LAYERS
+    per_pixel, scale, params, c_in = 0.0, 1, 0, 3
+    for name, _, channels, k in VGG16_LAYERS:
+        c = max(1, round(channels * width))
+        per_pixel += c / scale ** 2
+        if name in POOL_AFTER:
+            scale *= 2
+            per_pixel += c / scale ** 2
+        params += k * k * c_in * c + c
+        c_in = c
+    pixels = int(image_shape[0]) * int(image_shape[1]) * int(batch_size)
+    return int(2 * 4 * per_pixel * pixels + 4 * 4 * params + FRAMEWORK_BYTES)
+
+
+def available_memory():
+    """Bytes of memory available to a new allocation (Linux MemAvailable, else free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _check_memory(cfg, log):
+    """Refuse a run whose estimated memory exceeds what is available; warn above half."""
+    h, w = cfg["image_shape"]
+    need = estimate_training_memory((h, w), cfg["batch_size"], cfg["vgg_info"].get("width", 1.0))
+    have = available_memory()
+    what = f"training at {h}x{w} with batch {cfg['batch_size']} needs about {need / 1e9:.1f} GB"
+    if need > have:
+        raise UserError(f"{what} of memory (estimate) but only {have / 1e9:.1f} GB is available; "
+                        f"use a smaller --image-shape or --batch-size (or a narrower VGG)")
+    if need > have / 2:
+        log(f"warning: {what} of the {have / 1e9:.1f} GB available; other programs may run short")
+
+
+def _usable_samples(samples, scheme, what, log):
+    """``--skip-bad``: the samples that load cleanly; the others are listed and counted."""
+    import datasets
+    good = []
+    for sample in tqdm(samples, desc=f"checking {what} files", unit="img", leave=False):
+        try:
+            datasets.load_pair(sample, scheme)
+            good.append(sample)
+        except UserError as err:
+            log(f"skipped: {err}")
+    if len(good) < len(samples):
+        log(f"--skip-bad: skipped {len(samples) - len(good)} of {len(samples)} {what} samples")
+    if samples and not good:
+        raise UserError(f"no {what} sample could be read (all {len(samples)} are bad); "
+                        f"fix the dataset (see 'segment.py check-data')")
+    return good
+
+
+def _user_error(err):
+    """The ``UserError`` a tf error carries when the pipeline failed on a file, else ``err``."""
+    found = re.search(r"UserError:\s*(.*)", err.message or "")
+    return UserError(found.group(1)) if found else err
+
+
+def _reason(err):
+    """The line of an error message that says what went wrong (tf errors have many)."""
+    text = getattr(err, "message", None) or str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip() and
+             not line[:1].isspace() and not line.startswith(("[[", "Node:"))]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _restore(sess, saver, ckpt_dir, log):
+    """Restore the newest readable checkpoint in ``ckpt_dir`` (older ones if it is damaged).
+
+    Returns its path, or None when there is no checkpoint yet.  The saver keeps managing
+    the older checkpoints (``max_to_keep``) as if it had written them.
+    """
+    state = tf1.train.get_checkpoint_state(ckpt_dir)
+    paths = list(state.all_model_checkpoint_paths) if state else []
+    for i in range(len(paths) - 1, -1, -1):
+        try:
+            saver.restore(sess, paths[i])
+        except (tf.errors.OpError, ValueError) as err:
+            log(f"warning: checkpoint {paths[i]} is unreadable ({_reason(err)}); "
+                f"trying the one before")
+            continue
+        saver.recover_last_checkpoints(paths[:i + 1])
+        return paths[i]
+    if paths:
+        raise UserError(f"no readable checkpoint in {ckpt_dir} (tried {len(paths)}); "
+                        f"start a new --run")
+    return None
+
+
+@contextlib.contextmanager
+def _remove_if_unsaved(run_dir, new_run):
+    """On an error, remove a new run folder that has no checkpoint yet: nothing half-way."""
+    try:
+        yield
+    except Exception:
+        if new_run and not tf1.train.latest_checkpoint(os.path.join(run_dir, "checkpoints")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _resume_dir(runs_dir, run):
@@ -169,7 +293,11 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
     cfg["vgg"] = os.path.abspath(vgg_path)
     cfg["vgg_info"] = vgg_mod.read_vgg_info(vgg_path)
     cfg["data"] = os.path.abspath(data_dir)
+    _check_memory(cfg, log)
     dataset, train_samples, val_samples = _splits(data_dir, cfg["val_split"], log)
+    if cfg["skip_bad"]:
+        train_samples = _usable_samples(train_samples, scheme, "train", log)
+        val_samples = _usable_samples(val_samples, scheme, "validation", log)
     if cfg["class_weights"] is True:
         counts = datasets.class_pixel_counts(train_samples, scheme)
         cfg["class_weights"] = [float(w) for w in datasets.median_frequency_weights(counts)]
@@ -189,10 +317,12 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
         f"{steps_per_epoch} steps")
 
     graph = tf.Graph()
-    with graph.as_default(), tf1.Session(graph=graph) as sess, _StopFlag() as stop:
+    with _remove_if_unsaved(run_dir, not resume), graph.as_default(), \
+            tf1.Session(graph=graph) as sess, _StopFlag() as stop:
         tf1.set_random_seed(cfg["seed"])
         ds = pipeline.make_dataset(train_samples, scheme, shape, batch, shuffle=True,
-                                   augment=cfg["augment"], seed=cfg["seed"], cache=cfg["cache"] or None)
+                                   augment=cfg["augment"], seed=cfg["seed"], cache=cfg["cache"] or None,
+                                   skip_bad=cfg["skip_bad"])
         skip = tf1.placeholder_with_default(tf.constant(0, tf.int64), [], name="skip_batches")
         iterator = tf1.data.make_initializable_iterator(ds.skip(skip))
         x, y = iterator.get_next()
@@ -218,15 +348,17 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
         resized = tf.image.resize(tf.cast(raw, tf.float32), shape)
         new_best = tf1.placeholder(tf.float32, [])
         set_best = best_var.assign(new_best)
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in tf1.trainable_variables()])
 
         sess.run(tf1.variables_initializer([v for v in tf1.global_variables() if v not in loaded]))
-        saver = tf1.train.Saver(max_to_keep=cfg["keep_checkpoints"])
-        best_saver = tf1.train.Saver(model.model_variables() + [best_var], max_to_keep=1)
+        # Relative paths in the ``checkpoint`` index: a run folder can be moved or copied.
+        saver = tf1.train.Saver(max_to_keep=cfg["keep_checkpoints"], save_relative_paths=True)
+        best_saver = tf1.train.Saver(model.model_variables() + [best_var], max_to_keep=1,
+                                     save_relative_paths=True)
         ckpt_prefix = os.path.join(run_dir, "checkpoints", "model.ckpt")
-        latest = tf1.train.latest_checkpoint(os.path.dirname(ckpt_prefix))
-        if resume and latest:
-            saver.restore(sess, latest)
-            log(f"resumed from {latest}")
+        restored = _restore(sess, saver, os.path.dirname(ckpt_prefix), log) if resume else None
+        if restored:
+            log(f"resumed from {restored}")
         step, best = sess.run([step_var, best_var])
         step, best = int(step), float(best)
         writer = tf1.summary.FileWriter(os.path.join(run_dir, "tb"))
@@ -236,8 +368,25 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
             small = sess.run(resized, {raw: images})
             return sess.run(classes, {image_input: small, out_size: images.shape[1:3]})
 
-        def save():
-            saver.save(sess, ckpt_prefix, global_step=step)
+        def stopped(problem):
+            """The UserError for a NaN/Inf: nothing more is saved."""
+            bar.close()  # the error line goes below the progress bar, not onto it
+            kept = tf1.train.latest_checkpoint(os.path.dirname(ckpt_prefix))
+            return UserError(f"{problem} (epoch {epoch + 1}); training stopped, last good checkpoint "
+                             f"kept: {kept or 'none yet'}; try a lower --lr (now {cfg['lr']})")
+
+        def save(which=saver, prefix=ckpt_prefix):
+            """Save a checkpoint of finite weights; a failed write is a UserError."""
+            if not sess.run(finite):
+                raise stopped(f"weights became NaN or Inf at step {step}")
+            try:
+                which.save(sess, prefix, global_step=step)
+            except (OSError, tf.errors.OpError) as err:
+                bar.close()
+                kept = tf1.train.latest_checkpoint(os.path.dirname(prefix))
+                raise UserError(f"could not write checkpoint {prefix}-{step} ({_reason(err)}); "
+                                f"free disk space or fix permissions, then continue with --resume: "
+                                f"{kept or 'no earlier checkpoint'} is kept") from None
 
         status = "finished"
         start_epoch = step // steps_per_epoch
@@ -256,12 +405,11 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
                                                 {keep_prob: cfg["keep_prob"], lr: rate})
                 except tf.errors.OutOfRangeError:
                     break
-                if not np.isfinite(value):
+                except tf.errors.OpError as err:  # e.g. a file the pipeline cannot read
                     bar.close()
-                    kept = tf1.train.latest_checkpoint(os.path.dirname(ckpt_prefix))
-                    raise UserError(f"loss became {value} at step {step + 1} (epoch {epoch + 1}); "
-                                    f"training stopped, last good checkpoint kept: {kept or 'none yet'}; "
-                                    f"try a lower --lr (now {cfg['lr']})")
+                    raise _user_error(err) from None
+                if not np.isfinite(value):
+                    raise stopped(f"loss became {value} at step {step + 1}")
                 step += 1
                 losses.append(value)
                 data_losses.append(dvalue)
@@ -292,8 +440,8 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
                 if result["mean_iou"] > best:
                     best = float(result["mean_iou"])
                     sess.run(set_best, {new_best: best})
-                    best_saver.save(sess, os.path.join(run_dir, "best", "model.ckpt"), global_step=step)
-                    saver.save(sess, ckpt_prefix, global_step=step)  # keep best_miou in the latest too
+                    save(best_saver, os.path.join(run_dir, "best", "model.ckpt"))
+                    save()  # keep best_miou in the latest too
             history.append(record)
             _write_history(run_dir, history)
             log(f"epoch {epoch + 1}/{cfg['epochs']}: mean loss {record['loss']:.4f}"

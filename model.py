@@ -38,7 +38,7 @@ def check_image_shape(image_shape):
     h, w = (int(v) for v in image_shape)
     if h <= 0 or w <= 0 or h % 32 or w % 32:
         raise UserError(f"image shape {h}x{w} is not divisible by 32 (VGG16 downsamples by 32); "
-                        f"use e.g. {max(32, h // 32 * 32)} {max(32, w // 32 * 32)}")
+                        f"use e.g. {max(32, round(h / 32) * 32)} {max(32, round(w / 32) * 32)}")
     return h, w
 
 

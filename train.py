@@ -214,8 +214,17 @@ def _resume_dir(runs_dir, run):
 def _check_resumable(run_dir, old, config):
     for key in MUST_MATCH:
         if json.dumps(old.get(key)) != json.dumps(config.get(key)):
-            raise UserError(f"cannot resume {run_dir}: it was trained with {key}={old.get(key)}, "
-                            f"now {key}={config.get(key)}; use the same setting or start a new --run")
+            was, now = (_setting(key, c.get(key)) for c in (old, config))
+            raise UserError(f"cannot resume {run_dir}: it was trained with {key}={was}, "
+                            f"now {key}={now}; use the same setting or start a new --run")
+
+
+def _setting(key, value):
+    """A setting as the user knows it (a VGG16 by source, width and seed)."""
+    if key == "vgg_info":
+        return ("/".join(f"{k} {value[k]:g}" if isinstance(value[k], float) else f"{k} {value[k]}"
+                         for k in ("source", "width", "seed") if k in value) or "course VGG16")
+    return value
 
 
 def _new_run_dir(runs_dir, run):
@@ -372,8 +381,9 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
             """The UserError for a NaN/Inf: nothing more is saved."""
             bar.close()  # the error line goes below the progress bar, not onto it
             kept = tf1.train.latest_checkpoint(os.path.dirname(ckpt_prefix))
+            kept = kept or ("none yet" if resume else "none yet, so the new run folder is removed")
             return UserError(f"{problem} (epoch {epoch + 1}); training stopped, last good checkpoint "
-                             f"kept: {kept or 'none yet'}; try a lower --lr (now {cfg['lr']})")
+                             f"kept: {kept}; try a lower --lr (now {cfg['lr']})")
 
         def save(which=saver, prefix=ckpt_prefix):
             """Save a checkpoint of finite weights; a failed write is a UserError."""

@@ -92,8 +92,9 @@ def estimate_training_memory(image_shape, batch_size, width=1.0):
 
     Activations: every VGG16 layer output (and pool output) per input pixel, kept for the
     backward pass and matched by a gradient (x2, float32); weights: values, gradients and
-    two Adam moments (x4, float32); plus ``FRAMEWORK_BYTES``.  A width-1/4 run at 256x512,
-    batch 4, measured 1.13 GB peak resident memory; this gives 1.2 GB.
+    two Adam moments (x4, float32); plus ``FRAMEWORK_BYTES``.  Measured peak resident
+    memory at 256x512, batch 4: 1.13 GB at width 1/4 and 4.01 GB at width 1; this gives
+    1.2 GB and 4.1 GB.
     """
     from vgg import POOL_AFTER, VGG16_LAYERS
     per_pixel, scale, params, c_in = 0.0, 1, 0, 3

@@ -1,0 +1,233 @@
+"""The command line, driven through ``segment.main([...])`` in-process (one TensorFlow import
+for all) and, for ``--help`` and the exit code of a user error, as a real subprocess.
+
+Everything runs in temporary folders (``monkeypatch.chdir``): the CLI's relative ``data/``
+and ``runs/`` defaults never touch the repository.  One tiny run (64x128, VGG width 1/16,
+one epoch) is trained once per module and shared by evaluate / predict / video / export.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import datasets
+import segment
+from schemes import IGNORE, get_scheme
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = ["make-demo-data", "check-data", "get-vgg", "train", "evaluate", "predict", "video",
+            "export", "demo"]
+
+
+def run_cli(*args):
+    """``segment.main(args)`` -> exit code (argparse's SystemExit turned into its code)."""
+    try:
+        return segment.main([str(a) for a in args])
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def error_lines(capsys):
+    """The lines on stderr, leaving out progress-bar frames (tqdm: '\r...%|')."""
+    return [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines()
+            if line.strip() and "%|" not in line]
+
+
+def read_classes(folder):
+    """{file name: class-id array} of the ``*_classes.png`` maps in ``folder``."""
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(Path(folder).glob("*_classes.png"))}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def trained_run(workspace, demo_root, vgg_dir):
+    """runs/tiny: one epoch on the demo scenes at 64x128 with the width-1/16 random VGG."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workspace)
+        code = run_cli("train", "--data", demo_root, "--vgg", vgg_dir, "--image-shape", 64, 128,
+                       "--epochs", 1, "--batch-size", 4, "--lr", 1e-3, "--keep-prob", 1.0,
+                       "--no-skip-scaling", "--run", "tiny")
+    assert code == 0
+    return workspace / "runs" / "tiny"
+
+
+# ----------------------------------------------------------------------------- as a program
+def test_help_and_user_error_as_a_subprocess(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "segment.py"), "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for command in COMMANDS:
+        assert command in out.stdout
+    missing = subprocess.run([sys.executable, str(ROOT / "segment.py"), "check-data", "nowhere"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2
+    assert missing.stdout == ""
+    lines = missing.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "nowhere" in lines[0]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    assert run_cli(command, "--help") == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: segment.py {command}")
+
+
+def test_no_command_is_a_usage_error(capsys):
+    assert run_cli() == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- data and VGG
+def test_make_demo_data_and_check_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("make-demo-data", "scenes", "--n", 5, "--size", 64, 128) == 0
+    images = sorted((tmp_path / "scenes" / "leftImg8bit").rglob("*.png"))
+    assert [p.parent.parent.name for p in images] == ["train"] * 4 + ["val"]
+    assert Image.open(images[0]).size == (128, 64)
+    capsys.readouterr()
+
+    assert run_cli("check-data", "scenes") == 0
+    report = capsys.readouterr().out
+    assert "cityscapes dataset at scenes" in report and "problems: 0" in report
+    road = next(line for line in report.splitlines() if line.startswith("road"))
+    shares = [float(v.rstrip("%")) for v in road.split()[1:]]
+    assert len(shares) == 2 and all(5 < s < 60 for s in shares)   # road: a real share of pixels
+
+    broken = tmp_path / "scenes" / "gtFine" / "train" / "demo" / "demo_000001_000019_gtFine_labelIds.png"
+    broken.write_bytes(b"not a png")
+    assert run_cli("check-data", "scenes") == 2                   # first bad file: a user error
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and str(broken.name) in lines[0]
+    assert run_cli("check-data", "scenes", "--skip-bad") == 1     # bad files listed as problems
+    out = capsys.readouterr().out
+    assert "problems: 1" in out and broken.name in out
+
+
+def test_get_vgg_random_into_a_new_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("get-vgg", "--source", "random", "--width", 0.0625, "--out", "v") == 0
+    assert "NOT pretrained" in capsys.readouterr().out
+    assert (tmp_path / "v" / "saved_model.pb").is_file()
+    info = json.loads((tmp_path / "v" / "vgg_info.json").read_text())
+    assert info["width"] == 0.0625 and info["pretrained"] is False
+    assert info["channels"] == {"layer3_out": 16, "layer4_out": 32, "layer7_out": 256}
+    assert run_cli("get-vgg", "--source", "random", "--width", 0.0625, "--out", "v") == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "already exists" in lines[0]
+
+
+# ----------------------------------------------------------------------------- train and use
+def test_train_writes_a_run_folder(trained_run):
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["image_shape"] == [64, 128] and not config["skip_scales"]
+    history = json.loads((trained_run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1]
+    assert np.isfinite(history[0]["loss"]) and 0 <= history[0]["miou"] <= 1
+    assert list((trained_run / "checkpoints").glob("model.ckpt-*.index"))
+    assert list((trained_run / "tb").glob("events.out.tfevents.*"))
+
+
+def test_train_refuses_an_existing_run_and_a_bad_shape(trained_run, demo_root, vgg_dir,
+                                                        monkeypatch, capsys):
+    monkeypatch.chdir(trained_run.parent.parent)
+    assert run_cli("train", "--data", demo_root, "--vgg", vgg_dir, "--run", "tiny") == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "already exists" in lines[0]
+    assert run_cli("train", "--data", demo_root, "--vgg", vgg_dir, "--image-shape", 100, 200) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "100x200" in lines[0] and "divisible by 32" in lines[0]
+
+
+def test_evaluate_prints_a_table_and_writes_json(trained_run, demo_root, tmp_path, capsys):
+    assert run_cli("evaluate", "--model", trained_run, "--data", demo_root,
+                   "--out", tmp_path / "e.json") == 0
+    out = capsys.readouterr().out
+    assert "mean IoU" in out and "traffic light" in out
+    scores = json.loads((tmp_path / "e.json").read_text())
+    assert list(scores["classes"]) == ["background", "road", "vehicle", "pedestrian", "traffic light"]
+    cm = np.array(scores["confusion_matrix"])
+    labelled = sum(int((datasets.load_label(s, get_scheme("road4")) != IGNORE).sum())
+                   for s in datasets.find_dataset(demo_root).splits["val"])
+    assert cm.shape == (5, 5) and cm.sum() == scores["pixels"] == labelled
+    assert 0.8 * 2 * 128 * 256 < labelled <= 2 * 128 * 256          # 2 val images, some void
+    assert scores["pixel_accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    # the same val images, the same weights as the run's own end-of-epoch evaluation
+    history = json.loads((trained_run / "history.json").read_text())
+    assert scores["mean_iou"] == pytest.approx(history[-1]["miou"], abs=0.02)
+
+    assert run_cli("evaluate", "--model", trained_run, "--data", tmp_path / "absent") == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "absent" in lines[0] and "does not exist" in lines[0]
+
+
+def test_predict_images_and_folders(trained_run, demo_root, tmp_path, capsys):
+    val = Path(demo_root) / "leftImg8bit" / "val" / "demo"
+    one = sorted(Path(demo_root, "leftImg8bit", "train", "demo").glob("*.png"))[0]
+    assert run_cli("predict", "--model", trained_run, one, val, "--out", tmp_path / "p") == 0
+    maps = read_classes(tmp_path / "p")
+    assert len(maps) == 3                                     # 1 image + 2 from the folder
+    for name, classes in maps.items():
+        assert classes.shape == (128, 256) and classes.max() < 5
+        overlay = np.asarray(Image.open(tmp_path / "p" / name.replace("_classes", "")))
+        assert overlay.shape == (128, 256, 3)
+    assert run_cli("predict", "--model", trained_run, one, "--out", tmp_path / "p") == 2
+    assert "already exists" in error_lines(capsys)[0]
+
+
+def test_video(trained_run, tmp_path):
+    import outputs
+    from demo import read_video_frames
+    clip = outputs.make_test_video(tmp_path / "in.mp4", 6, size=(128, 64))
+    assert run_cli("video", "--model", trained_run, clip, tmp_path / "out.mp4") == 0
+    frames = read_video_frames(str(tmp_path / "out.mp4"), range(10))
+    assert len(frames) == 6 and frames[0].shape == (64, 128, 3)
+
+
+def test_export_gives_the_same_predictions(trained_run, demo_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("export", "--model", trained_run, "--out", "exported") == 0
+    assert (tmp_path / "exported" / "saved_model.pb").is_file()
+    val = Path(demo_root) / "leftImg8bit" / "val" / "demo"
+    for model, out in ((trained_run, "from_run"), ("exported", "from_export")):
+        assert run_cli("predict", "--model", model, val, "--out", out) == 0
+        assert run_cli("evaluate", "--model", model, "--data", demo_root, "--out", out + ".json") == 0
+    run_maps, export_maps = read_classes("from_run"), read_classes("from_export")
+    assert list(run_maps) == list(export_maps) and len(run_maps) == 2
+    for name in run_maps:
+        np.testing.assert_array_equal(run_maps[name], export_maps[name])
+    a, b = (json.loads(Path(f).read_text()) for f in ("from_run.json", "from_export.json"))
+    assert a["confusion_matrix"] == b["confusion_matrix"]
+    capsys.readouterr()
+
+    assert run_cli("export", "--model", trained_run, "--out", "exported") == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "exported already exists" in lines[0]
+
+
+# ----------------------------------------------------------------------------- demo
+def test_demo_quick_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    start = time.time()
+    assert run_cli("demo", "--quick") == 0
+    seconds = time.time() - start
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("demo-quick-")
+    maps = read_classes(run / "samples")
+    assert len(maps) == 2 and all(m.shape == (256, 512) for m in maps.values())
+    frames = __import__("demo").read_video_frames(str(run / "demo_overlay.mp4"), range(20))
+    assert len(frames) == 8 and frames[0].shape == (256, 512, 3)
+    scores = json.loads((run / "evaluation-val.json").read_text())
+    assert 0 <= scores["mean_iou"] <= 1
+    assert "NOT pretrained" in capsys.readouterr().out     # random VGG: said loudly
+    assert seconds < 60

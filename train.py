@@ -330,9 +330,12 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
     with _remove_if_unsaved(run_dir, not resume), graph.as_default(), \
             tf1.Session(graph=graph) as sess, _StopFlag() as stop:
         tf1.set_random_seed(cfg["seed"])
+        # The epoch number is part of the data seed, so every epoch has its own order and
+        # augmentation, identical in a resumed process: resume skips exactly the batches done.
+        epoch_ph = tf1.placeholder_with_default(tf.constant(0, tf.int64), [], name="epoch")
         ds = pipeline.make_dataset(train_samples, scheme, shape, batch, shuffle=True,
-                                   augment=cfg["augment"], seed=cfg["seed"], cache=cfg["cache"] or None,
-                                   skip_bad=cfg["skip_bad"])
+                                   augment=cfg["augment"], seed=epoch_ph * 1000003 + cfg["seed"],
+                                   cache=cfg["cache"] or None, skip_bad=cfg["skip_bad"])
         skip = tf1.placeholder_with_default(tf.constant(0, tf.int64), [], name="skip_batches")
         iterator = tf1.data.make_initializable_iterator(ds.skip(skip))
         x, y = iterator.get_next()
@@ -403,7 +406,7 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
         start_epoch = step // steps_per_epoch
         for epoch in range(start_epoch, cfg["epochs"]):
             done = step - epoch * steps_per_epoch
-            sess.run(iterator.initializer, {skip: done})
+            sess.run(iterator.initializer, {skip: done, epoch_ph: epoch})
             losses, data_losses = [], []
             bar = tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
                        unit="step")

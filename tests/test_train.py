@@ -112,3 +112,20 @@ def test_save_inference_samples_from_a_course_session(trained, tmp_path):
     first = datasets.load_image(val[0].image)
     overlay = datasets.load_image(os.path.join(run_dir, files[0]))
     assert overlay.shape == first.shape
+
+
+def test_resumed_run_equals_uninterrupted_run(trained, tmp_path):
+    """Same data order, augmentation and optimizer state after a resume: the weights match
+    a run that was never stopped (the epoch is part of the data seed)."""
+    kw = dict(runs_dir=str(tmp_path), seed=3, **dict(FROM_SCRATCH, augment=True))
+    straight = train.train(trained["data"], trained["vgg"], run="straight", epochs=2, **kw)
+    train.train(trained["data"], trained["vgg"], run="stopped", epochs=1, **kw)
+    resumed = train.train(trained["data"], trained["vgg"], run="stopped", epochs=2, resume=True, **kw)
+
+    def weights(run):
+        ckpt = tf1.train.load_checkpoint(tf1.train.latest_checkpoint(os.path.join(run, "checkpoints")))
+        return ckpt.get_tensor("fcn8/score_fc7/weights"), ckpt.get_tensor("conv1_1/weights")
+
+    for a, b in zip(weights(straight["run_dir"]), weights(resumed["run_dir"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert straight["history"][1]["loss"] == pytest.approx(resumed["history"][1]["loss"], rel=1e-4)

@@ -18,6 +18,7 @@ from PIL import Image
 
 import datasets
 import segment
+from errors import UserError
 from schemes import IGNORE, get_scheme
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,6 +217,31 @@ def test_export_gives_the_same_predictions(trained_run, demo_root, tmp_path, mon
 
 
 # ----------------------------------------------------------------------------- demo
+def test_demo_vgg_falls_back_to_random_weights_fast_offline(tmp_path, monkeypatch, capsys):
+    import demo
+    # nothing listens on port 9 here: the probe fails at once, like a machine without network
+    monkeypatch.setattr(demo, "VGG_HOSTS", ("http://127.0.0.1:9/", "http://127.0.0.1:9/"))
+    start = time.time()
+    path, pretrained = demo.obtain_demo_vgg(str(tmp_path), width=0.0625)
+    assert time.time() - start < 15
+    assert (path, pretrained) == (str(tmp_path / "vgg_random_w0.0625"), False)
+    out = capsys.readouterr().out
+    assert "does not answer" in out and "NO PRETRAINED VGG16" in out
+    assert demo.hyperparameters(pretrained) == dict(lr=1e-3, keep_prob=1.0, skip_scales=None)
+
+
+def test_demo_vgg_uses_data_vgg_when_present(tmp_path, vgg_dir, monkeypatch):
+    import shutil
+    import demo
+    shutil.copytree(vgg_dir, tmp_path / "vgg")
+    monkeypatch.setattr(demo, "_reachable", lambda url: pytest.fail("no network needed"))
+    path, pretrained = demo.obtain_demo_vgg(str(tmp_path), width=0.0625)
+    assert path == str(tmp_path / "vgg") and pretrained is False   # its vgg_info says random
+    (tmp_path / "vgg" / "saved_model.pb").unlink()
+    with pytest.raises(UserError, match="saved_model.pb is missing"):
+        demo.obtain_demo_vgg(str(tmp_path))
+
+
 def test_demo_quick_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     start = time.time()

@@ -96,10 +96,10 @@ def obtain_demo_vgg(data_root=DATA_ROOT, source="auto", width=0.25, download=Tru
                 return vgg.obtain_vgg(data_root, source=way, width=1.0)
             except vgg.DownloadError as err:
                 print(f"the {way} VGG16 could not be downloaded: {err}", flush=True)
-    banner("NO PRETRAINED VGG16 (none in {0}/vgg{1}): training a RANDOM-WEIGHT VGG16 of width "
-           "{2:g} from scratch.\nIt learns the demo scenes, but real photos need a pretrained "
-           "encoder:\nget one with `python segment.py get-vgg` (course zip or Keras ImageNet)."
-           .format(data_root, ", no download" if download else "", width))
+    why = "and none could be downloaded" if download else "(downloading skipped)"
+    banner(f"NO PRETRAINED VGG16: none in {data_root}/vgg {why}.\n"
+           f"Training a RANDOM-WEIGHT VGG16 of width {width:g} from scratch: it learns the demo scenes,\n"
+           f"but real photos need a pretrained encoder: `python segment.py get-vgg` (course or Keras).")
     return vgg.obtain_vgg(data_root, source="random", width=width)
 
 

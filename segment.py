@@ -83,14 +83,14 @@ def cmd_evaluate(a):
         raise UserError(f"prediction folder {a.cityscapes_out} is not empty; choose a new folder")
     if a.official and not a.cityscapes_out:
         raise UserError("--official needs --cityscapes-out DIR (a new folder for the labelIds PNGs)")
+    found = datasets.find_dataset(a.data)   # data problems too, before the model is loaded
+    if a.split not in found.splits:
+        raise UserError(f"{a.data} has no '{a.split}' split (it has {', '.join(found.splits)}); "
+                        f"pass --split")
+    samples = [s for s in found.splits[a.split] if s.label]
+    if not samples:
+        raise UserError(f"split '{a.split}' of {a.data} has no labels to evaluate against")
     with model.load_predictor(a.model) as predictor:
-        found = datasets.find_dataset(a.data)
-        if a.split not in found.splits:
-            raise UserError(f"{a.data} has no '{a.split}' split (it has {', '.join(found.splits)}); "
-                            f"pass --split")
-        samples = [s for s in found.splits[a.split] if s.label]
-        if not samples:
-            raise UserError(f"split '{a.split}' of {a.data} has no labels to evaluate against")
         result = evaluate.evaluate(predictor.predict, samples, predictor.scheme,
                                    batch_size=a.batch_size)
         names = predictor.scheme.class_names
@@ -287,7 +287,10 @@ def quiet_tensorflow_import():
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
+        import tensorflow
+        # Python-side deprecation warnings (e.g. "load ... is deprecated") would precede an
+        # error line too; the CLI shows its own messages only.
+        tensorflow.get_logger().setLevel("ERROR")
     finally:
         os.dup2(saved, 2)
         os.close(saved)

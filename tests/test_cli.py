@@ -63,18 +63,22 @@ def trained_run(workspace, demo_root, vgg_dir):
 
 
 # ----------------------------------------------------------------------------- as a program
-def test_help_and_user_error_as_a_subprocess(tmp_path):
+def test_help_and_user_error_as_a_subprocess(trained_run, tmp_path):
+    # a user's shell: without the TF_CPP_MIN_LOG_LEVEL=2 that conftest.py sets for pytest
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     out = subprocess.run([sys.executable, str(ROOT / "segment.py"), "--help"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0
     for command in COMMANDS:
         assert command in out.stdout
-    missing = subprocess.run([sys.executable, str(ROOT / "segment.py"), "check-data", "nowhere"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    # The model loads (TensorFlow logs nothing on the way), then the input is missing.
+    missing = subprocess.run([sys.executable, str(ROOT / "segment.py"), "video", "--model",
+                              str(trained_run), "nowhere.mp4", "out.mp4"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert missing.returncode == 2
     assert missing.stdout == ""
-    lines = missing.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "nowhere" in lines[0]
+    assert missing.stderr.splitlines() == ["error: video nowhere.mp4 does not exist; check the path"]
+    assert not (tmp_path / "out.mp4").exists()
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -23,7 +23,7 @@ DEMO_SCENE_SIZE = (256, 512)   # (H, W) the scenes are drawn at; training resize
 # Settings that finish in minutes on a 2-core CPU and visibly learn the demo scenes
 # (quick: a smoke test of every step in seconds).  Measured: more scenes beat more epochs,
 # and without augmentation the scenes are learnt faster (they vary enough by themselves).
-# A pretrained VGG16 is full width, about 20x slower per step, and needs far fewer epochs.
+# A pretrained VGG16 is full width, 10-50x slower per step here, and needs far fewer epochs.
 # Each setting has its own data folder, so running one after the other never clashes.
 SETTINGS = {
     "default": dict(data="demo", n=200, epochs=12, epochs_pretrained=2, image_shape=[128, 256],

@@ -50,7 +50,9 @@ def gen_batch_function(data_folder, image_shape, scheme="road4", split=None, aug
         with tf.Graph().as_default(), tf1.Session() as sess:
             ds = pipeline.make_dataset(samples, scheme, image_shape, batch_size, shuffle=True,
                                        augment=augment, seed=seed)
-            next_batch = tf1.data.make_one_shot_iterator(ds).get_next()
+            iterator = tf1.data.make_initializable_iterator(ds)  # one-shot can't hold augmentation's RNG
+            next_batch = iterator.get_next()
+            sess.run(iterator.initializer)
             while True:
                 try:
                     images, labels = sess.run(next_batch)

@@ -92,6 +92,8 @@ def test_gen_batch_function_inside_a_graph(trained):
     images, labels = batches[0]
     assert images.shape == (8, 64, 128, 3) and images.dtype == np.float32
     assert labels.shape == (8, 64, 128) and set(np.unique(labels)) <= {0, 1, 2, 3, 4, 255}
+    augmented = next(helper.gen_batch_function(trained["data"], (64, 128), seed=0, augment=True)(2))
+    assert augmented[0].shape == (2, 64, 128, 3) and not np.array_equal(augmented[0], images[:2])
     onehot = next(helper.gen_batch_function(trained["data"], (64, 128), seed=0, one_hot=True)(2))[1]
     assert onehot.shape == (2, 64, 128, 5)
     assert set(np.unique(onehot.sum(-1))) <= {0.0, 1.0}

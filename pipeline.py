@@ -36,6 +36,8 @@ from schemes import IGNORE
 
 SHUFFLE_BUFFER = 1024       # decoded samples held for shuffling a cached dataset
 SCALE_RANGE = (0.5, 2.0)    # random scale of augmentation
+# Augmentation levels: (scale range or None, colour jitter).  True means "full".
+AUGMENT_LEVELS = {"flip": (None, False), "mild": ((0.8, 1.25), False), "full": (SCALE_RANGE, True)}
 _ERROR_MARK = "UserError:"  # how a UserError shows inside a tf error message
 
 
@@ -47,7 +49,9 @@ def make_dataset(samples, scheme, image_shape, batch_size, *, shuffle=True, augm
     scheme       a ``schemes.Scheme``; labels are mapped to its classes
     image_shape  (H, W) of the batches, each divisible by 32 (the FCN-8 stride)
     shuffle      new random order every epoch (pass over the dataset)
-    augment      joint random flip, scale (0.5-2x) and crop/pad of image and label,
+    augment      False, or a level: "flip" (random horizontal flip only), "mild" (flip and
+                 scale 0.8-1.25x with crop/pad), "full" or True: joint random flip, scale
+                 (0.5-2x) and crop/pad of image and label,
                  plus brightness / contrast / saturation jitter of the image
     seed         an int makes order and augmentation reproducible
     cache        None; True (memory); or a file prefix: keeps decoded, resized samples
@@ -92,9 +96,10 @@ def make_dataset(samples, scheme, image_shape, batch_size, *, shuffle=True, augm
     if repeat:
         ds = ds.repeat()
     if augment:
+        level = _augment_level(augment)
         keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         ds = tf.data.Dataset.zip((ds, keys)).map(
-            lambda pair, key: _augment(pair[0], pair[1], key, image_shape),
+            lambda pair, key: _augment(pair[0], pair[1], key, image_shape, *level),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.map(lambda image, label: (tf.cast(image, tf.float32), tf.cast(label, tf.int32)))
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
@@ -136,8 +141,17 @@ def _cache_name(prefix, samples, scheme, image_shape):
     return f"{prefix}_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
-def _augment(image, label, key, image_shape):
+def _augment_level(augment):
+    name = "full" if augment is True else augment
+    if name not in AUGMENT_LEVELS:
+        raise UserError(f"unknown augmentation '{augment}'; use one of {', '.join(AUGMENT_LEVELS)}")
+    return AUGMENT_LEVELS[name]
+
+
+def _augment(image, label, key, image_shape, scale_range=SCALE_RANGE, jitter=True):
     """Joint flip, scale and crop/pad of image and label; colour jitter of the image.
+
+    ``scale_range`` None skips scale-and-crop; ``jitter`` False skips the colour jitter.
 
     ``key`` (int64) seeds every random draw through stateless ops, so the result
     depends only on the key, not on thread timing.
@@ -148,12 +162,25 @@ def _augment(image, label, key, image_shape):
     image = tf.cond(flip, lambda: image[:, ::-1], lambda: image)
     label = tf.cond(flip, lambda: label[:, ::-1], lambda: label)
 
-    scale = tf.random.stateless_uniform([], seeds[1], *SCALE_RANGE)
+    image = tf.cast(image, tf.float32)
+    if scale_range is not None:
+        image, label = _scale_and_crop(image, label, seeds, image_shape, scale_range)
+    if jitter:
+        image = tf.image.stateless_random_brightness(image, 0.15 * 255, seeds[4])
+        image = tf.image.stateless_random_contrast(image, 0.75, 1.25, seeds[5])
+        image = tf.clip_by_value(image, 0, 255) / 255  # saturation works on 0..1
+        image = tf.image.stateless_random_saturation(image, 0.75, 1.25, seeds[6]) * 255
+    return tf.ensure_shape(image, image_shape + (3,)), tf.ensure_shape(label, image_shape)
+
+
+def _scale_and_crop(image, label, seeds, image_shape, scale_range):
+    """Scale image (bilinear) and label (nearest) by a random factor, then pad (label with
+    IGNORE) to at least ``image_shape`` and crop ``image_shape`` at a random place."""
+    h, w = image_shape
+    scale = tf.random.stateless_uniform([], seeds[1], *scale_range)
     size = tf.cast(tf.round(scale * tf.constant(image_shape, tf.float32)), tf.int32)
     image = tf.image.resize(image, size, method="bilinear")
     label = tf.image.resize(label[..., None], size, method="nearest")[..., 0]
-
-    # Pad to at least (h, w) -- label with IGNORE -- then crop (h, w) at random.
     ph, pw = tf.maximum(h - size[0], 0), tf.maximum(w - size[1], 0)
     pads = [[ph // 2, ph - ph // 2], [pw // 2, pw - pw // 2]]
     image = tf.pad(image, pads + [[0, 0]])
@@ -161,14 +188,7 @@ def _augment(image, label, key, image_shape):
     big = tf.shape(label)
     top = tf.random.stateless_uniform([], seeds[2], 0, big[0] - h + 1, tf.int32)
     left = tf.random.stateless_uniform([], seeds[3], 0, big[1] - w + 1, tf.int32)
-    image = image[top:top + h, left:left + w]
-    label = label[top:top + h, left:left + w]
-
-    image = tf.image.stateless_random_brightness(image, 0.15 * 255, seeds[4])
-    image = tf.image.stateless_random_contrast(image, 0.75, 1.25, seeds[5])
-    image = tf.clip_by_value(image, 0, 255) / 255  # saturation works on 0..1
-    image = tf.image.stateless_random_saturation(image, 0.75, 1.25, seeds[6]) * 255
-    return tf.ensure_shape(image, image_shape + (3,)), tf.ensure_shape(label, image_shape)
+    return image[top:top + h, left:left + w], label[top:top + h, left:left + w]
 
 
 def numpy_batches(dataset):

@@ -226,8 +226,9 @@ def build_parser():
         choices=["ce", "focal", "ohem"])
     opt("--focal-gamma", "focusing power of --loss focal", type=float)
     opt("--ohem-fraction", "share of labelled pixels kept by --loss ohem", type=float)
-    opt("--no-augment", "no flips, scale-crop or colour jitter", action="store_const", const=False,
-        dest="augment")
+    opt("--augment", "training augmentation: flip, mild (flip + scale 0.8-1.25x), full (flip + "
+        "scale 0.5-2x + colour jitter)", choices=["flip", "mild", "full"])
+    opt("--no-augment", "no augmentation at all", action="store_const", const=False, dest="augment")
     opt("--no-skip-scaling", "do not scale pool4/pool3 by 0.01/0.0001 before their score layers "
         "(right for random init)", action="store_const", const=[], dest="skip_scales")
     opt("--checkpoint-every", "also checkpoint every N steps; 0 = each epoch", type=int)

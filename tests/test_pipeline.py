@@ -108,15 +108,28 @@ def test_augmentation_keeps_image_and_label_aligned(tmp_path):
     assert not np.allclose(images, plain)
 
 
-def test_flip_alone_is_exact(tmp_path, monkeypatch):
-    """With the scale fixed to 1 the only geometric change is a joint flip."""
-    monkeypatch.setattr(pipeline, "SCALE_RANGE", (1.0, 1.0 + 1e-7))
+def test_flip_alone_is_exact(tmp_path):
+    """augment="flip": the only change is a joint horizontal flip, images untouched otherwise."""
     samples = block_samples(tmp_path, 6, seed=1)
-    (_, labels), = batches(samples, ROAD4, SHAPE, 6, augment=True, seed=0, shuffle=False)
+    (images, labels), = batches(samples, ROAD4, SHAPE, 6, augment="flip", seed=0, shuffle=False)
+    (plain_images, _), = batches(samples, ROAD4, SHAPE, 6, shuffle=False)
     (_, plain), = batches(samples, ROAD4, SHAPE, 6, shuffle=False)
     flipped = [np.array_equal(a, b[:, ::-1]) for a, b in zip(labels, plain)]
     same = [np.array_equal(a, b) for a, b in zip(labels, plain)]
     assert all(f or s for f, s in zip(flipped, same)) and any(flipped) and any(same)
+    for image, plain_image, f in zip(images, plain_images, flipped):  # no colour jitter
+        np.testing.assert_array_equal(image, plain_image[:, ::-1] if f else plain_image)
+
+
+def test_mild_augmentation_scales_within_its_range(tmp_path):
+    samples = block_samples(tmp_path, 6, seed=1)
+    (_, labels), = batches(samples, ROAD4, SHAPE, 6, augment="mild", seed=0, shuffle=False)
+    (_, plain), = batches(samples, ROAD4, SHAPE, 6, shuffle=False)
+    # scaled at most 0.8x: padding (IGNORE) covers under (1 - 0.8^2) of the pixels
+    assert np.mean(labels == 255) < 0.36
+    assert not all(np.array_equal(a, b) or np.array_equal(a, b[:, ::-1]) for a, b in zip(labels, plain))
+    with pytest.raises(UserError, match="unknown augmentation"):
+        pipeline.make_dataset(samples, ROAD4, SHAPE, 2, augment="wild")
 
 
 def test_same_seed_same_batches_and_new_order_each_epoch(tmp_path):

@@ -1,0 +1,237 @@
+"""One benchmark case per process: ``python bench/cases.py '<json spec>'``.
+
+``run.py`` starts every case in a fresh process so that environment switches
+(``TF_ENABLE_ONEDNN_OPTS``, ``TF_XLA_FLAGS``) take effect before TensorFlow loads and
+so that each case's peak resident memory (``ru_maxrss``) is its own.  The spec is a
+JSON object with ``case`` (a name in ``CASES``) and that case's parameters; the last
+line printed is ``RESULT <json>`` with the measured figures.
+
+Every case returns at least ``rate`` (images, frames or GFLOP per second, see
+``unit``) and ``times`` (the timed step times, seconds).
+"""
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (puts the project root on sys.path)
+
+common.quiet_tensorflow()
+
+
+def _config(spec):
+    return common.session_config(spec.get("intra"), spec.get("inter"), spec.get("xla", False))
+
+
+def _scheme():
+    from schemes import get_scheme
+    return get_scheme(common.SCHEME)
+
+
+def _demo_samples(root, n, size):
+    """Labelled samples of a demo set of ``n`` scenes of ``size`` (made once, reused)."""
+    import datasets
+    import demo_data
+    demo_data.make_demo_data(root, n=n, seed=0, size=size, val_fraction=0.0)
+    return datasets.find_dataset(root).splits["train"]
+
+
+# --------------------------------------------------------------------------- cases
+def prepare(spec):
+    """Build the random-weight VGG16 SavedModel at ``spec["vgg"]`` (the benchmarks' own
+    work folder) unless it exists and is newer than vgg.py."""
+    import shutil
+    import vgg
+    model_file = os.path.join(spec["vgg"], "saved_model.pb")
+    if os.path.exists(model_file) and os.path.getmtime(model_file) < os.path.getmtime(vgg.__file__):
+        shutil.rmtree(spec["vgg"])
+    if not os.path.exists(spec["vgg"]):
+        vgg.build_vgg_savedmodel(spec["vgg"], source="random", width=spec.get("width", 1.0), seed=0)
+    vgg.check_vgg_dir(spec["vgg"])
+    return {}
+
+
+def gemm(spec):
+    """fp32 GEMM: a chain of ``reps`` n x n matmuls in one session.run (sequential)."""
+    import numpy as np
+    import tensorflow as tf
+    tf1 = tf.compat.v1
+    n, reps = spec.get("n", 4096), spec.get("reps", 4)
+    with tf.Graph().as_default(), tf1.Session(config=_config(spec)) as sess:
+        rng = np.random.default_rng(0)
+        a = tf1.Variable(rng.standard_normal((n, n), np.float32))  # variables: not folded away
+        b = tf1.Variable(rng.standard_normal((n, n), np.float32) / np.float32(np.sqrt(n)))
+        sess.run(tf1.global_variables_initializer())
+        x = a
+        for _ in range(reps):  # each product needs the previous one: no overlap
+            x = tf.matmul(x, b)
+        out = tf.reduce_sum(x[:1, :1])
+        timing = common.time_steps(lambda: sess.run(out), spec["warmup"], spec["iters"])
+    return dict(common.rates(timing, 2 * n ** 3 * reps / 1e9), unit="GFLOP/s")
+
+
+def flops(spec):
+    """FLOPs per image: forward (batch 1) and one training step at each batch size."""
+    import ours
+    scheme = _scheme()
+    out = dict(forward=ours.forward_flops(spec["vgg"], scheme.num_classes))
+    for batch in spec.get("train_batches", []):
+        out[f"train_b{batch}"] = ours.training_flops(spec["vgg"], scheme.num_classes, batch)
+    return out
+
+
+def infer(spec):
+    """Our inference graph on random uint8 256x512 batches, through ``feed_dict`` as the
+    Predictor does; ``variant`` product / frozen / folded (see ours.inference)."""
+    import numpy as np
+    import tensorflow as tf
+    import ours
+    batch = spec["batch"]
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph, config=_config(spec)) as sess:
+        images, classes, _ = ours.inference(sess, spec["vgg"], _scheme().num_classes,
+                                            spec.get("variant", "product"))
+        data = np.random.default_rng(0).integers(0, 256, (batch, *common.IMAGE_SHAPE, 3), np.uint8)
+        timing = common.time_steps(lambda: sess.run(classes, {images: data}),
+                                   spec["warmup"], spec["iters"])
+    return dict(common.rates(timing, batch), unit="images/s")
+
+
+def check_variants(spec):
+    """How far the frozen and folded variants are from the product graph (sanity check):
+    the largest logit difference relative to the logits' spread, and the share of
+    pixels whose class differs (near-ties of random weights may flip)."""
+    import numpy as np
+    import tensorflow as tf
+    import ours
+    data = np.random.default_rng(1).integers(0, 256, (2, *common.IMAGE_SHAPE, 3), np.uint8)
+    out = {}
+    for variant in ours.INFERENCE_VARIANTS:
+        graph = tf.Graph()
+        with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+            images, classes, logits = ours.inference(sess, spec["vgg"], _scheme().num_classes,
+                                                     variant)
+            out[variant] = sess.run([classes, logits], {images: data})
+    maps, scores = out["product"]
+    return {f"{v}_vs_product": dict(pixels_differ=float(np.mean(m != maps)),
+                                    logit_diff=float(np.abs(s - scores).max() / scores.std()))
+            for v, (m, s) in out.items() if v != "product"}
+
+
+def train(spec):
+    """One Adam step of train.py's graph per call; ``feed`` pipeline / synthetic / feed_dict."""
+    import tensorflow as tf
+    import ours
+    batch, feed = spec["batch"], spec.get("feed", "pipeline")
+    samples = None
+    if feed == "pipeline":
+        samples = _demo_samples(os.path.join(spec["work"], "demo_256x512"), 16, common.IMAGE_SHAPE)
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph, config=_config(spec)) as sess:
+        tf.compat.v1.set_random_seed(0)
+        step = ours.training(sess, spec["vgg"], _scheme().num_classes, batch, feed, samples,
+                             fc6=spec.get("fc6", "conv"))
+        timing = common.time_steps(step, spec["warmup"], spec["iters"])
+    return dict(common.rates(timing, batch), unit="images/s")
+
+
+def input_pipeline(spec):
+    """``pipeline.make_dataset`` images/s at 256x512 with augmentation, from full-size
+    2048x1024 PNGs (decode + resize + augment) or from its in-memory cache after epoch 1."""
+    import pipeline
+    n, batch, cached = spec["images"], spec["batch"], spec["cache"]
+    samples = _demo_samples(os.path.join(spec["work"], f"demo_1024x2048_n{n}"), n, (1024, 2048))
+    ds = pipeline.make_dataset(samples, _scheme(), common.IMAGE_SHAPE, batch, shuffle=True,
+                               augment=True, seed=0, cache=True if cached else None, repeat=True)
+    batches = iter(ds)
+    warmup = -(-n // batch) if cached else spec["warmup"]  # a whole first epoch fills the cache
+    timing = common.time_steps(lambda: next(batches), warmup, spec["iters"])
+    timing.pop("cpu_times")  # the pipeline's threads work ahead: per-batch CPU time means nothing
+    return dict(common.rates(timing, batch), unit="images/s")
+
+
+def video(spec):
+    """``outputs.process_video`` end to end on a generated 1280x720 clip, and the same
+    predictor on the same (already decoded) frames just before and just after it:
+    model-only frames/s from the median batch."""
+    import imageio_ffmpeg
+    import numpy as np
+    import ours
+    import outputs
+    scheme, batch, n = _scheme(), spec["batch"], spec["frames"]
+    predictor = ours.new_predictor(spec["vgg"], scheme, _config(spec), spec.get("variant", "product"))
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = outputs.make_test_video(os.path.join(tmp, "clip.mp4"), n, size=(1280, 720), fps=25)
+        reader = imageio_ffmpeg.read_frames(clip)
+        meta = next(reader)
+        frames = np.stack([np.frombuffer(f, np.uint8).reshape(720, 1280, 3) for f in reader])
+        chunks = [frames[i:i + batch] for i in range(0, len(frames), batch)]
+        for _ in range(spec["warmup"]):
+            predictor.predict(chunks[0])
+
+        def model_pass():  # seconds per frame, batch by batch
+            out = []
+            for chunk in chunks:
+                start = time.perf_counter()
+                predictor.predict(chunk)
+                out.append((time.perf_counter() - start) / len(chunk))
+            return out
+
+        per_frame = model_pass()  # the model alone just before and just after the video
+        stats = outputs.process_video(clip, os.path.join(tmp, "out.mp4"), predictor.predict,
+                                      scheme.colors, batch_size=batch)
+        per_frame += model_pass()
+    predictor.close()
+    return dict(rate=stats["frames_per_second"], unit="frames/s",
+                model_only=1 / statistics.median(per_frame), model_seconds_per_frame=per_frame,
+                frames=stats["frames"], size=list(meta["size"]), times=[stats["seconds"]])
+
+
+def peer_infer(spec):
+    """The Keras 3 peer's ``predict`` on a ``tf.data`` stream of random 256x512 images."""
+    import numpy as np
+    import tensorflow as tf
+    import peer
+    batch, warmup, iters = spec["batch"], spec["warmup"], spec["iters"]
+    net = peer.compiled(_scheme().num_classes, spec.get("jit_compile", "auto"),
+                         spec.get("width", 1.0))
+    data = np.random.default_rng(0).integers(0, 256, (batch, *common.IMAGE_SHAPE, 3)).astype(np.float32)
+    timer = peer.StepTimer()
+    net.predict(tf.data.Dataset.from_tensors(data).repeat(), steps=warmup + iters, verbose=0,
+                callbacks=[timer])
+    return dict(common.rates(timer.timing(warmup), batch), unit="images/s")
+
+
+def peer_train(spec):
+    """The Keras 3 peer's ``fit`` on the same ``make_dataset`` input as ``train``."""
+    import tensorflow as tf
+    import peer
+    import pipeline
+    batch, warmup, iters = spec["batch"], spec["warmup"], spec["iters"]
+    samples = _demo_samples(os.path.join(spec["work"], "demo_256x512"), 16, common.IMAGE_SHAPE)
+    ds = pipeline.make_dataset(samples, _scheme(), common.IMAGE_SHAPE, batch, shuffle=True,
+                               augment=True, seed=0, cache=True, repeat=True)
+    tf.random.set_seed(0)
+    net = peer.compiled(_scheme().num_classes, spec.get("jit_compile", "auto"),
+                         spec.get("width", 1.0))
+    timer = peer.StepTimer()
+    net.fit(ds, steps_per_epoch=warmup + iters, epochs=1, verbose=0, callbacks=[timer])
+    return dict(common.rates(timer.timing(warmup), batch), unit="images/s")
+
+
+CASES = dict(prepare=prepare, gemm=gemm, flops=flops, infer=infer, check_variants=check_variants, train=train,
+             pipeline=input_pipeline, video=video, peer_infer=peer_infer, peer_train=peer_train)
+
+
+def main(argv):
+    spec = json.loads(argv[1])
+    result = CASES[spec["case"]](spec)
+    result["peak_rss_mb"] = round(common.peak_rss_mb(), 1)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

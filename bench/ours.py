@@ -1,0 +1,275 @@
+"""Our FCN-8s graphs as the benchmarks run them, built from the project's modules.
+
+* ``inference(sess, vgg, num_classes, variant)`` -- ``model.build_inference`` as the
+  product uses it (``variant="product"``), the same graph frozen to constants
+  (``"frozen"``, ``convert_variables_to_constants``), or rebuilt from those constants
+  with the cheap linear steps folded into weights (``"folded"``: RGB->BGR into
+  conv1_1's kernel, the pool3/pool4 scales into the score convolutions).
+* ``training(sess, vgg, num_classes, batch, feed, samples)`` -- the graph of
+  ``train.py``: a ``tf.data`` iterator mapped into VGG16 through ``input_map``,
+  ``fcn.layers`` and ``fcn.optimize`` (Adam), fed in one of three ways.
+* ``forward_flops`` / ``training_flops`` -- floating-point operations per image,
+  counted by TensorFlow's profiler on twins of these graphs with fully static shapes.
+* ``new_predictor(vgg, scheme)`` -- a ``model.Predictor`` straight from a VGG folder
+  with a freshly initialised decoder (no training run needed).
+
+VGG's own variables are restored by the SavedModel loader; only the variables added
+on top are initialised here (``vgg.py`` makes re-initialising VGG's fail loudly).
+"""
+import numpy as np
+import tensorflow as tf
+
+import common  # noqa: F401  (puts the project root on sys.path)
+import fcn
+import model
+import vgg as vgg_module
+
+tf1 = tf.compat.v1
+H, W = common.IMAGE_SHAPE
+INFERENCE_VARIANTS = ("product", "frozen", "folded", "patches", "folded_patches")
+FEEDS = ("pipeline", "synthetic", "feed_dict")
+LOGITS = "fcn8/logits_4d:0"
+
+
+def init_new_variables(sess, loaded):
+    """Initialise the global variables that are not in ``loaded`` (VGG's)."""
+    sess.run(tf1.variables_initializer([v for v in tf1.global_variables() if v not in loaded]))
+
+
+# --------------------------------------------------------------------------- inference
+def inference(sess, vgg, num_classes, variant="product"):
+    """Build an inference graph in ``sess.graph``; return ``(images, classes, logits)``.
+
+    ``images`` is a uint8 ``[N, H, W, 3]`` placeholder (any size; resized to 256x512
+    inside), ``classes`` the uint8 class maps at the input's size, ``logits`` the
+    decoder's 256x512 scores.  Variants:
+
+    product         ``model.build_inference``
+    frozen          the same graph with its variables turned into constants
+    folded          rebuilt from those constants with cheap linear steps folded in
+    patches         ``model.build_inference`` except that fc6 runs as patches x matrix
+                    (``fc6_patches``) on VGG's own variables
+    folded_patches  folded, with fc6 as patches x matrix
+
+    The same seed gives every variant the same decoder weights, so all compute the
+    same function of the same weights (``cases.check_variants`` checks it).
+    """
+    if variant not in INFERENCE_VARIANTS:
+        raise ValueError(f"inference variant must be one of {INFERENCE_VARIANTS}")
+    tf1.set_random_seed(0)
+    if variant in ("product", "patches"):
+        images, classes, _ = _build_inference(sess, vgg, num_classes, fc6=variant)
+        init_new_variables(sess, _vgg_variables())
+        return images, classes, sess.graph.get_tensor_by_name(LOGITS)
+    with tf.Graph().as_default() as scratch, tf1.Session(graph=scratch) as src:
+        tf1.set_random_seed(0)
+        images, classes, _ = model.build_inference(src, vgg, num_classes, common.IMAGE_SHAPE)
+        init_new_variables(src, _vgg_variables())
+        if variant == "frozen":
+            frozen = tf1.graph_util.convert_variables_to_constants(
+                src, scratch.as_graph_def(), [classes.op.name])
+        else:
+            weights = {v.op.name: value for v, value in
+                       zip(tf1.global_variables(), src.run(tf1.global_variables()))}
+            affine = _input_affine(src, images)
+    if variant == "frozen":
+        tf1.import_graph_def(frozen, name="")
+        get = sess.graph.get_tensor_by_name
+        return get(images.name), get(classes.name), get(LOGITS)
+    return _folded_graph(weights, affine, num_classes,
+                         fc6="patches" if variant == "folded_patches" else "conv")
+
+
+def _build_inference(sess, vgg, num_classes, fc6="product"):
+    """``model.build_inference``; with ``fc6="patches"`` VGG's layers are re-run from
+    its own variables (``vgg_layers``) with fc6 as patches x matrix."""
+    if fc6 == "product":
+        return model.build_inference(sess, vgg, num_classes, common.IMAGE_SHAPE)
+    images = tf1.placeholder(tf.uint8, [None, None, None, 3], name="images")
+    x = tf.image.resize(tf.cast(images, tf.float32), common.IMAGE_SHAPE, method="bilinear")
+    fcn.load_vgg(sess, vgg, input_map={"image_input:0": x})
+    logits = fcn.layers(*vgg_layers(sess.graph), num_classes, **model.decoder_kwargs({}))
+    classes, probs = model.segmentation_head(logits, tf.shape(images)[1:3])
+    return images, classes, probs
+
+
+def fc6_patches(x, kernel):
+    """A k x k SAME convolution as one matrix product: every k x k patch of ``x``
+    (``tf.image.extract_patches``) times the kernel reshaped to ``[k*k*C_in, C_out]``.
+
+    Same result as ``tf.nn.conv2d(x, kernel, 1, "SAME")``; oneDNN's direct convolution
+    is slow for VGG's fc6 (7x7, 512 -> 4096 channels on a tiny H/32 x W/32 map).
+    """
+    k, _, c_in, c_out = kernel.shape
+    patches = tf.image.extract_patches(x, [1, k, k, 1], [1, 1, 1, 1], [1, 1, 1, 1], "SAME")
+    y = tf.matmul(tf.reshape(patches, [-1, k * k * c_in]), tf.reshape(kernel, [-1, c_out]))
+    return tf.reshape(y, tf.concat([tf.shape(x)[:3], [c_out]], 0))
+
+
+def vgg_layers(graph, keep_prob=None):
+    """``(layer3_out, layer4_out, layer7_out)`` recomputed from the loaded VGG16's own
+    tensors -- its preprocessed input, kernels and biases (the variables are shared,
+    so training updates them) -- with fc6 as ``fc6_patches``.  The loaded graph's
+    original layers stay in the graph but are never run (nothing fetches them)."""
+    convs = [op for op in graph.get_operations() if op.type == "Conv2D"][:len(vgg_module.VGG16_LAYERS)]
+    x = convs[0].inputs[0]
+    pools = []
+    for (name, _, _, _), conv in zip(vgg_module.VGG16_LAYERS, convs):
+        bias_add = next(c for c in conv.outputs[0].consumers() if c.type == "BiasAdd")
+        kernel, bias = conv.inputs[1], bias_add.inputs[1]
+        y = fc6_patches(x, kernel) if name == "fc6" else tf.nn.conv2d(x, kernel, 1, "SAME")
+        x = tf.nn.relu(tf.nn.bias_add(y, bias))
+        if name in ("fc6", "fc7") and keep_prob is not None:
+            x = tf.nn.dropout(x, rate=1.0 - keep_prob)
+        if name in vgg_module.POOL_AFTER:
+            x = tf.nn.max_pool2d(x, 2, 2, "SAME")
+            pools.append(x)
+    return pools[2], pools[3], x
+
+
+def _input_affine(sess, images):
+    """VGG's input preprocessing as ``(A, q)``: conv1_1 sees ``A @ rgb + q`` per pixel.
+
+    Measured by feeding probe images (all 0, then 100 in one channel) and reading
+    conv1_1's input, so it follows whatever vgg.py does (RGB->BGR, mean, optional
+    std) without repeating it here.
+    """
+    conv = next(op for op in images.graph.get_operations() if op.type == "Conv2D")  # conv1_1
+    probes = np.zeros((4, H, W, 3), np.uint8)
+    for channel in range(3):
+        probes[channel + 1, ..., channel] = 100
+    seen = sess.run(conv.inputs[0], {images: probes})[:, 0, 0, :].astype(np.float64)
+    q = seen[0]
+    return (seen[1:] - q).T / 100, q
+
+
+def _vgg_variables():
+    """VGG's variables: the ones whose names are VGG16 layers (conv1_1 .. fc7)."""
+    names = {name for name, _, _, _ in vgg_module.VGG16_LAYERS}
+    return {v for v in tf1.global_variables() if v.op.name.split("/")[0] in names}
+
+
+def _folded_graph(weights, affine, num_classes, fc6="conv"):
+    """VGG16 + FCN-8s from constant weights, with the cheap linear steps folded in.
+
+    * Preprocessing ``A @ rgb + q`` (RGB->BGR, /std) = ``A @ (rgb - m)`` with
+      ``m = -A^-1 q``: ``A`` goes into conv1_1's kernel, only ``rgb - m`` stays (zero
+      padding at the borders makes folding ``m`` into the bias inexact).
+    * pool4 * 0.01 and pool3 * 0.0001 (the skip scales): multiplied into the kernels
+      of score_pool4 / score_pool3 (a 1x1 convolution is linear).
+    """
+    s4, s3 = model.decoder_kwargs({})["skip_scales"]
+    a, q = affine
+    images = tf1.placeholder(tf.uint8, [None, None, None, 3], name="images")
+    x = tf.image.resize(tf.cast(images, tf.float32), common.IMAGE_SHAPE, method="bilinear")
+    x = x - tf.constant(-np.linalg.solve(a, q), tf.float32)
+    pools = []
+    for name, _, _, _ in vgg_module.VGG16_LAYERS:
+        kernel, bias = weights[f"{name}/weights"], weights[f"{name}/biases"]
+        if name == "conv1_1":
+            kernel = np.einsum("hwjo,ji->hwio", kernel, a).astype(np.float32)
+        if name == "fc6" and fc6 == "patches":
+            y = fc6_patches(x, tf.constant(kernel))
+        else:
+            y = tf.nn.conv2d(x, tf.constant(kernel), 1, "SAME")
+        x = tf.nn.relu(tf.nn.bias_add(y, bias))
+        if name in vgg_module.POOL_AFTER:
+            x = tf.nn.max_pool2d(x, 2, 2, "SAME")
+            pools.append(x)
+
+    def score(x, name, scale=1.0):
+        kernel = weights[f"fcn8/{name}/weights"] * np.float32(scale)
+        return tf.nn.bias_add(tf.nn.conv2d(x, tf.constant(kernel), 1, "SAME"),
+                              weights[f"fcn8/{name}/biases"])
+
+    def upsample(x, factor, name):
+        shape = tf.stack([tf.shape(x)[0], tf.shape(x)[1] * factor, tf.shape(x)[2] * factor,
+                          num_classes])
+        return tf.nn.conv2d_transpose(x, tf.constant(weights[f"fcn8/{name}/weights"]), shape,
+                                      strides=factor, padding="SAME")
+
+    fuse4 = upsample(score(x, "score_fc7"), 2, "upscore2") + score(pools[3], "score_pool4", s4)
+    fuse3 = upsample(fuse4, 2, "upscore_pool4") + score(pools[2], "score_pool3", s3)
+    logits = upsample(fuse3, 8, "upscore8")
+    classes, _ = model.segmentation_head(logits, tf.shape(images)[1:3])
+    return images, classes, logits
+
+
+# --------------------------------------------------------------------------- training
+def training(sess, vgg, num_classes, batch, feed="pipeline", samples=None, seed=0, fc6="conv"):
+    """Build ``train.py``'s training graph; return ``step()`` running one Adam step.
+
+    feed="pipeline":  ``pipeline.make_dataset(samples, augment, cache in memory, repeat)``
+                      through an iterator, exactly as ``train.py`` (no ``feed_dict`` for data)
+    feed="synthetic": one fixed batch repeated by ``tf.data`` (no decoding, no augmentation)
+    feed="feed_dict": that batch fed from numpy through ``feed_dict`` every step
+    fc6="patches":    VGG re-run from its own variables with fc6 as ``fc6_patches``
+    """
+    import pipeline
+    from schemes import get_scheme
+
+    if feed not in FEEDS:
+        raise ValueError(f"feed must be one of {FEEDS}")
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (batch, H, W, 3)).astype(np.float32)
+    labels = rng.integers(0, num_classes, (batch, H, W)).astype(np.int32)
+    if feed == "pipeline":
+        ds = pipeline.make_dataset(samples, get_scheme(common.SCHEME), common.IMAGE_SHAPE, batch,
+                                   shuffle=True, augment=True, seed=seed, cache=True, repeat=True)
+    else:
+        ds = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    iterator = tf1.data.make_initializable_iterator(ds)
+    x, y = iterator.get_next()
+    image_input = tf1.placeholder_with_default(x, [None, None, None, 3], name="image_feed")
+    label_input = tf1.placeholder_with_default(y, [None, None, None], name="label_feed")
+    keep_prob = tf1.placeholder_with_default(1.0, [], name="keep_prob_feed")
+    lr = tf1.placeholder(tf.float32, [], name="learning_rate")
+    _, _, l3, l4, l7 = fcn.load_vgg(sess, vgg, input_map={
+        "image_input:0": image_input, "keep_prob:0": keep_prob})
+    if fc6 == "patches":
+        l3, l4, l7 = vgg_layers(sess.graph, keep_prob)
+    loaded = set(tf1.global_variables())
+    logits = fcn.layers(l3, l4, l7, num_classes, **model.decoder_kwargs({}))
+    _, train_op, loss = fcn.optimize(logits, label_input, lr, num_classes)
+    init_new_variables(sess, loaded)
+    sess.run(iterator.initializer)
+    feeds = {keep_prob: 0.5, lr: 1e-4}
+    if feed == "feed_dict":
+        feeds.update({image_input: images, label_input: labels})
+
+    def step():
+        sess.run([train_op, loss], feeds)
+    return step
+
+
+# --------------------------------------------------------------------------- FLOPs
+def _static_model(sess, vgg, num_classes, batch):
+    x = tf1.placeholder(tf.float32, [batch, H, W, 3])
+    _, _, l3, l4, l7 = fcn.load_vgg(sess, vgg, input_map={"image_input:0": x})
+    return fcn.layers(l3, l4, l7, num_classes, **model.decoder_kwargs({}))
+
+
+def forward_flops(vgg, num_classes):
+    """FLOPs of one 256x512 image through VGG16 + the FCN-8s decoder."""
+    with tf.Graph().as_default() as graph, tf1.Session(graph=graph) as sess:
+        _static_model(sess, vgg, num_classes, 1)
+        return common.count_flops(graph)
+
+
+def training_flops(vgg, num_classes, batch):
+    """FLOPs per image of one training step (forward, loss, gradients) at ``batch``."""
+    with tf.Graph().as_default() as graph, tf1.Session(graph=graph) as sess:
+        logits = _static_model(sess, vgg, num_classes, batch)
+        labels = tf1.placeholder(tf.int32, [batch, H, W])
+        fcn.optimize(logits, labels, 1e-4, num_classes)
+        return common.count_flops(graph) / batch
+
+
+# --------------------------------------------------------------------------- predictor
+def new_predictor(vgg, scheme, config=None, variant="product"):
+    """A ``model.Predictor`` on VGG at ``vgg`` with a freshly initialised FCN-8s decoder."""
+    graph = tf.Graph()
+    sess = tf1.Session(graph=graph, config=config)
+    with graph.as_default():
+        images, classes, _ = inference(sess, vgg, scheme.num_classes, variant)
+    return model.Predictor(graph, sess, images, classes, None, scheme, common.IMAGE_SHAPE, vgg)

@@ -1,0 +1,320 @@
+"""Benchmark suite: how close FCN-8s training and inference come to this machine's limit.
+
+    python bench/run.py            # full run, about 10 minutes on 2 cores
+    python bench/run.py --quick    # fewer iterations and cases, under 3 minutes
+    python bench/run.py --levers   # the tuning experiments (variants of the main cases)
+
+Prints one table measured in one run and writes it, with every step time, the
+machine and the load average, to ``bench/results/<timestamp>.json`` (git-ignored;
+the cases' own output goes to ``<timestamp>.log`` beside it).  Each case runs in its
+own process (``cases.py``), so its peak resident memory is its own and environment
+switches take effect.  Benchmarks are not tests: nothing here runs in CI.
+
+Rows (see README.md): the fp32 GEMM peak as the reference; full-width VGG16-FCN8
+at 256x512 for inference and training, with achieved GFLOP/s from the graph's
+counted FLOPs and the ratio to the GEMM peak; the input pipeline against what
+training consumes; video end to end against the model alone; and a plain Keras 3
+version of the same network as the peer.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import common  # noqa: E402
+
+RESULTS = os.path.join(HERE, "results")
+TARGETS = dict(infer=0.85, train=0.80, pipeline=5.0, video=0.90, peer=1.0)
+
+
+# --------------------------------------------------------------------------- plans
+def main_plan(quick):
+    """``[(key, spec, extra env)]`` of the main table."""
+    q = (lambda full, short: short if quick else full)
+    plan = [
+        ("gemm", dict(case="gemm", n=4096, reps=q(4, 2), warmup=1, iters=q(5, 2))),
+        ("flops", dict(case="flops", train_batches=q([4, 8], [4]))),
+        ("infer_b1", dict(case="infer", batch=1, warmup=q(2, 1), iters=q(8, 3))),
+        ("infer_b8", dict(case="infer", batch=8, warmup=1, iters=q(4, 2))),
+        ("train_b4", dict(case="train", batch=4, warmup=q(2, 1), iters=q(4, 2))),
+    ]
+    if not quick:
+        plan.append(("train_b8", dict(case="train", batch=8, warmup=2, iters=3)))
+    plan += [
+        ("peer_infer_b8", dict(case="peer_infer", batch=8, warmup=1, iters=q(4, 2))),
+        ("peer_train_b4", dict(case="peer_train", batch=4, warmup=q(2, 1), iters=q(4, 2))),
+    ]
+    if not quick:
+        plan += [("peer_infer_b1", dict(case="peer_infer", batch=1, warmup=2, iters=8)),
+                 ("peer_train_b8", dict(case="peer_train", batch=8, warmup=2, iters=3))]
+    plan += [
+        ("pipeline_png", dict(case="pipeline", images=q(16, 8), batch=8, cache=False, warmup=1,
+                              iters=q(6, 2))),
+        ("pipeline_cache", dict(case="pipeline", images=q(16, 8), batch=8, cache=True,
+                                iters=q(40, 10))),
+        ("video", dict(case="video", frames=q(32, 12), batch=4, warmup=1)),
+    ]
+    return [(key, spec, {}) for key, spec in plan]
+
+
+def lever_plan(quick):
+    """Variants of inference (batch 8) and training (batch 4) with one lever changed each."""
+    q = (lambda full, short: short if quick else full)
+    infer = dict(case="infer", batch=8, warmup=1, iters=q(3, 2))
+    train = dict(case="train", batch=4, warmup=q(2, 1), iters=q(3, 2))
+    xla_env = {"TF_XLA_FLAGS": "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit"}
+    plan = [("gemm", dict(case="gemm", n=4096, reps=q(4, 2), warmup=1, iters=q(4, 2)), {}),
+            ("flops", dict(case="flops", train_batches=[4]), {})]
+    for name, change, env in [
+            ("baseline", {}, {}),
+            ("intra2_inter1", dict(intra=2, inter=1), {}),
+            ("intra1_inter2", dict(intra=1, inter=2), {}),
+            ("onednn_off", {}, {"TF_ENABLE_ONEDNN_OPTS": "0"}),
+            ("xla_on_1", dict(xla=True), {}),
+            ("xla_env_autojit", {}, xla_env)]:
+        plan.append((f"infer_{name}", dict(infer, **change), env))
+        plan.append((f"train_{name}", dict(train, **change), env))
+    plan += [
+        ("infer_frozen", dict(infer, variant="frozen"), {}),
+        ("infer_folded", dict(infer, variant="folded"), {}),
+        ("infer_fc6_patches", dict(infer, variant="patches"), {}),
+        ("infer_folded_fc6_patches", dict(infer, variant="folded_patches"), {}),
+        ("train_fc6_patches", dict(train, fc6="patches"), {}),
+        ("infer_b1", dict(infer, batch=1, iters=q(6, 3)), {}),
+        ("infer_b4", dict(infer, batch=4), {}),
+        ("infer_b16", dict(infer, batch=16, iters=2), {}),
+        ("train_synthetic", dict(train, feed="synthetic"), {}),
+        ("train_feed_dict", dict(train, feed="feed_dict"), {}),
+        ("peer_infer_b8", dict(case="peer_infer", batch=8, warmup=1, iters=q(3, 2)), {}),
+        ("peer_infer_b8_nojit", dict(case="peer_infer", batch=8, warmup=1, iters=q(3, 2),
+                                     jit_compile=False), {}),
+        ("peer_train_b4", dict(case="peer_train", batch=4, warmup=q(2, 1), iters=q(3, 2)), {}),
+        ("peer_train_b4_nojit", dict(case="peer_train", batch=4, warmup=q(2, 1), iters=q(3, 2),
+                                     jit_compile=False), {}),
+    ]
+    if not quick:
+        plan.append(("check_variants", dict(case="check_variants"), {}))
+    return plan
+
+
+# --------------------------------------------------------------------------- running
+def run_case(key, spec, env, log):
+    """Run one case in a fresh process; return its result dict (``error`` on failure)."""
+    cmd = [sys.executable, os.path.join(HERE, "cases.py"), json.dumps(spec)]
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **env)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    wall = time.perf_counter() - start
+    log.write(f"==== {key} {json.dumps(spec)} env={env} ({wall:.1f}s, exit {proc.returncode})\n")
+    log.write(proc.stdout + "\n")
+    log.flush()
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        tail = proc.stdout.strip().splitlines()[-1:] or ["no output"]
+        return dict(error=f"exit {proc.returncode}: {tail[0][:200]}", wall_s=wall, env=env)
+    result = json.loads(lines[-1][len("RESULT "):])
+    result.update(wall_s=round(wall, 1), env=env)
+    return result
+
+
+def machine():
+    """What the figures were measured on."""
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), platform.processor())
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    return dict(cpu=model, cores=os.cpu_count(), avx512="avx512f" in flags,
+                memory_gib=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1),
+                python=platform.python_version(), tensorflow=metadata.version("tensorflow"),
+                keras=metadata.version("keras"), numpy=metadata.version("numpy"),
+                kernel=platform.release())
+
+
+# --------------------------------------------------------------------------- table
+HEADER = ["case", "rate", "GFLOP/s", "% peak", "% peak (CPU)", "peak MiB", "comparison", "target"]
+
+
+def _ok(results, key):
+    return key in results and "error" not in results[key]
+
+
+def _peaks(results):
+    gemm = results.get("gemm", {})
+    return gemm.get("rate"), gemm.get("cpu_rate")
+
+
+def _model_row(results, key, label, per_image, compare="", target=""):
+    """A row for a model case; stores gflops / fractions of peak in its result."""
+    r = results[key]
+    if "error" in r:
+        return [label, "FAILED", "", "", "", "", r["error"], target]
+    peak, peak_cpu = _peaks(results)
+    gflops = r["rate"] * per_image / 1e9 if per_image else None
+    cpu_gflops = r["cpu_rate"] * per_image / 1e9 if per_image and "cpu_rate" in r else None
+    r.update(gflops=gflops, fraction_of_peak=gflops / peak if gflops and peak else None,
+             cpu_fraction_of_peak=cpu_gflops / peak_cpu if cpu_gflops and peak_cpu else None)
+    return [label, f"{r['rate']:.3g} {r['unit']}", _f(gflops, "{:.0f}"),
+            _f(r["fraction_of_peak"], "{:.0%}"), _f(r["cpu_fraction_of_peak"], "{:.0%}"),
+            f"{r['peak_rss_mb']:.0f}", compare, target]
+
+
+def _verdict(value, goal, fmt):
+    return f">= {fmt.format(goal)}: {'MET' if value is not None and value >= goal else 'missed'}"
+
+
+def build_rows(results):
+    """The main table's rows (``HEADER`` columns)."""
+    rows = []
+    peak, peak_cpu = _peaks(results)
+    flops = results["flops"] if _ok(results, "flops") else {}
+    if peak:
+        rows.append(["fp32 GEMM 4096^3 (TF, reference)", f"{peak:.0f} GFLOP/s", f"{peak:.0f}", "100%",
+                     f"100% = {peak_cpu:.0f}", f"{results['gemm']['peak_rss_mb']:.0f}", "", ""])
+    if flops:
+        fwd = flops["forward"]
+        train = ", ".join(f"training b{k[7:]} {v / 1e9:.1f}" for k, v in flops.items()
+                          if k.startswith("train_b"))
+        rows.append(["FLOPs counted per 256x512 image", f"{fwd / 1e9:.1f} GFLOP", "", "", "", "",
+                     f"forward = {fwd / 2e9:.1f} GMAC (expected ~{common.EXPECTED_GMAC}); "
+                     f"{train} GFLOP", ""])
+    ours = sorted((k for k in results if k.startswith(("infer_b", "train_b"))),
+                  key=lambda k: (k[0] == "t", int(k.split("_b")[1])))
+    largest = {k.split("_b")[0]: k for k in ours}  # targets apply to the largest batch
+    for key in ours:
+        kind, batch = key.split("_b")
+        per_image = flops.get("forward") if kind == "infer" else flops.get(f"train_b{batch}")
+        peer_key = f"peer_{key}"
+        compare = target = ""
+        if _ok(results, key) and _ok(results, peer_key):
+            ratio = results[key]["rate"] / results[peer_key]["rate"]
+            results[key]["ours_over_peer"] = ratio
+            compare = f"{ratio:.2f}x the Keras peer ({_verdict(ratio, TARGETS['peer'], '{:.1f}x')})"
+        row = _model_row(results, key, f"ours {'inference' if kind == 'infer' else 'training'} "
+                                       f"batch {batch}", per_image, compare)
+        if largest[kind] == key:
+            row[-1] = _verdict(results[key].get("fraction_of_peak"), TARGETS[kind], "{:.0%} of peak")
+        rows.append(row)
+        if peer_key in results:
+            rows.append(_model_row(results, peer_key, f"  Keras 3 peer "
+                                   f"{'predict' if kind == 'infer' else 'fit'} batch {batch}", per_image))
+    consumer = next((k for k in ("train_b8", "train_b4") if _ok(results, k)), None)
+    for key, label in (("pipeline_png", "input pipeline from 2048x1024 PNGs"),
+                       ("pipeline_cache", "input pipeline from its cache")):
+        r = results.get(key)
+        if r is None or "error" in r:
+            rows += [[label, "FAILED", "", "", "", "", r["error"], ""]] if r else []
+            continue
+        compare = target = ""
+        if consumer:
+            r["times_training"] = ratio = r["rate"] / results[consumer]["rate"]
+            compare = f"{ratio:.3g}x what training batch {consumer[-1]} consumes"
+            if key == "pipeline_cache":
+                target = _verdict(ratio, TARGETS["pipeline"], "{:.0f}x training")
+        rows.append([label, f"{r['rate']:.3g} images/s", "", "", "", f"{r['peak_rss_mb']:.0f}",
+                     compare, target])
+    r = results.get("video")
+    if r is not None and "error" in r:
+        rows.append(["video 1280x720 end to end", "FAILED", "", "", "", "", r["error"], ""])
+    elif r is not None:
+        r["end_to_end_over_model"] = ratio = r["rate"] / r["model_only"]
+        rows.append(["video 1280x720 end to end", f"{r['rate']:.3g} frames/s", "", "", "",
+                     f"{r['peak_rss_mb']:.0f}",
+                     f"{ratio:.0%} of model-only {r['model_only']:.3g} frames/s",
+                     _verdict(ratio, TARGETS["video"], "{:.0%}")])
+    return rows
+
+
+def lever_rows(results):
+    """Rows for ``--levers``: every variant, and its speed relative to its baseline."""
+    peak, peak_cpu = _peaks(results)
+    flops = results["flops"] if _ok(results, "flops") else {}
+    rows = [["fp32 GEMM 4096^3 (TF, reference)", _f(peak, "{:.0f} GFLOP/s"), _f(peak, "{:.0f}"),
+             "100%", _f(peak_cpu, "100% = {:.0f}"), "", "", ""]]
+    for key, r in results.items():
+        if key in ("gemm", "flops"):
+            continue
+        if key == "check_variants" and "error" not in r:
+            rows.append([key, "", "", "", "", "", "; ".join(
+                f"{k}: logits {v['logit_diff']:.1e} of their std, {v['pixels_differ']:.2%} pixels"
+                for k, v in r.items() if "_vs_" in k), ""])
+            continue
+        train = key.startswith(("train", "peer_train"))
+        per_image = flops.get("train_b4") if train else flops.get("forward")
+        base_key = "train_baseline" if train else "infer_baseline"
+        compare = ""
+        if _ok(results, key) and _ok(results, base_key) and key != base_key:
+            base = results[base_key]
+            compare = f"{r['rate'] / base['rate']:.2f}x baseline"
+            if "cpu_rate" in r and "cpu_rate" in base:
+                compare += f" ({r['cpu_rate'] / base['cpu_rate']:.2f}x by CPU time)"
+        rows.append(_model_row(results, key, key, per_image, compare))
+    return rows
+
+
+def _f(value, fmt):
+    return "" if value is None else fmt.format(value)
+
+
+def format_table(rows):
+    header = HEADER
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations and cases (< 3 min)")
+    parser.add_argument("--levers", action="store_true",
+                        help="run the tuning variants instead of the main table")
+    parser.add_argument("--only", help="comma-separated case keys to run (e.g. gemm,flops,infer_b8)")
+    parser.add_argument("--vgg-width", type=float, default=1.0,
+                        help="VGG channel width; anything but 1 is for trying the suite out only")
+    args = parser.parse_args(argv)
+
+    os.makedirs(RESULTS, exist_ok=True)
+    work = os.path.join(RESULTS, "work")
+    vgg = os.path.join(work, f"vgg_random_w{args.vgg_width:g}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    plan = lever_plan(args.quick) if args.levers else main_plan(args.quick)
+    if args.only:
+        keep = set(args.only.split(","))
+        plan = [p for p in plan if p[0] in keep or p[0] in ("gemm", "flops")]
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    results = {}
+    with open(os.path.join(RESULTS, f"{stamp}.log"), "w") as log:
+        prep = run_case("prepare", dict(case="prepare", vgg=vgg, width=args.vgg_width), {}, log)
+        if "error" in prep:
+            sys.exit(f"could not build the VGG16 SavedModel: {prep['error']}")
+        for key, spec, env in plan:
+            spec = dict(spec, vgg=vgg, work=work, width=args.vgg_width)
+            print(f"[{time.perf_counter() - started:5.0f}s] {key} ...", flush=True)
+            results[key] = dict(run_case(key, spec, env, log), spec=spec)
+    load_after = os.getloadavg()
+    rows = lever_rows(results) if args.levers else build_rows(results)
+    table = format_table(rows)
+    info = machine()
+    width_note = "" if args.vgg_width == 1 else f", VGG WIDTH {args.vgg_width:g} (NOT comparable)"
+    print(f"\n{info['cpu']}, {info['cores']} cores, TF {info['tensorflow']}, Keras {info['keras']}"
+          f"{width_note}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+          f"{time.perf_counter() - started:.0f}s\n")
+    print(table)
+    out = os.path.join(RESULTS, f"{stamp}.json")
+    with open(out, "w") as f:
+        json.dump(dict(timestamp=stamp, mode="levers" if args.levers else "main", quick=args.quick,
+                       vgg_width=args.vgg_width, machine=info, load_before=load_before,
+                       load_after=load_after, seconds=time.perf_counter() - started,
+                       targets=TARGETS, table=rows, cases=results), f, indent=1)
+    print(f"\nwritten to {os.path.relpath(out)}")
+
+
+if __name__ == "__main__":
+    main()

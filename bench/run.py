@@ -164,8 +164,10 @@ def _model_row(results, key, label, per_image, compare="", target=""):
             f"{r['peak_rss_mb']:.0f}", compare, target]
 
 
-def _verdict(value, goal, fmt):
-    return f">= {fmt.format(goal)}: {'MET' if value is not None and value >= goal else 'missed'}"
+def _verdict(value, goal, fmt, shown=None):
+    """'>= goal: MET' or 'missed', with the value in ``shown`` format when given."""
+    text = f">= {fmt.format(goal)}: {'MET' if value is not None and value >= goal else 'missed'}"
+    return text + (f" ({shown.format(value)})" if shown and value is not None else "")
 
 
 def build_rows(results):
@@ -198,7 +200,8 @@ def build_rows(results):
         row = _model_row(results, key, f"ours {'inference' if kind == 'infer' else 'training'} "
                                        f"batch {batch}", per_image, compare)
         if largest[kind] == key:
-            row[-1] = _verdict(results[key].get("fraction_of_peak"), TARGETS[kind], "{:.0%} of peak")
+            row[-1] = _verdict(results[key].get("fraction_of_peak"), TARGETS[kind], "{:.0%} of peak",
+                               "{:.1%}")
         rows.append(row)
         if peer_key in results:
             rows.append(_model_row(results, peer_key, f"  Keras 3 peer "

@@ -408,6 +408,19 @@ def _keras_imagenet_vgg16():
 
 # ----------------------------------------------------------------------------- SavedModel
 
+def conv_as_matmul(x, kernel):
+    """A k x k SAME convolution as one matrix product: every k x k patch of ``x`` times
+    the kernel reshaped to ``[k*k*C_in, C_out]``.  Same result as ``tf.nn.conv2d``; used
+    for fc6 (7x7, 512 -> 4096 channels on the tiny H/32 x W/32 map), where oneDNN's direct
+    convolution is slow: bench/ measured 1.1-1.2x faster training and inference overall."""
+    k, _, c_in, c_out = kernel.shape
+    patches = tf.image.extract_patches(x, [1, k, k, 1], [1, 1, 1, 1], [1, 1, 1, 1], "SAME")
+    y = tf.matmul(tf.reshape(patches, [-1, k * k * c_in]), tf.reshape(kernel, [-1, c_out]))
+    y = tf.reshape(y, tf.concat([tf.shape(x)[:3], [c_out]], 0))
+    y.set_shape(x.shape[:3].concatenate([c_out]))
+    return y
+
+
 def _vgg16_graph(weights, normalize_std=False):
     """Build VGG16 in the current graph; return {initial-value placeholder: value}.
 
@@ -432,7 +445,8 @@ def _vgg16_graph(weights, normalize_std=False):
                     tf.float32, value.shape, name=f"{var_name}_value_restored_by_loader")
                 feeds[initial] = value
                 params.append(tf.compat.v1.get_variable(var_name, initializer=initial))
-        x = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, params[0], 1, "SAME"), params[1]))
+        conv = conv_as_matmul if name == "fc6" else (lambda x, k: tf.nn.conv2d(x, k, 1, "SAME"))
+        x = tf.nn.relu(tf.nn.bias_add(conv(x, params[0]), params[1]))
         if name in ("fc6", "fc7"):
             x = tf.nn.dropout(x, rate=1.0 - keep_prob)
         if name in POOL_AFTER:

@@ -94,16 +94,9 @@ def _build_inference(sess, vgg, num_classes, fc6="product"):
 
 
 def fc6_patches(x, kernel):
-    """A k x k SAME convolution as one matrix product: every k x k patch of ``x``
-    (``tf.image.extract_patches``) times the kernel reshaped to ``[k*k*C_in, C_out]``.
-
-    Same result as ``tf.nn.conv2d(x, kernel, 1, "SAME")``; oneDNN's direct convolution
-    is slow for VGG's fc6 (7x7, 512 -> 4096 channels on a tiny H/32 x W/32 map).
-    """
-    k, _, c_in, c_out = kernel.shape
-    patches = tf.image.extract_patches(x, [1, k, k, 1], [1, 1, 1, 1], [1, 1, 1, 1], "SAME")
-    y = tf.matmul(tf.reshape(patches, [-1, k * k * c_in]), tf.reshape(kernel, [-1, c_out]))
-    return tf.reshape(y, tf.concat([tf.shape(x)[:3], [c_out]], 0))
+    """fc6 as one matrix product (now what ``vgg.py`` builds; kept as a name for the
+    variants that re-run a course VGG16 SavedModel's layers)."""
+    return vgg_module.conv_as_matmul(x, kernel)
 
 
 def vgg_layers(graph, keep_prob=None):

@@ -122,28 +122,15 @@ def _predictions(predict_fn, samples, scheme, batch_size, progress, desc):
     size of its image, so ``label`` stays at native resolution.
     """
     import datasets  # imported when needed: the metrics above work without the loaders
-
-    batch = []
-
-    def flush():
-        images = np.stack([image for _, image, _ in batch])
-        preds = np.asarray(predict_fn(images))
-        if preds.shape != images.shape[:3]:
-            raise ValueError(f"predict_fn returned shape {preds.shape} for images "
-                             f"{images.shape}; it must return one class map per image "
-                             f"at the input size")
-        out = [(sample, label, pred) for (sample, _, label), pred in zip(batch, preds)]
-        batch.clear()
-        return out
+    from outputs import predict_batch, same_size_batches
 
     total = len(samples) if hasattr(samples, "__len__") else None
-    for sample in tqdm(samples, total=total, desc=desc, unit="img", disable=not progress):
-        image, label = datasets.load_pair(sample, scheme)
-        if batch and (image.shape != batch[0][1].shape or len(batch) == batch_size):
-            yield from flush()
-        batch.append((sample, image, label))
-    if batch:
-        yield from flush()
+    pairs = (((sample, label), image) for sample in
+             tqdm(samples, total=total, desc=desc, unit="img", disable=not progress)
+             for image, label in [datasets.load_pair(sample, scheme)])
+    for items, images in same_size_batches(pairs, batch_size):
+        for (sample, label), pred in zip(items, predict_batch(predict_fn, images)):
+            yield sample, label, pred
 
 
 def evaluate(predict_fn, samples, scheme, batch_size=4, progress=True):

@@ -98,13 +98,30 @@ def overlay(image, class_map, colors, alpha=0.5, skip_classes=(0,)):
     return np.where(np.take(painted, class_map)[..., None], blend.astype(np.uint8), image)
 
 
-def _predict(predict_fn, images):
-    """Run ``predict_fn`` on a batch and check it kept the batch's size."""
+def predict_batch(predict_fn, images):
+    """Run ``predict_fn`` on a batch and check it kept the batch's size (the input size)."""
     maps = np.asarray(predict_fn(images))
     if maps.shape != images.shape[:3] or maps.dtype.kind not in "ui":
         raise ValueError(f"predict_fn returned {maps.dtype} {maps.shape} for images "
-                         f"{images.shape}; it must return integer class ids of shape (N, H, W)")
+                         f"{images.shape}; it must return integer class ids of shape (N, H, W) "
+                         f"at the input size")
+    if maps.dtype != np.uint8 and maps.size and (maps.min() < 0 or maps.max() > 255):
+        raise ValueError(f"predict_fn returned class ids outside 0..255 ({maps.min()}..{maps.max()})")
     return maps.astype(np.uint8, copy=False)
+
+
+def same_size_batches(pairs, batch_size):
+    """Group consecutive ``(item, image)`` pairs whose images share one size, up to
+    ``batch_size`` at a time; yields ``(items, stacked images)``."""
+    items, images = [], []
+    for item, image in pairs:
+        if images and (image.shape != images[0].shape or len(images) == batch_size):
+            yield items, np.stack(images)
+            items, images = [], []
+        items.append(item)
+        images.append(image)
+    if images:
+        yield items, np.stack(images)
 
 
 # --------------------------------------------------------------------------- images
@@ -115,20 +132,6 @@ def _write_png(path, array):
             Image.fromarray(array).save(f, format="PNG")
     except FileExistsError:
         raise UserError(f"{path} already exists; write into a new run folder") from None
-
-
-def _same_size_batches(image_paths, batch_size):
-    """Yield ``(paths, images)`` batches of consecutive images that share one size."""
-    paths, images = [], []
-    for path in image_paths:
-        image = load_image(path)
-        if images and (image.shape != images[0].shape or len(images) == batch_size):
-            yield paths, np.stack(images)
-            paths, images = [], []
-        paths.append(path)
-        images.append(image)
-    if images:
-        yield paths, np.stack(images)
 
 
 def save_inference_samples_core(run_dir, image_paths, predict_fn, colors, batch_size=4):
@@ -149,8 +152,9 @@ def save_inference_samples_core(run_dir, image_paths, predict_fn, colors, batch_
         stems[stem] = path
     written = []
     with tqdm(total=len(image_paths), desc="samples", unit="img") as bar:
-        for paths, images in _same_size_batches(image_paths, batch_size):
-            maps = _predict(predict_fn, images)
+        pairs = ((path, load_image(path)) for path in image_paths)
+        for paths, images in same_size_batches(pairs, batch_size):
+            maps = predict_batch(predict_fn, images)
             for path, image, class_map in zip(paths, images, maps):
                 stem = os.path.join(run_dir, os.path.splitext(os.path.basename(path))[0])
                 _write_png(stem + ".png", overlay(image, class_map, colors))
@@ -344,7 +348,7 @@ def process_video(in_path, out_path, predict_fn, colors, batch_size=4, alpha=0.5
 
     try:
         _overlapped(source=_read_batches(frames, in_path, size, batch_size, max_frames),
-                    transform=lambda images: (images, _predict(predict_fn, images)),
+                    transform=lambda images: (images, predict_batch(predict_fn, images)),
                     sink=lambda pairs: _write_batches(
                         (overlay(images, maps, colors, alpha) for images, maps in pairs),
                         tmp_path, size, fps),

@@ -274,9 +274,8 @@ def _splits(data_dir, val_split, log=print):
 
 
 def _summary(writer, step, **scalars):
-    if writer is not None:
-        writer.add_summary(tf1.Summary(value=[tf1.Summary.Value(tag=k, simple_value=float(v))
-                                              for k, v in scalars.items()]), step)
+    writer.add_summary(tf1.Summary(value=[tf1.Summary.Value(tag=k, simple_value=float(v))
+                                          for k, v in scalars.items()]), step)
 
 
 def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print, **options):
@@ -351,10 +350,11 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
             step_var = tf1.get_variable("step", [], tf.int64, tf1.zeros_initializer(), trainable=False)
             best_var = tf1.get_variable("best_miou", [], tf.float32,
                                         tf1.constant_initializer(-1.0), trainable=False)
-        loss_options = {k: cfg.get(k, DEFAULTS[k]) for k in ("loss", "focal_gamma", "ohem_fraction")}
-        data_loss = fcn.pixel_loss(logits, label_input, scheme.num_classes, weights, **loss_options)
+        loss_options = {k: cfg[k] for k in ("loss", "focal_gamma", "ohem_fraction")}
         _, train_op, loss = fcn.optimize(logits, label_input, lr, scheme.num_classes, weights,
                                          global_step=step_var, **loss_options)
+        # the pixel loss alone, for the logs: the total minus the L2 terms (not computed twice)
+        data_loss = loss - tf.add_n(tf1.get_collection(tf1.GraphKeys.REGULARIZATION_LOSSES) or [0.0])
         out_size = tf1.placeholder_with_default(tf.shape(logits)[1:3], [2], name="out_size")
         classes, _ = model.segmentation_head(logits, out_size)
         raw = tf1.placeholder(tf.uint8, [None, None, None, 3], name="raw_images")
@@ -375,7 +375,9 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
         step, best = sess.run([step_var, best_var])
         step, best = int(step), float(best)
         writer = tf1.summary.FileWriter(os.path.join(run_dir, "tb"))
-        history = _read_history(run_dir)
+        # epochs after the restored checkpoint (if an unreadable newest one was skipped) go
+        start_epoch = step // steps_per_epoch
+        history = [h for h in _read_history(run_dir) if h["epoch"] <= start_epoch]
 
         def predict_fn(images):
             small = sess.run(resized, {raw: images})
@@ -403,7 +405,6 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
                                 f"{kept or 'no earlier checkpoint'} is kept") from None
 
         status = "finished"
-        start_epoch = step // steps_per_epoch
         for epoch in range(start_epoch, cfg["epochs"]):
             done = step - epoch * steps_per_epoch
             sess.run(iterator.initializer, {skip: done, epoch_ph: epoch})

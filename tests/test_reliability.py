@@ -551,6 +551,8 @@ def test_resume_skips_an_unreadable_newest_checkpoint(trained_run, tiny, vgg_dir
     assert "model.ckpt-5 is unreadable" in out + err
     assert f"resumed from {run / 'checkpoints' / 'model.ckpt-4'}" in out
     assert "finished: 5 steps" in out               # step 5 trained again from step 4
+    # the epoch redone after the fallback is recorded once, not appended a second time
+    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1]
 
 
 # ============================================================================= 3. numerics

@@ -188,20 +188,46 @@ def pixel_loss(nn_last_layer, correct_label, num_classes, class_weights=None, lo
                                  name="pixel_loss")
 
 
+def dice_loss(nn_last_layer, correct_label, num_classes, smooth=1.0):
+    """Soft Dice loss, ``mean over classes of 1 - (2|P*Y| + s) / (|P| + |Y| + s)``.
+
+    ``P`` are the softmax probabilities and ``Y`` the one-hot labels of the labelled pixels
+    of the whole batch (void pixels left out), summed per class (Milletari et al. 2016,
+    V-Net).  Every class counts the same however few pixels it has, and a false positive
+    costs as much as a miss, so it works on each class's overlap (IoU-like) directly --
+    unlike per-pixel class weights, which buy recall of rare classes with false positives.
+    A class absent from the batch and not predicted scores ~0 (``smooth`` = s).
+    """
+    logits = tf.reshape(nn_last_layer, (-1, num_classes))
+    if correct_label.dtype.is_integer:
+        labels = tf.reshape(tf.cast(correct_label, tf.int32), (-1,))
+        onehot = tf.one_hot(labels, num_classes)  # out-of-range ids (void) -> all-zero row
+    else:
+        onehot = tf.reshape(tf.cast(correct_label, tf.float32), (-1, num_classes))
+    valid = tf.reduce_sum(onehot, axis=1, keepdims=True)
+    probs = tf.nn.softmax(logits) * valid
+    inter = tf.reduce_sum(probs * onehot, axis=0)
+    total = tf.reduce_sum(probs, axis=0) + tf.reduce_sum(onehot, axis=0)
+    return tf.reduce_mean(1.0 - (2.0 * inter + smooth) / (total + smooth), name="dice_loss")
+
+
 def optimize(nn_last_layer, correct_label, learning_rate, num_classes, class_weights=None,
-             global_step=None, **loss_options):
+             global_step=None, dice_weight=0.0, **loss_options):
     """Loss and Adam training op.
 
     :param nn_last_layer: logits ``[N, H, W, C]`` from ``layers``
     :param correct_label: integer labels ``[N, H, W]`` (255 = void) or one-hot ``[N, H, W, C]``
     :param learning_rate: float or scalar tensor/placeholder
     :param class_weights: optional per-class loss weights (e.g. median frequency)
+    :param dice_weight: if > 0, adds ``dice_weight * dice_loss`` to the pixel loss
     :param loss_options: ``loss``, ``focal_gamma``, ``ohem_fraction`` of ``pixel_loss``
     :return: (logits ``[N*H*W, C]``, train_op, loss) -- the loss includes the L2 terms in
         ``REGULARIZATION_LOSSES`` (the course seed dropped them)
     """
     logits = tf.reshape(nn_last_layer, (-1, num_classes), name="logits")
     loss = pixel_loss(nn_last_layer, correct_label, num_classes, class_weights, **loss_options)
+    if dice_weight:
+        loss = loss + dice_weight * dice_loss(nn_last_layer, correct_label, num_classes)
     reg = tf1.get_collection(tf1.GraphKeys.REGULARIZATION_LOSSES)
     if reg:
         loss = tf.add(loss, tf.add_n(reg), name="total_loss")

@@ -57,7 +57,7 @@ def resolve_vgg(a):
 # a new run then uses train.DEFAULTS, a resumed one (--resume) its own saved settings.
 TRAIN_FLAGS = ("scheme", "image_shape", "epochs", "batch_size", "lr", "lr_schedule", "warmup_epochs",
                "keep_prob", "l2_scale", "class_weights", "loss", "focal_gamma", "ohem_fraction",
-               "augment", "skip_scales", "checkpoint_every", "eval_every", "val_split", "seed",
+               "dice_weight", "augment", "skip_scales", "checkpoint_every", "eval_every", "val_split", "seed",
                "skip_bad")
 
 
@@ -226,6 +226,8 @@ def build_parser():
         choices=["ce", "focal", "ohem"])
     opt("--focal-gamma", "focusing power of --loss focal", type=float)
     opt("--ohem-fraction", "share of labelled pixels kept by --loss ohem", type=float)
+    opt("--dice-weight", "add this weight x the soft Dice loss (per-class overlap, every class "
+        "counts the same) to the pixel loss; 0 = off", type=float)
     opt("--augment", "training augmentation: flip, mild (flip + scale 0.8-1.25x), full (flip + "
         "scale 0.5-2x + colour jitter)", choices=["flip", "mild", "full"])
     opt("--no-augment", "no augmentation at all", action="store_const", const=False, dest="augment")

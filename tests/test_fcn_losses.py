@@ -1,4 +1,4 @@
-"""fcn.pixel_loss options: cross-entropy, focal and OHEM, checked against numpy on known logits."""
+"""fcn.pixel_loss options (cross-entropy, focal, OHEM) and fcn.dice_loss, checked against numpy on known logits."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -63,8 +63,8 @@ def test_all_void_batch_gives_zero_not_nan():
 
 
 def test_unknown_loss_is_a_user_error():
-    with pytest.raises(UserError, match="unknown loss 'dice'"):
-        _loss(loss="dice")
+    with pytest.raises(UserError, match="unknown loss 'hinge'"):
+        _loss(loss="hinge")
 
 
 def test_optimize_passes_loss_options():
@@ -75,6 +75,53 @@ def test_optimize_passes_loss_options():
         sess.run(tf1.global_variables_initializer())
         before = sess.run(loss)
         assert before == pytest.approx(_np_ce()[0].max(), rel=1e-5)
+        for _ in range(20):
+            sess.run(train_op)
+        assert sess.run(loss) < before
+
+
+def _np_dice(logits=LOGITS, labels=LABELS, smooth=1.0):
+    z = logits[0, 0, :4]
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    y = np.eye(3)[labels[0, 0, :4]]
+    return np.mean(1 - (2 * (p * y).sum(0) + smooth) / (p.sum(0) + y.sum(0) + smooth))
+
+
+def _dice(labels=LABELS, logits=LOGITS):
+    with tf.Graph().as_default(), tf1.Session() as sess:
+        return float(sess.run(fcn.dice_loss(tf.constant(logits), tf.constant(labels), 3)))
+
+
+def test_dice_matches_formula_and_ignores_void():
+    assert _dice() == pytest.approx(_np_dice(), rel=1e-5)
+    # The void pixel's logits (class 1 at 9.0) change nothing.
+    moved = LOGITS.copy()
+    moved[0, 0, 4] = [9.0, 0.0, 0.0]
+    assert _dice(logits=moved) == pytest.approx(_np_dice(), rel=1e-5)
+    # The seed's one-hot labels (void = all-zero row) give the same value.
+    onehot = np.zeros((1, 1, 5, 3), np.float32)
+    onehot[0, 0, np.arange(4), LABELS[0, 0, :4]] = 1
+    assert _dice(labels=onehot) == pytest.approx(_np_dice(), rel=1e-5)
+
+
+def test_dice_is_zero_when_perfect_and_counts_a_small_class_like_a_big_one():
+    perfect = np.where(np.eye(3)[LABELS[0, 0, :4]] > 0, 30.0, -30.0)[None, None].astype(np.float32)
+    perfect = np.concatenate([perfect, np.zeros((1, 1, 1, 3), np.float32)], axis=2)
+    assert _dice(logits=perfect) == pytest.approx(0.0, abs=1e-6)
+    # Missing the one class-1 pixel costs the same as missing one of the two class-0 pixels would
+    # in IoU terms, far more than its 1/4 share of pixels: dice rises by about 1/3 (one class of 3).
+    wrong = perfect.copy()
+    wrong[0, 0, 3] = [30.0, -30.0, -30.0]  # the class-1 pixel called class 0
+    assert _dice(logits=wrong) == pytest.approx(np.mean([1 - 5 / 6, 1 - 1 / 2, 0.0]), rel=1e-4)
+
+
+def test_optimize_adds_the_weighted_dice_term():
+    with tf.Graph().as_default(), tf1.Session() as sess:
+        logits = tf1.get_variable("w", initializer=tf.constant(LOGITS))
+        _, train_op, loss = fcn.optimize(logits, tf.constant(LABELS), 0.1, 3, dice_weight=0.5)
+        sess.run(tf1.global_variables_initializer())
+        before = sess.run(loss)
+        assert before == pytest.approx(_np_ce()[0].mean() + 0.5 * _np_dice(), rel=1e-5)
         for _ in range(20):
             sess.run(train_op)
         assert sess.run(loss) < before

@@ -385,7 +385,8 @@ def check_dataset(root, scheme_name, skip_bad=False):
     for split, samples in ds.splits.items():
         counts = np.zeros(scheme.num_classes, np.int64)
         ignored, labelled, problems, notes = 0, 0, [], []
-        for s in tqdm(samples, desc=f"checking {split}", unit="img", leave=False):
+        bar = tqdm(samples, desc=f"checking {split}", unit="img", leave=False)
+        for s in bar:
             try:
                 image = load_image(s.image)
                 if s.label is None:
@@ -394,6 +395,7 @@ def check_dataset(root, scheme_name, skip_bad=False):
                 check_same_size(image, label, s)
             except UserError as err:
                 if not skip_bad:
+                    bar.close()  # clears the bar, so the error gets a line of its own
                     raise
                 problems.append(str(err))
                 continue

@@ -57,8 +57,8 @@ def resolve_vgg(a):
 # a new run then uses train.DEFAULTS, a resumed one (--resume) its own saved settings.
 TRAIN_FLAGS = ("scheme", "image_shape", "epochs", "batch_size", "lr", "lr_schedule", "warmup_epochs",
                "keep_prob", "l2_scale", "class_weights", "loss", "focal_gamma", "ohem_fraction",
-               "dice_weight", "augment", "skip_scales", "checkpoint_every", "eval_every", "val_split", "seed",
-               "skip_bad")
+               "dice_weight", "augment", "skip_scales", "checkpoint_every", "eval_every", "val_split",
+               "seed", "skip_bad")
 
 
 def cmd_train(a):

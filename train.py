@@ -40,8 +40,7 @@ DEFAULTS = dict(
     lr_schedule="constant", warmup_epochs=0.0, class_weights=False, augment=True, seed=0,
     skip_scales=[0.01, 0.0001], l2_scale=1e-3, checkpoint_every=0, keep_checkpoints=3,
     eval_every=1, max_eval_images=None, cache=True, val_split=None,
-    loss="ce", focal_gamma=2.0, ohem_fraction=0.25, dice_weight=0.0,
-    skip_bad=False,
+    loss="ce", focal_gamma=2.0, ohem_fraction=0.25, dice_weight=0.0, skip_bad=False,
 )
 # Options that must match when a run is resumed: the weights would not fit otherwise.
 MUST_MATCH = ("scheme", "image_shape", "vgg_info", "skip_scales")
@@ -351,11 +350,11 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
             step_var = tf1.get_variable("step", [], tf.int64, tf1.zeros_initializer(), trainable=False)
             best_var = tf1.get_variable("best_miou", [], tf.float32,
                                         tf1.constant_initializer(-1.0), trainable=False)
-        loss_options = {k: cfg[k] for k in ("loss", "focal_gamma", "ohem_fraction",
-                                                 "dice_weight")}
+        loss_options = {k: cfg[k] for k in ("loss", "focal_gamma", "ohem_fraction", "dice_weight")}
         _, train_op, loss = fcn.optimize(logits, label_input, lr, scheme.num_classes, weights,
                                          global_step=step_var, **loss_options)
-        # the pixel loss alone, for the logs: the total minus the L2 terms (not computed twice)
+        # the data loss for the logs (pixel + Dice terms): the total minus the L2 terms, not
+        # computed twice
         data_loss = loss - tf.add_n(tf1.get_collection(tf1.GraphKeys.REGULARIZATION_LOSSES) or [0.0])
         out_size = tf1.placeholder_with_default(tf.shape(logits)[1:3], [2], name="out_size")
         classes, _ = model.segmentation_head(logits, out_size)

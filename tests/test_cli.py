@@ -52,12 +52,12 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_run(workspace, demo_root, vgg_dir):
-    """runs/tiny: one epoch on the demo scenes at 64x128 with the width-1/16 random VGG."""
+    """runs/tiny: one epoch on the demo scenes at 64x128 with the width-1/16 random VGG (+ Dice term)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(workspace)
         code = run_cli("train", "--data", demo_root, "--vgg", vgg_dir, "--image-shape", 64, 128,
                        "--epochs", 1, "--batch-size", 4, "--lr", 1e-3, "--keep-prob", 1.0,
-                       "--no-skip-scaling", "--run", "tiny")
+                       "--no-skip-scaling", "--dice-weight", 0.5, "--run", "tiny")
     assert code == 0
     return workspace / "runs" / "tiny"
 
@@ -136,6 +136,7 @@ def test_get_vgg_random_into_a_new_folder(tmp_path, monkeypatch, capsys):
 def test_train_writes_a_run_folder(trained_run):
     config = json.loads((trained_run / "config.json").read_text())
     assert config["image_shape"] == [64, 128] and not config["skip_scales"]
+    assert config["dice_weight"] == 0.5  # --dice-weight reaches train.train
     history = json.loads((trained_run / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1]
     assert np.isfinite(history[0]["loss"]) and 0 <= history[0]["miou"] <= 1

@@ -1,4 +1,4 @@
-"""fcn.pixel_loss options (cross-entropy, focal, OHEM) and fcn.dice_loss, checked against numpy on known logits."""
+"""fcn.pixel_loss options (cross-entropy, focal, OHEM) and fcn.dice_loss, against numpy on known logits."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -108,8 +108,8 @@ def test_dice_is_zero_when_perfect_and_counts_a_small_class_like_a_big_one():
     perfect = np.where(np.eye(3)[LABELS[0, 0, :4]] > 0, 30.0, -30.0)[None, None].astype(np.float32)
     perfect = np.concatenate([perfect, np.zeros((1, 1, 1, 3), np.float32)], axis=2)
     assert _dice(logits=perfect) == pytest.approx(0.0, abs=1e-6)
-    # Missing the one class-1 pixel costs the same as missing one of the two class-0 pixels would
-    # in IoU terms, far more than its 1/4 share of pixels: dice rises by about 1/3 (one class of 3).
+    # Calling the one class-1 pixel (1/4 of the labelled pixels) class 0: class 1's term goes
+    # 0 -> 1/2 and class 0's 0 -> 1/6 -- the rare class's miss weighs as a whole class, 1/3 of the mean.
     wrong = perfect.copy()
     wrong[0, 0, 3] = [30.0, -30.0, -30.0]  # the class-1 pixel called class 0
     assert _dice(logits=wrong) == pytest.approx(np.mean([1 - 5 / 6, 1 - 1 / 2, 0.0]), rel=1e-4)

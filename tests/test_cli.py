@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 import pytest
 from PIL import Image
 
@@ -136,7 +137,10 @@ def test_get_vgg_random_into_a_new_folder(tmp_path, monkeypatch, capsys):
 def test_train_writes_a_run_folder(trained_run):
     config = json.loads((trained_run / "config.json").read_text())
     assert config["image_shape"] == [64, 128] and not config["skip_scales"]
-    assert config["dice_weight"] == 0.5  # --dice-weight reaches train.train
+    assert config["dice_weight"] == 0.5  # --dice-weight reaches train.train ...
+    meta = tf.compat.v1.MetaGraphDef()           # ... and its loss is in the graph it trained
+    meta.ParseFromString(sorted((trained_run / "checkpoints").glob("*.meta"))[-1].read_bytes())
+    assert "dice_loss" in {node.name for node in meta.graph_def.node}
     history = json.loads((trained_run / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1]
     assert np.isfinite(history[0]["loss"]) and 0 <= history[0]["miou"] <= 1

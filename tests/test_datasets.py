@@ -251,6 +251,33 @@ def test_camvid_ids_to_road4(tmp_path):
     assert out[0].tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 2, 3, 3, IGNORE]
 
 
+def test_camvid_ids_to_camvid11_one_to_one(tmp_path):
+    label = png(tmp_path / "l.png", np.arange(12, dtype=np.uint8)[None])
+    scheme = get_scheme("camvid11")
+    out = datasets.load_label(Sample("unused", label, "ids", "camvid"), scheme)
+    assert out[0].tolist() == list(range(11)) + [IGNORE]        # Unlabelled is ignored
+    assert scheme.unpainted == () and len(scheme.colors) == 11   # every class is painted
+    # Cityscapes labels map in too: road, sidewalk, car, person, rider, traffic light -> sign
+    lut = scheme.lut("cityscapes")
+    assert [int(lut[i]) for i in (7, 8, 26, 24, 25, 19, 0)] == [3, 4, 8, 9, 10, 6, IGNORE]
+
+
+def test_scheme_without_a_mapping_for_the_dataset_names_the_fix(tmp_path):
+    label = png(tmp_path / "um_road_000000.png", np.zeros((1, 2, 3), np.uint8))
+    with pytest.raises(UserError, match="no mapping into the 'camvid11' scheme; pass --scheme road4"):
+        datasets.load_label(Sample("unused", label, "color", "kitti"), get_scheme("camvid11"))
+
+
+def test_hold_out_sequence_picks_a_whole_sequence_near_a_quarter():
+    names = ["A_1", "A_2", "B_1", "B_2", "B_3", "C_1", "C_2", "C_3", "C_4", "C_5", "C_6", "C_7"]
+    samples = [Sample(f"x/{n}.png", f"y/{n}.png", "ids", "camvid") for n in names]
+    assert [datasets.sequence_name(s) for s in samples[:3]] == ["A", "A", "B"]
+    assert datasets.hold_out_sequence(samples) == "B"                 # 3 of 12 = a quarter
+    assert datasets.hold_out_sequence(samples[2:]) is None            # two sequences only
+    city = Sample("leftImg8bit/train/ulm/ulm_000001_000019_leftImg8bit.png", "l", "ids")
+    assert datasets.sequence_name(city) == "ulm"
+
+
 def test_kitti_colors_to_road4(tmp_path):
     label = png(tmp_path / "um_road_000000.png",
                 np.array([[(255, 0, 255), (255, 0, 0), (0, 0, 0), (255, 0, 254)]], np.uint8))
@@ -469,6 +496,10 @@ def test_real_camvid(shared_data):
     assert 0.02 < vehicle < 0.1 and 0.003 < pedestrian < 0.03 and light == 0
     weights = datasets.median_frequency_weights(counts)
     assert weights[3] > weights[2] > weights[1] and weights[4] == 0
+    # validation by whole sequence: 0006R0 (101 of 367 frames) is nearest a quarter
+    assert datasets.hold_out_sequence(ds.splits["train"]) == "0006R0"
+    counts11 = datasets.class_pixel_counts(ds.splits["train"], get_scheme("camvid11"))
+    assert (counts11.pixels > 0).all() and counts11.pixels.sum() == counts.pixels.sum()
 
 
 def test_real_cityscapes_sample(shared_data):

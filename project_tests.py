@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import fcn
-import vgg
-from fcn import layers, load_vgg, optimize, train_nn
+from roadseg import fcn, vgg
+from roadseg.fcn import layers, load_vgg, optimize, train_nn
 
 tf1 = tf.compat.v1
 SIZES = [(64, 96), (96, 160), (160, 224)]
@@ -197,7 +196,7 @@ def test_train_nn_loss_falls(vgg_dir, capsys):
 # ------------------------------------------------------------------------- dataset
 def test_for_cityscapes_dataset(shared_data):
     """Counts the Cityscapes files present (the real sample frame in ../shared/data)."""
-    import datasets
+    from roadseg import datasets
     root = os.environ.get("CITYSCAPES_DATASET") or str(shared_data / "cityscapes_sample")
     found = datasets.find_dataset(root)
     assert found.layout == "cityscapes"

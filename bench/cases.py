@@ -16,8 +16,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (puts the project root on sys.path)
+import common  # bench/ is on sys.path as the script's folder
 
 common.quiet_tensorflow()
 
@@ -27,15 +26,14 @@ def _config(spec):
 
 
 def _scheme():
-    from schemes import get_scheme
+    from roadseg.schemes import get_scheme
     return get_scheme(common.SCHEME)
 
 
 def _demo_samples(root, n, size):
     """Labelled samples of a demo set of ``n`` scenes of ``size`` (made once, reused)."""
-    import datasets
-    import demo_data
-    demo_data.make_demo_data(root, n=n, seed=0, size=size, val_fraction=0.0)
+    from roadseg import datasets, demo_scenes
+    demo_scenes.make_demo_data(root, n=n, seed=0, size=size, val_fraction=0.0)
     return datasets.find_dataset(root).splits["train"]
 
 
@@ -44,7 +42,8 @@ def prepare(spec):
     """Build the random-weight VGG16 SavedModel at ``spec["vgg"]`` (the benchmarks' own
     work folder) unless it exists and is newer than vgg.py."""
     import shutil
-    import vgg
+
+    from roadseg import vgg
     model_file = os.path.join(spec["vgg"], "saved_model.pb")
     if os.path.exists(model_file) and os.path.getmtime(model_file) < os.path.getmtime(vgg.__file__):
         shutil.rmtree(spec["vgg"])
@@ -87,8 +86,8 @@ def infer(spec):
     """Our inference graph on random uint8 256x512 batches, through ``feed_dict`` as the
     Predictor does; ``variant`` product / frozen / folded (see ours.inference)."""
     import numpy as np
-    import tensorflow as tf
     import ours
+    import tensorflow as tf
     batch = spec["batch"]
     graph = tf.Graph()
     with graph.as_default(), tf.compat.v1.Session(graph=graph, config=_config(spec)) as sess:
@@ -105,8 +104,8 @@ def check_variants(spec):
     the largest logit difference relative to the logits' spread, and the share of
     pixels whose class differs (near-ties of random weights may flip)."""
     import numpy as np
-    import tensorflow as tf
     import ours
+    import tensorflow as tf
     data = np.random.default_rng(1).integers(0, 256, (2, *common.IMAGE_SHAPE, 3), np.uint8)
     out = {}
     for variant in ours.INFERENCE_VARIANTS:
@@ -123,8 +122,8 @@ def check_variants(spec):
 
 def train(spec):
     """One Adam step of train.py's graph per call; ``feed`` pipeline / synthetic / feed_dict."""
-    import tensorflow as tf
     import ours
+    import tensorflow as tf
     batch, feed = spec["batch"], spec.get("feed", "pipeline")
     samples = None
     if feed == "pipeline":
@@ -139,12 +138,12 @@ def train(spec):
 
 
 def input_pipeline(spec):
-    """``pipeline.make_dataset`` images/s at 256x512 with augmentation, from full-size
+    """``input_pipeline.make_dataset`` images/s at 256x512 with augmentation, from full-size
     2048x1024 PNGs (decode + resize + augment) or from its in-memory cache after epoch 1."""
-    import pipeline
+    from roadseg import input_pipeline
     n, batch, cached = spec["images"], spec["batch"], spec["cache"]
     samples = _demo_samples(os.path.join(spec["work"], f"demo_1024x2048_n{n}"), n, (1024, 2048))
-    ds = pipeline.make_dataset(samples, _scheme(), common.IMAGE_SHAPE, batch, shuffle=True,
+    ds = input_pipeline.make_dataset(samples, _scheme(), common.IMAGE_SHAPE, batch, shuffle=True,
                                augment=True, seed=0, cache=True if cached else None, repeat=True)
     batches = iter(ds)
     warmup = -(-n // batch) if cached else spec["warmup"]  # a whole first epoch fills the cache
@@ -160,7 +159,8 @@ def video(spec):
     import imageio_ffmpeg
     import numpy as np
     import ours
-    import outputs
+
+    from roadseg import outputs
     scheme, batch, n = _scheme(), spec["batch"], spec["frames"]
     predictor = ours.new_predictor(spec["vgg"], scheme, _config(spec), spec.get("variant", "product"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,8 +193,8 @@ def video(spec):
 def peer_infer(spec):
     """The Keras 3 peer's ``predict`` on a ``tf.data`` stream of random 256x512 images."""
     import numpy as np
-    import tensorflow as tf
     import peer
+    import tensorflow as tf
     batch, warmup, iters = spec["batch"], spec["warmup"], spec["iters"]
     net = peer.compiled(_scheme().num_classes, spec.get("jit_compile", "auto"),
                          spec.get("width", 1.0))
@@ -207,12 +207,13 @@ def peer_infer(spec):
 
 def peer_train(spec):
     """The Keras 3 peer's ``fit`` on the same ``make_dataset`` input as ``train``."""
-    import tensorflow as tf
     import peer
-    import pipeline
+    import tensorflow as tf
+
+    from roadseg import input_pipeline
     batch, warmup, iters = spec["batch"], spec["warmup"], spec["iters"]
     samples = _demo_samples(os.path.join(spec["work"], "demo_256x512"), 16, common.IMAGE_SHAPE)
-    ds = pipeline.make_dataset(samples, _scheme(), common.IMAGE_SHAPE, batch, shuffle=True,
+    ds = input_pipeline.make_dataset(samples, _scheme(), common.IMAGE_SHAPE, batch, shuffle=True,
                                augment=True, seed=0, cache=True, repeat=True)
     tf.random.set_seed(0)
     net = peer.compiled(_scheme().num_classes, spec.get("jit_compile", "auto"),

@@ -15,12 +15,7 @@ halves but the CPU time does not change.  Every step time is kept in the JSON.
 import os
 import resource
 import statistics
-import sys
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # the project's flat modules (fcn, model, pipeline, ...)
-    sys.path.insert(0, ROOT)
 
 IMAGE_SHAPE = (256, 512)
 SCHEME = "cityscapes19"         # 19 classes, as the Cityscapes benchmark

@@ -1,6 +1,6 @@
 """Our FCN-8s graphs as the benchmarks run them, built from the project's modules.
 
-* ``inference(sess, vgg, num_classes, variant)`` -- ``model.build_inference`` as the
+* ``inference(sess, vgg, num_classes, variant)`` -- ``head.build_inference`` as the
   product uses it (``variant="product"``), the same graph frozen to constants
   (``"frozen"``, ``convert_variables_to_constants``), or rebuilt from those constants
   with the cheap linear steps folded into weights (``"folded"``: RGB->BGR into
@@ -10,19 +10,19 @@
   ``fcn.layers`` and ``fcn.optimize`` (Adam), fed in one of three ways.
 * ``forward_flops`` / ``training_flops`` -- floating-point operations per image,
   counted by TensorFlow's profiler on twins of these graphs with fully static shapes.
-* ``new_predictor(vgg, scheme)`` -- a ``model.Predictor`` straight from a VGG folder
+* ``new_predictor(vgg, scheme)`` -- a ``head.Predictor`` straight from a VGG folder
   with a freshly initialised decoder (no training run needed).
 
 VGG's own variables are restored by the SavedModel loader; only the variables added
 on top are initialised here (``vgg.py`` makes re-initialising VGG's fail loudly).
 """
+import common  # bench/ is on sys.path as the script's folder
 import numpy as np
 import tensorflow as tf
 
-import common  # noqa: F401  (puts the project root on sys.path)
-import fcn
-import model
-import vgg as vgg_module
+from roadseg import fcn
+from roadseg import inference as head
+from roadseg import vgg as vgg_module
 
 tf1 = tf.compat.v1
 H, W = common.IMAGE_SHAPE
@@ -44,10 +44,10 @@ def inference(sess, vgg, num_classes, variant="product"):
     inside), ``classes`` the uint8 class maps at the input's size, ``logits`` the
     decoder's 256x512 scores.  Variants:
 
-    product         ``model.build_inference``
+    product         ``head.build_inference``
     frozen          the same graph with its variables turned into constants
     folded          rebuilt from those constants with cheap linear steps folded in
-    patches         ``model.build_inference`` except that fc6 runs as patches x matrix
+    patches         ``head.build_inference`` except that fc6 runs as patches x matrix
                     (``fc6_patches``) on VGG's own variables
     folded_patches  folded, with fc6 as patches x matrix
 
@@ -63,7 +63,7 @@ def inference(sess, vgg, num_classes, variant="product"):
         return images, classes, sess.graph.get_tensor_by_name(LOGITS)
     with tf.Graph().as_default() as scratch, tf1.Session(graph=scratch) as src:
         tf1.set_random_seed(0)
-        images, classes, _ = model.build_inference(src, vgg, num_classes, common.IMAGE_SHAPE)
+        images, classes, _ = head.build_inference(src, vgg, num_classes, common.IMAGE_SHAPE)
         init_new_variables(src, _vgg_variables())
         if variant == "frozen":
             frozen = tf1.graph_util.convert_variables_to_constants(
@@ -81,15 +81,15 @@ def inference(sess, vgg, num_classes, variant="product"):
 
 
 def _build_inference(sess, vgg, num_classes, fc6="product"):
-    """``model.build_inference``; with ``fc6="patches"`` VGG's layers are re-run from
+    """``head.build_inference``; with ``fc6="patches"`` VGG's layers are re-run from
     its own variables (``vgg_layers``) with fc6 as patches x matrix."""
     if fc6 == "product":
-        return model.build_inference(sess, vgg, num_classes, common.IMAGE_SHAPE)
+        return head.build_inference(sess, vgg, num_classes, common.IMAGE_SHAPE)
     images = tf1.placeholder(tf.uint8, [None, None, None, 3], name="images")
     x = tf.image.resize(tf.cast(images, tf.float32), common.IMAGE_SHAPE, method="bilinear")
     fcn.load_vgg(sess, vgg, input_map={"image_input:0": x})
-    logits = fcn.layers(*vgg_layers(sess.graph), num_classes, **model.decoder_kwargs({}))
-    classes, probs = model.segmentation_head(logits, tf.shape(images)[1:3])
+    logits = fcn.layers(*vgg_layers(sess.graph), num_classes, **head.decoder_kwargs({}))
+    classes, probs = head.segmentation_head(logits, tf.shape(images)[1:3])
     return images, classes, probs
 
 
@@ -151,7 +151,7 @@ def _folded_graph(weights, affine, num_classes, fc6="conv"):
     * pool4 * 0.01 and pool3 * 0.0001 (the skip scales): multiplied into the kernels
       of score_pool4 / score_pool3 (a 1x1 convolution is linear).
     """
-    s4, s3 = model.decoder_kwargs({})["skip_scales"]
+    s4, s3 = head.decoder_kwargs({})["skip_scales"]
     a, q = affine
     images = tf1.placeholder(tf.uint8, [None, None, None, 3], name="images")
     x = tf.image.resize(tf.cast(images, tf.float32), common.IMAGE_SHAPE, method="bilinear")
@@ -184,7 +184,7 @@ def _folded_graph(weights, affine, num_classes, fc6="conv"):
     fuse4 = upsample(score(x, "score_fc7"), 2, "upscore2") + score(pools[3], "score_pool4", s4)
     fuse3 = upsample(fuse4, 2, "upscore_pool4") + score(pools[2], "score_pool3", s3)
     logits = upsample(fuse3, 8, "upscore8")
-    classes, _ = model.segmentation_head(logits, tf.shape(images)[1:3])
+    classes, _ = head.segmentation_head(logits, tf.shape(images)[1:3])
     return images, classes, logits
 
 
@@ -192,14 +192,14 @@ def _folded_graph(weights, affine, num_classes, fc6="conv"):
 def training(sess, vgg, num_classes, batch, feed="pipeline", samples=None, seed=0, fc6="conv"):
     """Build ``train.py``'s training graph; return ``step()`` running one Adam step.
 
-    feed="pipeline":  ``pipeline.make_dataset(samples, augment, cache in memory, repeat)``
+    feed="pipeline":  ``input_pipeline.make_dataset(samples, augment, cache in memory, repeat)``
                       through an iterator, exactly as ``train.py`` (no ``feed_dict`` for data)
     feed="synthetic": one fixed batch repeated by ``tf.data`` (no decoding, no augmentation)
     feed="feed_dict": that batch fed from numpy through ``feed_dict`` every step
     fc6="patches":    VGG re-run from its own variables with fc6 as ``fc6_patches``
     """
-    import pipeline
-    from schemes import get_scheme
+    from roadseg import input_pipeline
+    from roadseg.schemes import get_scheme
 
     if feed not in FEEDS:
         raise ValueError(f"feed must be one of {FEEDS}")
@@ -207,7 +207,7 @@ def training(sess, vgg, num_classes, batch, feed="pipeline", samples=None, seed=
     images = rng.integers(0, 256, (batch, H, W, 3)).astype(np.float32)
     labels = rng.integers(0, num_classes, (batch, H, W)).astype(np.int32)
     if feed == "pipeline":
-        ds = pipeline.make_dataset(samples, get_scheme(common.SCHEME), common.IMAGE_SHAPE, batch,
+        ds = input_pipeline.make_dataset(samples, get_scheme(common.SCHEME), common.IMAGE_SHAPE, batch,
                                    shuffle=True, augment=True, seed=seed, cache=True, repeat=True)
     else:
         ds = tf.data.Dataset.from_tensors((images, labels)).repeat()
@@ -222,7 +222,7 @@ def training(sess, vgg, num_classes, batch, feed="pipeline", samples=None, seed=
     if fc6 == "patches":
         l3, l4, l7 = vgg_layers(sess.graph, keep_prob)
     loaded = set(tf1.global_variables())
-    logits = fcn.layers(l3, l4, l7, num_classes, **model.decoder_kwargs({}))
+    logits = fcn.layers(l3, l4, l7, num_classes, **head.decoder_kwargs({}))
     _, train_op, loss = fcn.optimize(logits, label_input, lr, num_classes)
     init_new_variables(sess, loaded)
     sess.run(iterator.initializer)
@@ -239,7 +239,7 @@ def training(sess, vgg, num_classes, batch, feed="pipeline", samples=None, seed=
 def _static_model(sess, vgg, num_classes, batch):
     x = tf1.placeholder(tf.float32, [batch, H, W, 3])
     _, _, l3, l4, l7 = fcn.load_vgg(sess, vgg, input_map={"image_input:0": x})
-    return fcn.layers(l3, l4, l7, num_classes, **model.decoder_kwargs({}))
+    return fcn.layers(l3, l4, l7, num_classes, **head.decoder_kwargs({}))
 
 
 def forward_flops(vgg, num_classes):
@@ -260,9 +260,9 @@ def training_flops(vgg, num_classes, batch):
 
 # --------------------------------------------------------------------------- predictor
 def new_predictor(vgg, scheme, config=None, variant="product"):
-    """A ``model.Predictor`` on VGG at ``vgg`` with a freshly initialised FCN-8s decoder."""
+    """A ``head.Predictor`` on VGG at ``vgg`` with a freshly initialised FCN-8s decoder."""
     graph = tf.Graph()
     sess = tf1.Session(graph=graph, config=config)
     with graph.as_default():
         images, classes, _ = inference(sess, vgg, scheme.num_classes, variant)
-    return model.Predictor(graph, sess, images, classes, None, scheme, common.IMAGE_SHAPE, vgg)
+    return head.Predictor(graph, sess, images, classes, None, scheme, common.IMAGE_SHAPE, vgg)

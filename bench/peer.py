@@ -11,12 +11,12 @@ arithmetic, not accuracy.
 """
 import time
 
+import common  # bench/ is on sys.path as the script's folder
 import keras
 import numpy as np
 
-import common  # noqa: F401  (puts the project root on sys.path)
-import fcn
-import vgg as vgg_module
+from roadseg import fcn
+from roadseg import vgg as vgg_module
 
 
 def fcn8(num_classes, image_shape=common.IMAGE_SHAPE, width=1.0):

@@ -25,9 +25,9 @@ import sys
 import time
 from importlib import metadata
 
+import common  # bench/ is on sys.path as the script's folder; roadseg is installed (pip -e .)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import common  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 TARGETS = dict(infer=0.85, train=0.80, pipeline=5.0, video=0.90, peer=1.0)
@@ -36,7 +36,9 @@ TARGETS = dict(infer=0.85, train=0.80, pipeline=5.0, video=0.90, peer=1.0)
 # --------------------------------------------------------------------------- plans
 def main_plan(quick):
     """``[(key, spec, extra env)]`` of the main table."""
-    q = (lambda full, short: short if quick else full)
+    def q(full, short):
+        return short if quick else full
+
     plan = [
         ("gemm", dict(case="gemm", n=4096, reps=q(4, 2), warmup=1, iters=q(5, 2))),
         ("flops", dict(case="flops", train_batches=q([4, 8], [4]))),
@@ -65,7 +67,9 @@ def main_plan(quick):
 
 def lever_plan(quick):
     """Variants of inference (batch 8) and training (batch 4) with one lever changed each."""
-    q = (lambda full, short: short if quick else full)
+    def q(full, short):
+        return short if quick else full
+
     infer = dict(case="infer", batch=8, warmup=1, iters=q(3, 2))
     train = dict(case="train", batch=4, warmup=q(2, 1), iters=q(3, 2))
     xla_env = {"TF_XLA_FLAGS": "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit"}
@@ -267,7 +271,9 @@ def _f(value, fmt):
 def format_table(rows):
     header = HEADER
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+    def line(r):
+        return "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 

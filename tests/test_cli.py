@@ -1,4 +1,4 @@
-"""The command line, driven through ``segment.main([...])`` in-process (one TensorFlow import
+"""The command line, driven through ``cli.main([...])`` in-process (one TensorFlow import
 for all) and, for ``--help`` and the exit code of a user error, as a real subprocess.
 
 Everything runs in temporary folders (``monkeypatch.chdir``): the CLI's relative ``data/``
@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 import pytest
+import tensorflow as tf
 from PIL import Image
 
-import datasets
-import segment
-from errors import UserError
-from schemes import IGNORE, get_scheme
+from roadseg import cli, datasets, demo, vgg, video
+from roadseg.errors import UserError
+from roadseg.schemes import IGNORE, get_scheme
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["make-demo-data", "check-data", "get-vgg", "train", "evaluate", "predict", "video",
@@ -28,9 +27,9 @@ COMMANDS = ["make-demo-data", "check-data", "get-vgg", "train", "evaluate", "pre
 
 
 def run_cli(*args):
-    """``segment.main(args)`` -> exit code (argparse's SystemExit turned into its code)."""
+    """``cli.main(args)`` -> exit code (argparse's SystemExit turned into its code)."""
     try:
-        return segment.main([str(a) for a in args])
+        return cli.main([str(a) for a in args])
     except SystemExit as exit_:
         return exit_.code
 
@@ -196,11 +195,9 @@ def test_predict_images_and_folders(trained_run, demo_root, tmp_path, capsys):
 
 
 def test_video(trained_run, tmp_path):
-    import outputs
-    from demo import read_video_frames
-    clip = outputs.make_test_video(tmp_path / "in.mp4", 6, size=(128, 64))
+    clip = video.make_test_video(tmp_path / "in.mp4", 6, size=(128, 64))
     assert run_cli("video", "--model", trained_run, clip, tmp_path / "out.mp4") == 0
-    frames = read_video_frames(str(tmp_path / "out.mp4"), range(10))
+    frames = video.read_frames(str(tmp_path / "out.mp4"), range(10))
     assert len(frames) == 6 and frames[0].shape == (64, 128, 3)
 
 
@@ -226,29 +223,29 @@ def test_export_gives_the_same_predictions(trained_run, demo_root, tmp_path, mon
 
 
 # ----------------------------------------------------------------------------- demo
-def test_demo_vgg_falls_back_to_random_weights_fast_offline(tmp_path, monkeypatch, capsys):
-    import demo
+def test_auto_vgg_falls_back_to_random_weights_fast_offline(tmp_path, monkeypatch, capsys):
     # nothing listens on port 9 here: the probe fails at once, like a machine without network
-    monkeypatch.setattr(demo, "VGG_HOSTS", ("http://127.0.0.1:9/", "http://127.0.0.1:9/"))
+    monkeypatch.setattr(vgg, "COURSE_VGG_URL", "http://127.0.0.1:9/vgg.zip")
+    monkeypatch.setattr(vgg, "KERAS_VGG16_URL", "http://127.0.0.1:9/vgg16.h5")
+    monkeypatch.setattr(vgg, "FALLBACK_WIDTH", 0.0625)
     start = time.time()
-    path, pretrained = demo.obtain_demo_vgg(str(tmp_path), width=0.0625)
+    path, pretrained = vgg.obtain_vgg(str(tmp_path))
     assert time.time() - start < 15
     assert (path, pretrained) == (str(tmp_path / "vgg_random_w0.0625"), False)
-    out = capsys.readouterr().out
-    assert "does not answer" in out and "NO PRETRAINED VGG16" in out
+    err = capsys.readouterr().err
+    assert "does not answer" in err and "NO PRETRAINED VGG16" in err
     assert demo.hyperparameters(pretrained) == dict(lr=1e-3, keep_prob=1.0, skip_scales=None)
 
 
-def test_demo_vgg_uses_data_vgg_when_present(tmp_path, vgg_dir, monkeypatch):
+def test_auto_vgg_uses_data_vgg_when_present(tmp_path, vgg_dir, monkeypatch):
     import shutil
-    import demo
     shutil.copytree(vgg_dir, tmp_path / "vgg")
-    monkeypatch.setattr(demo, "_reachable", lambda url: pytest.fail("no network needed"))
-    path, pretrained = demo.obtain_demo_vgg(str(tmp_path), width=0.0625)
+    monkeypatch.setattr(vgg, "_reachable", lambda url: pytest.fail("no network needed"))
+    path, pretrained = vgg.obtain_vgg(str(tmp_path), width=0.0625)
     assert path == str(tmp_path / "vgg") and pretrained is False   # its vgg_info says random
     (tmp_path / "vgg" / "saved_model.pb").unlink()
     with pytest.raises(UserError, match="saved_model.pb is missing"):
-        demo.obtain_demo_vgg(str(tmp_path))
+        vgg.obtain_vgg(str(tmp_path))
 
 
 def test_demo_quick_end_to_end(tmp_path, monkeypatch, capsys):
@@ -260,7 +257,7 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch, capsys):
     assert run.name.startswith("demo-quick-")
     maps = read_classes(run / "samples")
     assert len(maps) == 2 and all(m.shape == (256, 512) for m in maps.values())
-    frames = __import__("demo").read_video_frames(str(run / "demo_overlay.mp4"), range(20))
+    frames = video.read_frames(str(run / "demo_overlay.mp4"), range(20))
     assert len(frames) == 8 and frames[0].shape == (256, 512, 3)
     scores = json.loads((run / "evaluation-val.json").read_text())
     assert 0 <= scores["mean_iou"] <= 1

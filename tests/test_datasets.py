@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import datasets
-from datasets import Sample
-from errors import UserError
-from schemes import IGNORE, get_scheme
+from roadseg import datasets
+from roadseg.datasets import Sample
+from roadseg.errors import UserError
+from roadseg.schemes import IGNORE, get_scheme
 
 ROAD, SIDEWALK, CAR, PERSON, LIGHT = (128, 64, 128), (244, 35, 232), (0, 0, 142), (220, 20, 60), \
     (250, 170, 30)

@@ -19,8 +19,8 @@ NOTEBOOK = ROOT / "Semantic_segmentation_cityscape.ipynb"
 
 def labelled_pixels(root, split="val"):
     """Pixels of a split's labels that count (not void) in the road4 scheme."""
-    import datasets
-    from schemes import IGNORE, get_scheme
+    from roadseg import datasets
+    from roadseg.schemes import IGNORE, get_scheme
     return sum(int((datasets.load_label(s, get_scheme("road4")) != IGNORE).sum())
                for s in datasets.find_dataset(root).splits[split])
 
@@ -33,8 +33,8 @@ def test_committed_notebook_is_stripped_and_imports_the_modules():
     assert len(tagged) == 1 and "data_dir = None" in tagged[0].source
     source = "\n".join(c.source for c in code)
     for call in ("fcn.load_vgg(", "fcn.layers(", "fcn.optimize(", "fcn.train_nn(",
-                 "helper.gen_batch_function(", "evaluate.evaluate(", "helper.session_predict_fn(",
-                 "helper.save_inference_samples(", "outputs.process_video("):
+                 "helper.gen_batch_function(", "metrics.evaluate(", "helper.session_predict_fn(",
+                 "helper.save_inference_samples(", "video.process_video("):
         assert call in source
     assert "def layers" not in source and "conv2d_transpose(" not in source   # no copies of the code
 
@@ -66,6 +66,6 @@ def test_notebook_runs_headless_and_writes_a_run(tmp_path):
     scores = json.loads((run / "evaluation-val.json").read_text())
     assert np.array(scores["confusion_matrix"]).sum() == labelled_pixels(tmp_path / "data" / "demo")
     assert (run / "loss.png").is_file()
-    from demo import read_video_frames
-    frames = read_video_frames(str(run / "clip_overlay.mp4"), range(10))
+    from roadseg import video
+    frames = video.read_frames(str(run / "clip_overlay.mp4"), range(10))
     assert len(frames) == 6 and frames[0].shape == (256, 512, 3)

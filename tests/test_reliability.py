@@ -8,7 +8,7 @@ checkpoint when a save fails, and stops on NaN/Inf keeping only finite checkpoin
 Nothing in the project unpickles or evals what it loads.
 
 Everything runs on 64x128 demo scenes and a width-1/16 random VGG.  The CLI is called
-in-process (``segment.main``) except where a real process has to be killed.
+in-process (``cli.main``) except where a real process has to be killed.
 """
 import json
 import os
@@ -26,7 +26,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-import segment
+from roadseg import video
+from roadseg.cli import main as cli_main
 
 tf1 = tf.compat.v1
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,9 +39,9 @@ N_TRAIN = 10        # demo scenes n=12: 10 train, 2 val
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """12 demo scenes of 64x128 in the Cityscapes layout (10 train, 2 val)."""
-    import demo_data
+    from roadseg import demo_scenes
     root = tmp_path_factory.mktemp("tiny") / "cityscapes"
-    demo_data.make_demo_data(str(root), n=12, seed=0, size=(64, 128))
+    demo_scenes.make_demo_data(str(root), n=12, seed=0, size=(64, 128))
     return root
 
 
@@ -53,9 +54,9 @@ def data(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tiny, vgg_dir, tmp_path_factory):
     """A finished one-epoch run (5 steps of 2 images, checkpoints at steps 2, 4, 5)."""
-    import train
+    from roadseg import trainer
     runs = tmp_path_factory.mktemp("runs")
-    result = train.train(str(tiny), vgg_dir, runs_dir=str(runs), run="base", image_shape=[64, 128],
+    result = trainer.train(str(tiny), vgg_dir, runs_dir=str(runs), run="base", image_shape=[64, 128],
                          epochs=1, batch_size=2, checkpoint_every=2, log=lambda *a: None)
     assert result["status"] == "finished" and result["steps"] == 5
     return Path(result["run_dir"])
@@ -72,7 +73,7 @@ def train_frames(root, split="train"):
 
 def cli(capsys, *args):
     """Run ``segment.py`` in-process: (exit code, stdout, stderr)."""
-    code = segment.main([str(a) for a in args])
+    code = cli_main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -258,15 +259,15 @@ def test_image_shape_not_divisible_by_32(tiny, vgg_dir, tmp_path, capsys):
 
 
 def test_memory_estimate_is_linear_in_pixels_and_batch():
-    import train
-    one = train.estimate_training_memory([256, 512], 1, width=1.0)
-    four = train.estimate_training_memory([256, 512], 4, width=1.0)
-    big = train.estimate_training_memory([512, 1024], 1, width=1.0)
+    from roadseg import trainer
+    one = trainer.estimate_training_memory([256, 512], 1, width=1.0)
+    four = trainer.estimate_training_memory([256, 512], 4, width=1.0)
+    big = trainer.estimate_training_memory([512, 1024], 1, width=1.0)
     assert four - one == pytest.approx(big - one, rel=1e-6)   # 4x the pixels = 4 images
     assert 0.9e9 < four - one < 1.1e9                           # 3 images: ~0.32 GB each
     # peak resident memory measured for 'segment.py train' at 256x512, batch 4:
     assert four == pytest.approx(4.01e9, rel=0.2)                                   # width 1
-    assert train.estimate_training_memory([256, 512], 4, width=0.25) == pytest.approx(1.13e9,
+    assert trainer.estimate_training_memory([256, 512], 4, width=0.25) == pytest.approx(1.13e9,
                                                                                      rel=0.2)
 
 
@@ -281,13 +282,13 @@ def test_image_shape_too_large_for_memory_is_refused_before_allocating(tiny, vgg
 
 
 def test_memory_warning_when_more_than_half_is_needed(tiny, vgg_dir, tmp_path, monkeypatch):
-    import train
-    need = train.estimate_training_memory([64, 128], 2, width=1 / 16)
-    monkeypatch.setattr(train, "available_memory", lambda: int(need * 1.5))
-    from errors import UserError
+    from roadseg import trainer
+    need = trainer.estimate_training_memory([64, 128], 2, width=1 / 16)
+    monkeypatch.setattr(trainer, "available_memory", lambda: int(need * 1.5))
+    from roadseg.errors import UserError
     lines = []
     with pytest.raises(UserError, match="no-such-split"):   # stops right after the check
-        train.train(str(tiny), vgg_dir, runs_dir=str(tmp_path / "runs"), image_shape=[64, 128],
+        trainer.train(str(tiny), vgg_dir, runs_dir=str(tmp_path / "runs"), image_shape=[64, 128],
                     batch_size=2, epochs=1, log=lines.append, val_split="no-such-split")
     assert lines[0] == (f"warning: training at 64x128 with batch 2 needs about {need / 1e9:.1f} GB "
                         f"of the {need * 1.5 / 1e9:.1f} GB available; other programs may run short")
@@ -343,11 +344,10 @@ def test_unreadable_or_empty_video(trained_run, tmp_path, capsys, kind):
 
 
 def test_existing_outputs_are_never_overwritten(trained_run, tiny, tmp_path, capsys):
-    import outputs
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "mine.txt").write_text("keep me")
-    video = outputs.make_test_video(tmp_path / "in.mp4", 3, size=(64, 48))
+    clip = video.make_test_video(tmp_path / "in.mp4", 3, size=(64, 48))
     old_video = tmp_path / "old.mp4"
     old_video.write_bytes(b"my video")
     old_json = tmp_path / "old.json"
@@ -358,7 +358,7 @@ def test_existing_outputs_are_never_overwritten(trained_run, tiny, tmp_path, cap
                  contains=[str(existing), "already exists"])
     expect_error(capsys, "predict", "--model", trained_run, image, "--out", existing,
                  contains=[str(existing), "already exists"])
-    expect_error(capsys, "video", "--model", trained_run, video, old_video,
+    expect_error(capsys, "video", "--model", trained_run, clip, old_video,
                  contains=[str(old_video), "already exists"])
     expect_error(capsys, "evaluate", "--model", trained_run, "--data", tiny, "--out", old_json,
                  contains=[str(old_json), "already exists"])
@@ -379,7 +379,7 @@ def test_existing_run_name_is_not_reused(trained_run, tiny, vgg_dir, capsys):
 
 @pytest.fixture(scope="module")
 def wider_vgg(tmp_path_factory):
-    import vgg
+    from roadseg import vgg
     out = tmp_path_factory.mktemp("vgg8") / "vgg"
     vgg.build_vgg_savedmodel(str(out), source="random", width=1 / 8, seed=0)
     return str(out)
@@ -567,7 +567,7 @@ def test_huge_learning_rate_stops_with_the_step_and_a_hint(tiny, vgg_dir, tmp_pa
 
 def _poison_weights_at(monkeypatch, at_step):
     """Make training write NaN into a decoder bias during step ``at_step``."""
-    import fcn
+    from roadseg import fcn
     real = fcn.optimize
 
     def optimize(*args, **kwargs):

@@ -10,14 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import datasets
-import demo_data
-import evaluate
-import fcn
-import helper
-import model
-import train
-import vgg
+from roadseg import course, datasets, demo_scenes, export, fcn, inference, metrics, trainer, vgg
 
 tf1 = tf.compat.v1
 SHAPE = [128, 256]
@@ -29,9 +22,9 @@ FROM_SCRATCH = dict(lr=2e-3, keep_prob=1.0, skip_scales=None, l2_scale=1e-5, aug
 def trained(tmp_path_factory):
     """A run trained for 15 epochs on 40 demo scenes (32 train / 8 val)."""
     root = tmp_path_factory.mktemp("train")
-    data = demo_data.make_demo_data(str(root / "demo"), n=40, seed=0, size=(128, 256))
+    data = demo_scenes.make_demo_data(str(root / "demo"), n=40, seed=0, size=(128, 256))
     vgg_path = vgg.build_vgg_savedmodel(str(root / "vgg"), source="random", width=1 / 16, seed=0)
-    result = train.train(data, vgg_path, runs_dir=str(root / "runs"), run="r", epochs=15,
+    result = trainer.train(data, vgg_path, runs_dir=str(root / "runs"), run="r", epochs=15,
                          seed=0, **FROM_SCRATCH)
     return dict(root=root, data=data, vgg=vgg_path, **result)
 
@@ -53,24 +46,24 @@ def test_training_learns_demo_scenes(trained):
 
 def test_export_matches_live_session_and_training_metric(trained, tmp_path):
     val = [s for s in datasets.find_dataset(trained["data"]).splits["val"]]
-    out = model.export(trained["run_dir"], str(tmp_path / "export"))
+    out = export.export(trained["run_dir"], str(tmp_path / "export"))
     with pytest.raises(Exception, match="already exists"):
-        model.export(trained["run_dir"], out)
+        export.export(trained["run_dir"], out)
     images = np.stack([datasets.load_image(s.image) for s in val])
-    with model.load_predictor(trained["run_dir"]) as live, model.load_predictor(out) as exported:
+    with inference.load_predictor(trained["run_dir"]) as live, inference.load_predictor(out) as exported:
         np.testing.assert_array_equal(live.predict(images), exported.predict(images))
         odd = images[:2, :100, :150]  # any input size: resized inside, class maps at input size
         assert exported.predict(np.ascontiguousarray(odd)).shape == (2, 100, 150)
-        scores = evaluate.evaluate(exported.predict, val, exported.scheme, progress=False)
+        scores = metrics.evaluate(exported.predict, val, exported.scheme, progress=False)
     # the exported best checkpoint scores what training measured for it
     assert scores["mean_iou"] == pytest.approx(trained["best_miou"], abs=1e-6)
 
 
 def test_resume_continues_epoch_step_and_optimizer_state(trained, tmp_path):
     kw = dict(runs_dir=str(tmp_path), run="resumed", seed=0, **FROM_SCRATCH)
-    first = train.train(trained["data"], trained["vgg"], epochs=2, **kw)
+    first = trainer.train(trained["data"], trained["vgg"], epochs=2, **kw)
     assert first["steps"] == 16
-    again = train.train(trained["data"], trained["vgg"], epochs=3, resume=True, **kw)
+    again = trainer.train(trained["data"], trained["vgg"], epochs=3, resume=True, **kw)
     assert again["steps"] == 24
     assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
     ckpt = tf1.train.load_checkpoint(tf1.train.latest_checkpoint(os.path.join(again["run_dir"],
@@ -80,21 +73,21 @@ def test_resume_continues_epoch_step_and_optimizer_state(trained, tmp_path):
     # since the start: it was restored on resume, not reset (that would give 0.9 ** 9)
     assert ckpt.get_tensor("beta1_power") == pytest.approx(0.9 ** (24 + 1), rel=1e-5)
     with pytest.raises(Exception, match="cannot resume"):
-        train.train(trained["data"], trained["vgg"], epochs=3, resume=True,
+        trainer.train(trained["data"], trained["vgg"], epochs=3, resume=True,
                     **dict(kw, scheme="cityscapes19"))
 
 
 def test_gen_batch_function_inside_a_graph(trained):
-    get_batches = helper.gen_batch_function(trained["data"], (64, 128), seed=0)
+    get_batches = course.gen_batch_function(trained["data"], (64, 128), seed=0)
     with tf.Graph().as_default():  # as in the course: called inside the training graph
         batches = list(get_batches(8))
     assert [len(b[0]) for b in batches] == [8, 8, 8, 8]
     images, labels = batches[0]
     assert images.shape == (8, 64, 128, 3) and images.dtype == np.float32
     assert labels.shape == (8, 64, 128) and set(np.unique(labels)) <= {0, 1, 2, 3, 4, 255}
-    augmented = next(helper.gen_batch_function(trained["data"], (64, 128), seed=0, augment=True)(2))
+    augmented = next(course.gen_batch_function(trained["data"], (64, 128), seed=0, augment=True)(2))
     assert augmented[0].shape == (2, 64, 128, 3) and not np.array_equal(augmented[0], images[:2])
-    onehot = next(helper.gen_batch_function(trained["data"], (64, 128), seed=0, one_hot=True)(2))[1]
+    onehot = next(course.gen_batch_function(trained["data"], (64, 128), seed=0, one_hot=True)(2))[1]
     assert onehot.shape == (2, 64, 128, 5)
     assert set(np.unique(onehot.sum(-1))) <= {0.0, 1.0}
 
@@ -104,9 +97,9 @@ def test_save_inference_samples_from_a_course_session(trained, tmp_path):
         image, keep, l3, l4, l7 = fcn.load_vgg(sess, trained["vgg"])
         out = fcn.layers(l3, l4, l7, 5, skip_scales=None)
         logits = tf.reshape(out, (-1, 5))
-        tf1.train.Saver(model.model_variables()).restore(
-            sess, model.run_checkpoint(trained["run_dir"]))
-        run_dir = helper.save_inference_samples(str(tmp_path), trained["data"], sess, SHAPE, logits,
+        tf1.train.Saver(inference.model_variables()).restore(
+            sess, inference.run_checkpoint(trained["run_dir"]))
+        run_dir = course.save_inference_samples(str(tmp_path), trained["data"], sess, SHAPE, logits,
                                                 keep, image, split="val")
     files = sorted(os.listdir(run_dir))
     val = datasets.find_dataset(trained["data"]).splits["val"]
@@ -120,9 +113,9 @@ def test_resumed_run_equals_uninterrupted_run(trained, tmp_path):
     """Same data order, augmentation and optimizer state after a resume: the weights match
     a run that was never stopped (the epoch is part of the data seed)."""
     kw = dict(runs_dir=str(tmp_path), seed=3, **dict(FROM_SCRATCH, augment=True))
-    straight = train.train(trained["data"], trained["vgg"], run="straight", epochs=2, **kw)
-    train.train(trained["data"], trained["vgg"], run="stopped", epochs=1, **kw)
-    resumed = train.train(trained["data"], trained["vgg"], run="stopped", epochs=2, resume=True, **kw)
+    straight = trainer.train(trained["data"], trained["vgg"], run="straight", epochs=2, **kw)
+    trainer.train(trained["data"], trained["vgg"], run="stopped", epochs=1, **kw)
+    resumed = trainer.train(trained["data"], trained["vgg"], run="stopped", epochs=2, resume=True, **kw)
 
     def weights(run):
         ckpt = tf1.train.load_checkpoint(tf1.train.latest_checkpoint(os.path.join(run, "checkpoints")))

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import vgg
-from errors import UserError
+from roadseg import vgg
+from roadseg.errors import UserError
 
 WIDTH = 1 / 16
 
@@ -344,8 +344,8 @@ def test_obtain_keras_imagenet_offline_says_random_is_not_pretrained(closed_url,
 
 def test_obtain_auto_offline_falls_back_to_random_with_banner(closed_url, monkeypatch, tmp_path,
                                                               fast_retries, capsys):
-    """Course and Keras downloads both fail -> random weights, loudly.  The width-1
-    random build is replaced by a stub to keep the test fast."""
+    """Course and Keras downloads both fail -> random weights of FALLBACK_WIDTH, loudly.
+    The random build is replaced by a stub to keep the test fast."""
     monkeypatch.setattr(vgg, "COURSE_VGG_URL", closed_url)
     monkeypatch.setattr(vgg, "KERAS_VGG16_URL", closed_url)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
@@ -363,10 +363,10 @@ def test_obtain_auto_offline_falls_back_to_random_with_banner(closed_url, monkey
 
     monkeypatch.setattr(vgg, "build_vgg_savedmodel", fake_build)
     path, pretrained = vgg.obtain_vgg(str(tmp_path / "data"))
-    assert (path, pretrained) == (str(tmp_path / "data" / "vgg_random_w1"), False)
-    assert calls == [("vgg_random_w1", "random", 1.0)]
+    assert (path, pretrained) == (str(tmp_path / "data" / "vgg_random_w0.25"), False)
+    assert calls == [("vgg_random_w0.25", "random", 0.25)]
     assert "FALLING BACK TO RANDOM WEIGHTS" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path / "data")) == ["vgg_random_w1"]
+    assert sorted(os.listdir(tmp_path / "data")) == ["vgg_random_w0.25"]
 
 
 def test_obtain_keras_imagenet_folder_choice(vgg_dir, monkeypatch, tmp_path):

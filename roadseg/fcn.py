@@ -14,7 +14,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from errors import UserError
+from roadseg import vgg
+from roadseg.errors import UserError
 
 tf1 = tf.compat.v1
 
@@ -33,7 +34,6 @@ def load_vgg(sess, vgg_path, input_map=None):
         encoder from other tensors (e.g. a ``tf.data`` iterator) instead of its placeholders
     :return: (image_input, keep_prob, layer3_out, layer4_out, layer7_out)
     """
-    import vgg  # obtaining/validating the model is its own module
 
     vgg.check_vgg_dir(vgg_path)
     tf1.saved_model.loader.load(sess, [VGG_TAG], vgg_path, input_map=input_map)

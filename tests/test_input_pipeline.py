@@ -1,4 +1,4 @@
-"""pipeline.py: shapes and dtypes, label-safe resizing, aligned augmentation,
+"""input_pipeline.py: shapes and dtypes, label-safe resizing, aligned augmentation,
 determinism, caching, bad files."""
 from pathlib import Path
 
@@ -7,11 +7,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-import datasets
-import pipeline
-from datasets import Sample
-from errors import UserError
-from schemes import IGNORE, get_scheme
+from roadseg import datasets, input_pipeline
+from roadseg.datasets import Sample
+from roadseg.errors import UserError
+from roadseg.schemes import IGNORE, get_scheme
 
 ROAD4 = get_scheme("road4")
 SHAPE = (64, 128)
@@ -42,7 +41,7 @@ def block_samples(tmp_path, n, shape=SHAPE, block=16, seed=0):
 
 
 def batches(*args, **kw):
-    return list(pipeline.numpy_batches(pipeline.make_dataset(*args, **kw)))
+    return list(input_pipeline.numpy_batches(input_pipeline.make_dataset(*args, **kw)))
 
 
 def test_shapes_dtypes_and_values(demo_root):
@@ -63,11 +62,11 @@ def test_shapes_dtypes_and_values(demo_root):
 def test_bad_arguments(tmp_path):
     samples = block_samples(tmp_path, 1)
     with pytest.raises(UserError, match="divisible by 32"):
-        pipeline.make_dataset(samples, ROAD4, (60, 128), 2)
+        input_pipeline.make_dataset(samples, ROAD4, (60, 128), 2)
     with pytest.raises(UserError, match="no label"):
-        pipeline.make_dataset([Sample(samples[0].image, None)], ROAD4, SHAPE, 2)
+        input_pipeline.make_dataset([Sample(samples[0].image, None)], ROAD4, SHAPE, 2)
     with pytest.raises(UserError, match="no samples"):
-        pipeline.make_dataset([], ROAD4, SHAPE, 2)
+        input_pipeline.make_dataset([], ROAD4, SHAPE, 2)
 
 
 @pytest.mark.parametrize("augment", [False, True])
@@ -129,15 +128,15 @@ def test_mild_augmentation_scales_within_its_range(tmp_path):
     assert np.mean(labels == 255) < 0.36
     assert not all(np.array_equal(a, b) or np.array_equal(a, b[:, ::-1]) for a, b in zip(labels, plain))
     with pytest.raises(UserError, match="unknown augmentation"):
-        pipeline.make_dataset(samples, ROAD4, SHAPE, 2, augment="wild")
+        input_pipeline.make_dataset(samples, ROAD4, SHAPE, 2, augment="wild")
 
 
 def test_same_seed_same_batches_and_new_order_each_epoch(tmp_path):
     samples = block_samples(tmp_path, 10)
 
     def run(seed):
-        ds = pipeline.make_dataset(samples, ROAD4, SHAPE, 5, augment=True, seed=seed)
-        return [list(pipeline.numpy_batches(ds)) for _ in range(2)]   # two epochs
+        ds = input_pipeline.make_dataset(samples, ROAD4, SHAPE, 5, augment=True, seed=seed)
+        return [list(input_pipeline.numpy_batches(ds)) for _ in range(2)]   # two epochs
     a, b, c = run(7), run(7), run(8)
     for x, y in zip(a[0] + a[1], b[0] + b[1]):
         np.testing.assert_array_equal(x[0], y[0])
@@ -149,8 +148,8 @@ def test_same_seed_same_batches_and_new_order_each_epoch(tmp_path):
 def test_repeat_and_shuffle_cover_every_sample(tmp_path):
     samples = block_samples(tmp_path, 6)
     (_, plain), = batches(samples, ROAD4, SHAPE, 6, shuffle=False)
-    ds = pipeline.make_dataset(samples, ROAD4, SHAPE, 4, repeat=True, seed=2)
-    it = pipeline.numpy_batches(ds)
+    ds = input_pipeline.make_dataset(samples, ROAD4, SHAPE, 4, repeat=True, seed=2)
+    it = input_pipeline.numpy_batches(ds)
     seen = np.concatenate([next(it)[1] for _ in range(3)])       # 12 = two epochs
     index = [next(i for i in range(6) if np.array_equal(x, plain[i])) for x in seen]
     assert sorted(index[:6]) == sorted(index[6:]) == list(range(6))
@@ -203,5 +202,5 @@ def test_graph_mode(tmp_path):
 
 
 def test_throughput(tmp_path):
-    rate = pipeline.throughput(block_samples(tmp_path, 4), ROAD4, SHAPE, 2, 3, True, None)
+    rate = input_pipeline.throughput(block_samples(tmp_path, 4), ROAD4, SHAPE, 2, 3, True, None)
     assert rate > 1

@@ -1,30 +1,28 @@
-"""Inference: the same graph for a training run, an exported SavedModel and a live session.
+"""Inference: one head from images to class maps, for training runs, exports and sessions.
 
 ``build_inference(sess, vgg_path, num_classes, image_shape)`` wires uint8 images of any size
 through resize -> VGG16 -> FCN-8s -> resize back -> softmax/argmax, so callers get class
-maps at their own image size.  ``export`` saves that graph with a run's weights as a
-self-contained SavedModel (tag ``serve``, signature ``predict``); ``load_predictor`` opens
-either a run folder or an export and returns one ``Predictor`` with
+maps at their own image size.  ``load_predictor`` opens either a run folder or an export
+(``roadseg.export``) and returns one ``Predictor`` with
 ``predict(images uint8 [N,H,W,3]) -> class maps uint8 [N,H,W]``.
+``predict_batch`` / ``same_size_batches`` feed any such ``predict_fn`` image by image.
 """
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import tensorflow as tf
 
-import fcn
-from errors import UserError
-from schemes import get_scheme
+from roadseg import fcn
+from roadseg.errors import UserError
+from roadseg.run_folders import read_run_config, run_checkpoint
+from roadseg.schemes import get_scheme
 
 tf1 = tf.compat.v1
 
 SERVE_TAG = "serve"
 SIGNATURE = "predict"
 EXPORT_INFO = "export_info.json"
-RUN_CONFIG = "config.json"
 
 
 def decoder_kwargs(config):
@@ -69,53 +67,30 @@ def model_variables():
             and not v.op.name.startswith("train_state")]
 
 
-def read_run_config(run_dir):
-    path = os.path.join(run_dir, RUN_CONFIG)
-    if not os.path.isfile(path):
-        raise UserError(f"{run_dir} is not a training run (no {RUN_CONFIG}); pass a runs/<name> "
-                        f"folder made by 'segment.py train' or an exported model")
-    with open(path) as f:
-        return json.load(f)
+def predict_batch(predict_fn, images):
+    """Run ``predict_fn`` on a batch and check it kept the batch's size (the input size)."""
+    maps = np.asarray(predict_fn(images))
+    if maps.shape != images.shape[:3] or maps.dtype.kind not in "ui":
+        raise ValueError(f"predict_fn returned {maps.dtype} {maps.shape} for images "
+                         f"{images.shape}; it must return integer class ids of shape (N, H, W) "
+                         f"at the input size")
+    if maps.dtype != np.uint8 and maps.size and (maps.min() < 0 or maps.max() > 255):
+        raise ValueError(f"predict_fn returned class ids outside 0..255 ({maps.min()}..{maps.max()})")
+    return maps.astype(np.uint8, copy=False)
 
 
-def run_checkpoint(run_dir, which="best"):
-    """Checkpoint prefix of a run: its best-by-mIoU one if present (``which='best'``), else latest."""
-    order = ["best", "checkpoints"] if which == "best" else ["checkpoints"]
-    for sub in order:
-        ckpt = tf1.train.latest_checkpoint(os.path.join(run_dir, sub))
-        if ckpt:
-            return ckpt
-    raise UserError(f"{run_dir} has no checkpoint yet; train it first ('segment.py train')")
-
-
-def export(run_dir, out_dir, which="best"):
-    """Write a self-contained inference SavedModel of a run into the new folder ``out_dir``."""
-    if os.path.exists(out_dir):
-        raise UserError(f"{out_dir} already exists; choose a new --out folder (nothing is overwritten)")
-    config = read_run_config(run_dir)
-    ckpt = run_checkpoint(run_dir, which)
-    scheme = get_scheme(config["scheme"])
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(out_dir)))
-    os.rmdir(tmp)  # the Builder wants to create the folder itself
-    try:
-        with tf.Graph().as_default(), tf1.Session() as sess:
-            images, classes, probs = build_inference(sess, config["vgg"], scheme.num_classes,
-                                                     config["image_shape"], **decoder_kwargs(config))
-            tf1.train.Saver(model_variables()).restore(sess, ckpt)
-            sig = tf1.saved_model.signature_def_utils.predict_signature_def(
-                inputs={"images": images}, outputs={"classes": classes, "probabilities": probs})
-            builder = tf1.saved_model.Builder(tmp)
-            builder.add_meta_graph_and_variables(sess, [SERVE_TAG], signature_def_map={SIGNATURE: sig})
-            builder.save()
-        info = dict(scheme=scheme.name, class_names=list(scheme.class_names),
-                    image_shape=list(config["image_shape"]), checkpoint=os.path.basename(ckpt),
-                    run=os.path.abspath(run_dir))
-        with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
-            json.dump(info, f, indent=2)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+def same_size_batches(pairs, batch_size):
+    """Group consecutive ``(item, image)`` pairs whose images share one size, up to
+    ``batch_size`` at a time; yields ``(items, stacked images)``."""
+    items, images = [], []
+    for item, image in pairs:
+        if images and (image.shape != images[0].shape or len(images) == batch_size):
+            yield items, np.stack(images)
+            items, images = [], []
+        items.append(item)
+        images.append(image)
+    if images:
+        yield items, np.stack(images)
 
 
 class Predictor:

@@ -30,9 +30,9 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-import datasets
-from errors import UserError
-from schemes import IGNORE
+from roadseg import datasets
+from roadseg.errors import UserError
+from roadseg.schemes import IGNORE
 
 SHUFFLE_BUFFER = 1024       # decoded samples held for shuffling a cached dataset
 SCALE_RANGE = (0.5, 2.0)    # random scale of augmentation
@@ -232,7 +232,8 @@ def throughput(samples, scheme, image_shape, batch_size, n_batches, augment, cac
 
 if __name__ == "__main__":
     import argparse
-    from schemes import SCHEMES, get_scheme
+
+    from roadseg.schemes import SCHEMES, get_scheme
     parser = argparse.ArgumentParser(description="Measure input-pipeline throughput.")
     parser.add_argument("data", help="dataset folder (any layout datasets.py knows)")
     parser.add_argument("--split", default="train")

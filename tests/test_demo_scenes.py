@@ -1,4 +1,4 @@
-"""demo_data.py: valid Cityscapes layout, every class present, deterministic, safe to rerun."""
+"""demo_scenes.py: valid Cityscapes layout, every class present, deterministic, safe to rerun."""
 import json
 from pathlib import Path
 
@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import datasets
-import demo_data
-from errors import UserError
-from schemes import get_scheme
+from roadseg import datasets, demo_scenes
+from roadseg.errors import UserError
+from roadseg.schemes import get_scheme
 
 SIZE = (64, 128)
 
@@ -26,9 +25,9 @@ def test_layout_and_labels_are_valid(demo_root):
     assert ds.layout == "cityscapes"
     assert {k: len(v) for k, v in ds.splits.items()} == {"train": 10, "val": 2}  # n=12, 20% val
     scheme = get_scheme("road4")
-    allowed = {demo_data.EGO, demo_data.ROAD, demo_data.SIDEWALK, demo_data.BUILDING,
-               demo_data.POLE, demo_data.LIGHT, demo_data.VEGETATION, demo_data.SKY,
-               demo_data.PERSON, demo_data.CAR, demo_data.TRUCK, demo_data.BUS}
+    allowed = {demo_scenes.EGO, demo_scenes.ROAD, demo_scenes.SIDEWALK, demo_scenes.BUILDING,
+               demo_scenes.POLE, demo_scenes.LIGHT, demo_scenes.VEGETATION, demo_scenes.SKY,
+               demo_scenes.PERSON, demo_scenes.CAR, demo_scenes.TRUCK, demo_scenes.BUS}
     for s in ds.splits["train"] + ds.splits["val"]:
         assert s.kind == "ids" and "/demo/demo_" in s.image
         image, label = datasets.load_pair(s, scheme)
@@ -56,9 +55,9 @@ def test_every_road4_class_is_present_and_learnable(demo_root):
 
 
 def test_deterministic_by_seed(tmp_path):
-    a = arrays(demo_data.make_demo_data(tmp_path / "a", n=3, seed=5, size=SIZE))
-    b = arrays(demo_data.make_demo_data(tmp_path / "b", n=3, seed=5, size=SIZE))
-    c = arrays(demo_data.make_demo_data(tmp_path / "c", n=3, seed=6, size=SIZE))
+    a = arrays(demo_scenes.make_demo_data(tmp_path / "a", n=3, seed=5, size=SIZE))
+    b = arrays(demo_scenes.make_demo_data(tmp_path / "b", n=3, seed=5, size=SIZE))
+    c = arrays(demo_scenes.make_demo_data(tmp_path / "c", n=3, seed=6, size=SIZE))
     assert len(a) == 9 and a.keys() == b.keys() == c.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not any(np.array_equal(a[k], c[k]) for k in a if "leftImg8bit" in k)
@@ -69,36 +68,36 @@ def test_deterministic_by_seed(tmp_path):
 
 def test_complete_set_is_reused_and_other_folders_are_refused(tmp_path):
     root = tmp_path / "demo"
-    demo_data.make_demo_data(root, n=2, seed=0, size=SIZE)
-    info = json.loads((root / demo_data.INFO_FILE).read_text())
+    demo_scenes.make_demo_data(root, n=2, seed=0, size=SIZE)
+    info = json.loads((root / demo_scenes.INFO_FILE).read_text())
     assert info["n"] == 2 and info["size"] == list(SIZE)
     first = next(root.rglob("*_leftImg8bit.png"))
     stamp = first.stat().st_mtime_ns
-    assert demo_data.make_demo_data(root, n=2, seed=0, size=SIZE) == str(root)
+    assert demo_scenes.make_demo_data(root, n=2, seed=0, size=SIZE) == str(root)
     assert first.stat().st_mtime_ns == stamp                # reused, not rewritten
     with pytest.raises(UserError, match="not a complete demo set with n=3"):
-        demo_data.make_demo_data(root, n=3, seed=0, size=SIZE)
+        demo_scenes.make_demo_data(root, n=3, seed=0, size=SIZE)
     first.unlink()                                          # incomplete set: refused too
     with pytest.raises(UserError, match="not empty"):
-        demo_data.make_demo_data(root, n=2, seed=0, size=SIZE)
+        demo_scenes.make_demo_data(root, n=2, seed=0, size=SIZE)
 
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     with pytest.raises(UserError, match="mine' is not empty"):
-        demo_data.make_demo_data(mine, n=2, size=SIZE)
+        demo_scenes.make_demo_data(mine, n=2, size=SIZE)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 def test_empty_existing_folder_is_used(tmp_path):
     (tmp_path / "empty").mkdir()
-    demo_data.make_demo_data(tmp_path / "empty", n=1, size=SIZE)
+    demo_scenes.make_demo_data(tmp_path / "empty", n=1, size=SIZE)
     ds = datasets.find_dataset(tmp_path / "empty")
     assert list(ds.splits) == ["train"] and len(ds.splits["train"]) == 1
 
 
 def test_bad_parameters(tmp_path):
     with pytest.raises(UserError, match="n >= 1"):
-        demo_data.make_demo_data(tmp_path / "x", n=0)
+        demo_scenes.make_demo_data(tmp_path / "x", n=0)
     with pytest.raises(UserError, match="val_fraction"):
-        demo_data.make_demo_data(tmp_path / "x", n=4, val_fraction=1.0)
+        demo_scenes.make_demo_data(tmp_path / "x", n=4, val_fraction=1.0)

@@ -28,10 +28,10 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-import fcn
-import model
-from errors import UserError
-from schemes import get_scheme
+from roadseg import datasets, fcn, inference, input_pipeline, metrics, run_folders, vgg
+from roadseg.errors import UserError
+from roadseg.schemes import get_scheme
+from roadseg.vgg import POOL_AFTER, VGG16_LAYERS
 
 tf1 = tf.compat.v1
 
@@ -96,7 +96,6 @@ def estimate_training_memory(image_shape, batch_size, width=1.0):
     memory at 256x512, batch 4: 1.13 GB at width 1/4 and 4.01 GB at width 1; this gives
     1.2 GB and 4.1 GB.
     """
-    from vgg import POOL_AFTER, VGG16_LAYERS
     per_pixel, scale, params, c_in = 0.0, 1, 0, 3
     for name, _, channels, k in VGG16_LAYERS:
         c = max(1, round(channels * width))
@@ -137,7 +136,6 @@ def _check_memory(cfg, log):
 
 def _usable_samples(samples, scheme, what, log):
     """``--skip-bad``: the samples that load cleanly; the others are listed and counted."""
-    import datasets
     good = []
     for sample in tqdm(samples, desc=f"checking {what} files", unit="img", leave=False):
         try:
@@ -206,7 +204,7 @@ def _resume_dir(runs_dir, run):
     if run is not None:
         return os.path.join(runs_dir, run)
     runs = [os.path.join(runs_dir, d) for d in os.listdir(runs_dir)] if os.path.isdir(runs_dir) else []
-    runs = [d for d in runs if os.path.isfile(os.path.join(d, model.RUN_CONFIG))]
+    runs = [d for d in runs if os.path.isfile(os.path.join(d, run_folders.RUN_CONFIG))]
     if not runs:
         raise UserError(f"--resume: no run to resume in {runs_dir}; start one without --resume")
     return max(runs, key=os.path.getmtime)
@@ -229,18 +227,10 @@ def _setting(key, value):
 
 
 def _new_run_dir(runs_dir, run):
-    import outputs
     if run is not None and os.path.exists(os.path.join(runs_dir, run)):
         raise UserError(f"run folder {os.path.join(runs_dir, run)} already exists; pass --resume to "
                         f"continue it or choose another --run name (nothing is overwritten)")
-    return outputs.new_run_dir(runs_dir, run)
-
-
-def _write_json(path, value):
-    """Write JSON atomically (temporary file, then rename)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(path + ".tmp", path)
+    return run_folders.new_run_dir(runs_dir, run)
 
 
 def _splits(data_dir, val_split, log=print):
@@ -252,7 +242,6 @@ def _splits(data_dir, val_split, log=print):
     'none' -> no validation; 'every-10th' -> every 10th training image; 'sequence:NAME'
     -> the training frames of sequence NAME; any other name -> that split.
     """
-    import datasets
     ds = datasets.find_dataset(data_dir)
     train = [s for s in ds.splits.get("train", []) if s.label]
     if not train:
@@ -299,23 +288,19 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
     Options (see ``DEFAULTS``) are stored in the run's ``config.json``.  Returns a dict with
     ``run_dir``, ``status`` ('finished' or 'interrupted: SIGINT'...), ``history``.
     """
-    import datasets
-    import evaluate
-    import pipeline
-    import vgg as vgg_mod
 
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown training options: {sorted(unknown)}")
     # A resumed run keeps its own settings; options passed now override them.
     run_dir = _resume_dir(runs_dir, run) if resume else None
-    old = model.read_run_config(run_dir) if resume else {}
+    old = run_folders.read_run_config(run_dir) if resume else {}
     cfg = {**DEFAULTS, **{k: v for k, v in old.items() if k in DEFAULTS}, **options}
-    cfg["image_shape"] = list(model.check_image_shape(cfg["image_shape"]))
+    cfg["image_shape"] = list(inference.check_image_shape(cfg["image_shape"]))
     scheme = get_scheme(cfg["scheme"])
-    vgg_mod.check_vgg_dir(vgg_path)
+    vgg.check_vgg_dir(vgg_path)
     cfg["vgg"] = os.path.abspath(vgg_path)
-    cfg["vgg_info"] = vgg_mod.read_vgg_info(vgg_path)
+    cfg["vgg_info"] = vgg.read_vgg_info(vgg_path)
     cfg["data"] = os.path.abspath(data_dir)
     _check_memory(cfg, log)
     dataset, train_samples, val_samples = _splits(data_dir, cfg["val_split"], log)
@@ -331,7 +316,7 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
         _check_resumable(run_dir, old, cfg)
     else:
         run_dir = _new_run_dir(runs_dir, run)
-    _write_json(os.path.join(run_dir, model.RUN_CONFIG), cfg)
+    run_folders.write_json(os.path.join(run_dir, run_folders.RUN_CONFIG), cfg)
     weights = cfg["class_weights"] or None
     batch, shape = cfg["batch_size"], cfg["image_shape"]
     steps_per_epoch = math.ceil(len(train_samples) / batch)
@@ -347,7 +332,7 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
         # The epoch number is part of the data seed, so every epoch has its own order and
         # augmentation, identical in a resumed process: resume skips exactly the batches done.
         epoch_ph = tf1.placeholder_with_default(tf.constant(0, tf.int64), [], name="epoch")
-        ds = pipeline.make_dataset(train_samples, scheme, shape, batch, shuffle=True,
+        ds = input_pipeline.make_dataset(train_samples, scheme, shape, batch, shuffle=True,
                                    augment=cfg["augment"], seed=epoch_ph * 1000003 + cfg["seed"],
                                    cache=cfg["cache"] or None, skip_bad=cfg["skip_bad"])
         skip = tf1.placeholder_with_default(tf.constant(0, tf.int64), [], name="skip_batches")
@@ -360,7 +345,7 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
         _, _, l3, l4, l7 = fcn.load_vgg(sess, vgg_path, input_map={
             "image_input:0": image_input, "keep_prob:0": keep_prob})
         loaded = set(tf1.global_variables())
-        logits = fcn.layers(l3, l4, l7, scheme.num_classes, **model.decoder_kwargs(cfg))
+        logits = fcn.layers(l3, l4, l7, scheme.num_classes, **inference.decoder_kwargs(cfg))
         with tf1.variable_scope("train_state"):
             step_var = tf1.get_variable("step", [], tf.int64, tf1.zeros_initializer(), trainable=False)
             best_var = tf1.get_variable("best_miou", [], tf.float32,
@@ -372,7 +357,7 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
         # computed twice
         data_loss = loss - tf.add_n(tf1.get_collection(tf1.GraphKeys.REGULARIZATION_LOSSES) or [0.0])
         out_size = tf1.placeholder_with_default(tf.shape(logits)[1:3], [2], name="out_size")
-        classes, _ = model.segmentation_head(logits, out_size)
+        classes, _ = inference.segmentation_head(logits, out_size)
         raw = tf1.placeholder(tf.uint8, [None, None, None, 3], name="raw_images")
         resized = tf.image.resize(tf.cast(raw, tf.float32), shape)
         new_best = tf1.placeholder(tf.float32, [])
@@ -382,7 +367,7 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
         sess.run(tf1.variables_initializer([v for v in tf1.global_variables() if v not in loaded]))
         # Relative paths in the ``checkpoint`` index: a run folder can be moved or copied.
         saver = tf1.train.Saver(max_to_keep=cfg["keep_checkpoints"], save_relative_paths=True)
-        best_saver = tf1.train.Saver(model.model_variables() + [best_var], max_to_keep=1,
+        best_saver = tf1.train.Saver(inference.model_variables() + [best_var], max_to_keep=1,
                                      save_relative_paths=True)
         ckpt_prefix = os.path.join(run_dir, "checkpoints", "model.ckpt")
         restored = _restore(sess, saver, os.path.dirname(ckpt_prefix), log) if resume else None
@@ -464,7 +449,7 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
             if val_samples and cfg["eval_every"] and ((epoch + 1) % cfg["eval_every"] == 0
                                                       or epoch + 1 == cfg["epochs"]):
                 subset = val_samples[:cfg["max_eval_images"]] if cfg["max_eval_images"] else val_samples
-                result = evaluate.evaluate(predict_fn, subset, scheme, progress=False)
+                result = metrics.evaluate(predict_fn, subset, scheme, progress=False)
                 record["miou"] = float(result["mean_iou"])
                 record["iou"] = dict(zip(scheme.class_names, map(_num, result["iou"])))
                 _summary(writer, step, miou=result["mean_iou"], pixel_accuracy=result["pixel_accuracy"])
@@ -495,4 +480,4 @@ def _read_history(run_dir):
 
 
 def _write_history(run_dir, history):
-    _write_json(os.path.join(run_dir, "history.json"), history)
+    run_folders.write_json(os.path.join(run_dir, "history.json"), history)

@@ -11,7 +11,7 @@ the tag ``vgg16`` and the interface of the course's ``vgg.zip``:
 
 Pools use SAME padding, so odd sizes round up (H/8 means ceil(H/8)).
 
-Ways to get one (``obtain_vgg`` tries them in this order):
+Ways to get one (``obtain_vgg`` tries them in this order, after ``data/vgg``):
 
 1. the course zip (``maybe_download_pretrained_vgg``), pretrained on ImageNet;
 2. Keras' ImageNet VGG16 converted (``build_vgg_savedmodel(source="keras-imagenet")``):
@@ -50,7 +50,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from errors import UserError
+from roadseg.errors import UserError
 
 COURSE_VGG_URL = "https://s3-us-west-1.amazonaws.com/udacity-selfdrivingcar/vgg.zip"
 # Keras' ImageNet VGG16 weights (with the dense layers) and the md5 hash Keras
@@ -72,6 +72,8 @@ IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)   # Keras' "caffe" preprocessing
 IMAGENET_STD_BGR = (57.375, 57.12, 58.395)
 RETRY_BACKOFF_S = 1.0        # wait before the 2nd download attempt; doubles after
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+PROBE_TIMEOUT_S = 3          # obtain_vgg: how long a download host may take to answer
+FALLBACK_WIDTH = 0.25        # obtain_vgg: channel width of the random-weight fallback
 
 # (our name, Keras' layer name, output channels at width 1, kernel size).
 # A 2x2 max pool follows every layer in POOL_AFTER; fc6/fc7 are followed by dropout.
@@ -551,37 +553,74 @@ def _built(data_dir, source, width):
     return path, pretrained
 
 
-def obtain_vgg(data_dir, source="auto", width=1.0):
+def _reachable(url, timeout=PROBE_TIMEOUT_S):
+    """True when the server of ``url`` answers within ``timeout`` seconds (proxies honoured),
+    so that a machine without network moves on in seconds instead of retrying downloads."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        request = urllib.request.Request(f"{parts.scheme}://{parts.netloc}/", method="HEAD")
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True   # the server answered, if only with an error status
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _download_pretrained(data_dir):
+    """(path, True) of the course VGG16, else Keras' ImageNet one, or None when neither
+    host answers or both downloads fail (each reason printed)."""
+    for way, url in (("course", COURSE_VGG_URL), ("keras-imagenet", KERAS_VGG16_URL)):
+        if not _reachable(url):
+            print(f"{urllib.parse.urlsplit(url).netloc} does not answer: skipping the {way} VGG16",
+                  file=sys.stderr)
+            continue
+        try:
+            if way == "course":
+                return maybe_download_pretrained_vgg(data_dir), True
+            return _built(data_dir, way, 1.0)
+        except DownloadError as err:
+            print(f"the {way} VGG16 could not be downloaded: {err}", file=sys.stderr)
+    return None
+
+
+def obtain_vgg(data_dir, source="auto", width=None, download=True):
     """Get a VGG16 SavedModel into data_dir; return (vgg_path, pretrained).
 
-    source="auto": data_dir/vgg if complete, else the course download, else Keras'
-      ImageNet conversion, else (no network at all) random weights with a loud
-      warning.  Narrow models (width < 1) are never pretrained: auto builds random.
-    source="course" | "keras-imagenet" | "random": only that one way.
-    Built models are reused when they exist already.
+    The one policy of every entry point (CLI, demo, notebook).  ``source="auto"``:
+
+    1. ``data_dir/vgg`` when it exists (an incomplete one is a UserError naming the file);
+    2. a narrow model (``width`` < 1) is never pretrained: random weights, no network;
+    3. when ``download``: the course zip, else Keras' ImageNet VGG16 -- each host is probed
+       first (PROBE_TIMEOUT_S), so offline this moves on in seconds;
+    4. else random weights of ``FALLBACK_WIDTH``, with a banner nobody can miss: a
+       full-width random VGG16 would train far too slowly on a CPU to be worth it.
+
+    ``source="course" | "keras-imagenet"``: only that way (width 1).  ``"random"``: random
+    weights of ``width`` (default 1).  Built models are reused when they exist already.
     """
     if source not in SOURCES:
         raise UserError(f"unknown VGG source {source!r}; use one of: {', '.join(SOURCES)}")
-    _check_width(width)
+    if width is not None:
+        _check_width(width)
     if source == "course":
-        if width != 1:
+        if width not in (None, 1):
             raise UserError(f"the course VGG16 exists only at width 1, not {width:g}; use "
                             "width 1 or source 'random'")
         return maybe_download_pretrained_vgg(data_dir), True
-    if source != "auto" or width != 1:
-        return _built(data_dir, "random" if source == "auto" else source, width)
+    if source != "auto":
+        return _built(data_dir, source, 1.0 if width is None else width)
     vgg_path = os.path.join(data_dir, "vgg")
-    if _is_complete(vgg_path):
+    if os.path.exists(vgg_path):
+        check_vgg_dir(vgg_path)
         return vgg_path, bool(read_vgg_info(vgg_path).get("pretrained", True))
-    try:
-        return maybe_download_pretrained_vgg(data_dir), True
-    except DownloadError as err:
-        print(f"The course VGG16 is unavailable ({err}); trying Keras' ImageNet VGG16",
-              file=sys.stderr)
-    try:
-        return _built(data_dir, "keras-imagenet", 1.0)
-    except DownloadError as err:
-        _banner("NO PRETRAINED VGG16 COULD BE DOWNLOADED (no network?):", str(err),
-                "FALLING BACK TO RANDOM WEIGHTS: segmentation will be far worse.",
-                f"When online, {GET_VGG_HINT}.")
-    return _built(data_dir, "random", 1.0)
+    if width is not None and width != 1:
+        return _built(data_dir, "random", width)
+    found = _download_pretrained(data_dir) if download else None
+    if found:
+        return found
+    _banner("NO PRETRAINED VGG16: none in " + vgg_path + (
+                " and none could be downloaded (no network?)." if download else "."),
+            f"FALLING BACK TO RANDOM WEIGHTS at width {FALLBACK_WIDTH:g}, trained from scratch:",
+            "fine for the demo scenes, far worse on real photos.", f"When online, {GET_VGG_HINT}.")
+    return _built(data_dir, "random", FALLBACK_WIDTH)

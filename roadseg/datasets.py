@@ -39,8 +39,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from errors import UserError
-from schemes import CAMVID_LABELS, IGNORE, decode_color_label, get_scheme
+from roadseg.errors import UserError
+from roadseg.schemes import CAMVID_LABELS, IGNORE, decode_color_label, get_scheme
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -75,7 +75,7 @@ def find_dataset(root):
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"dataset folder '{root}' does not exist; pass the folder that "
-                        f"holds the dataset (or make demo data with demo_data.py)")
+                        f"holds the dataset (or make demo scenes with `segment.py make-demo-data DIR`)")
     for layout, detect, read in _LAYOUTS:
         base = detect(root)
         if base is not None:

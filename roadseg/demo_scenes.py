@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from errors import UserError
+from roadseg.errors import UserError
 
 FORMAT_VERSION = 1
 INFO_FILE = "demo_info.json"

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import fcn
-from errors import UserError
+from roadseg import fcn
+from roadseg.errors import UserError
 
 tf1 = tf.compat.v1
 

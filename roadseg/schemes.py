@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from errors import UserError
+from roadseg.errors import UserError
 
 IGNORE = 255
 REST = "*"  # "every source label not claimed by another class or ignored"

@@ -1,20 +1,19 @@
-"""Tests for evaluate.py and cs_compat.py: metrics on hand-worked cases, the
+"""Tests for metrics.py and cityscapes_eval.py: metrics on hand-worked cases, the
 streaming evaluation at native resolution, reports, labelIds export and parity
 with the official Cityscapes evaluator."""
 import json
 import os
 import sys
-import types
 from collections import namedtuple
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import evaluate
-from errors import UserError
-from evaluate import ConfusionMatrix
-from schemes import IGNORE, get_scheme
+from roadseg import cityscapes_eval, datasets, metrics
+from roadseg.errors import UserError
+from roadseg.metrics import ConfusionMatrix
+from roadseg.schemes import IGNORE, get_scheme
 
 # The contract of datasets.Sample / datasets.load_pair, with a stand-in loader:
 # `image` holds an (H, W) class map that the fake model reads back from channel 0.
@@ -23,14 +22,12 @@ Sample = namedtuple("Sample", "image label kind dataset")
 
 @pytest.fixture
 def fake_datasets(monkeypatch):
-    """Install a stand-in ``datasets`` module whose samples carry their arrays."""
+    """A stand-in ``datasets.load_pair`` for samples that carry their arrays."""
     def load_pair(sample, scheme):
         image = np.repeat(np.asarray(sample.kind["image"], np.uint8)[..., None], 3, axis=2)
         return image, np.asarray(sample.kind["label"], np.uint8)
 
-    module = types.SimpleNamespace(load_pair=load_pair)
-    monkeypatch.setitem(sys.modules, "datasets", module)
-    return module
+    monkeypatch.setattr(datasets, "load_pair", load_pair)
 
 
 def make_sample(image_map, label, name="x_000000_000000_leftImg8bit.png"):
@@ -163,7 +160,7 @@ def test_evaluate_identity_prediction_gives_miou_one(fake_datasets):
         batches.append(images.shape)
         return read_channel0(images)
 
-    r = evaluate.evaluate(predict, samples, get_scheme("road4"), batch_size=2, progress=False)
+    r = metrics.evaluate(predict, samples, get_scheme("road4"), batch_size=2, progress=False)
     assert r["mean_iou"] == 1 and r["pixels"] == 5 * 24 + 20
     np.testing.assert_array_equal(r["iou"][:2], [1, 1])
     assert np.isnan(r["iou"][2:]).all()
@@ -176,7 +173,7 @@ def test_evaluate_shifted_prediction_known_iou(fake_datasets):
     # so each class has TP 2, FP 1, FN 1 -> IoU 1/2, in images of two sizes.
     samples = [make_sample(stripes(4, 6), stripes(4, 6)),
                make_sample(stripes(2, 6), stripes(2, 6))]
-    r = evaluate.evaluate(lambda x: np.roll(read_channel0(x), 1, axis=2), samples,
+    r = metrics.evaluate(lambda x: np.roll(read_channel0(x), 1, axis=2), samples,
                           get_scheme("road4"), progress=False)
     np.testing.assert_allclose(r["iou"][:2], [1 / 2, 1 / 2])
     assert r["pixel_accuracy"] == pytest.approx(4 / 6)
@@ -186,7 +183,7 @@ def test_evaluate_shifted_prediction_known_iou(fake_datasets):
 def test_evaluate_rejects_prediction_at_another_size(fake_datasets):
     samples = [make_sample(stripes(4, 6), stripes(4, 6))]
     with pytest.raises(ValueError, match="input size"):
-        evaluate.evaluate(lambda x: read_channel0(x)[:, ::2, ::2], samples,
+        metrics.evaluate(lambda x: read_channel0(x)[:, ::2, ::2], samples,
                           get_scheme("road4"), progress=False)
 
 
@@ -201,7 +198,7 @@ def worked_result():
 
 def test_format_table_lists_classes_and_summary():
     names = ["background", "road", "vehicle", "pedestrian"]
-    lines = evaluate.format_table(worked_result(), names).splitlines()
+    lines = metrics.format_table(worked_result(), names).splitlines()
     assert lines[2].split() == ["background", "0.6667", "0.6667"]
     assert lines[3].split() == ["road", "0.5000", "1.0000"]
     assert lines[5].split() == ["pedestrian", "-", "-"]          # absent: NaN
@@ -213,7 +210,7 @@ def test_format_table_lists_classes_and_summary():
 def test_save_json_writes_values_and_never_overwrites(tmp_path):
     names = ["background", "road", "vehicle", "pedestrian"]
     path = tmp_path / "out" / "metrics.json"
-    evaluate.save_json(worked_result(), names, str(path))
+    metrics.save_json(worked_result(), names, str(path))
     data = json.loads(path.read_text())
     assert data["classes"]["background"]["iou"] == pytest.approx(2 / 3)
     assert data["classes"]["pedestrian"] == {"iou": None, "accuracy": None}
@@ -221,7 +218,7 @@ def test_save_json_writes_values_and_never_overwrites(tmp_path):
     assert data["confusion_matrix"][0] == [2, 1, 0, 0]
     before = path.read_text()
     with pytest.raises(UserError, match="already exists"):
-        evaluate.save_json(worked_result(), names, str(path))
+        metrics.save_json(worked_result(), names, str(path))
     assert path.read_text() == before
 
 
@@ -230,7 +227,7 @@ def test_save_json_writes_values_and_never_overwrites(tmp_path):
 # ---------------------------------------------------------------------------------
 def test_export_label_ids_road4():
     classes = np.array([[0, 1, 2], [3, 4, IGNORE]], np.uint8)
-    out = evaluate.export_label_ids(classes, get_scheme("road4"))
+    out = cityscapes_eval.export_label_ids(classes, get_scheme("road4"))
     assert out.dtype == np.uint8
     # unlabeled, road, car, person, traffic light; IGNORE -> unlabeled
     np.testing.assert_array_equal(out, [[0, 7, 26], [24, 19, 0]])
@@ -239,26 +236,25 @@ def test_export_label_ids_road4():
 def test_export_label_ids_cityscapes19_round_trips():
     scheme = get_scheme("cityscapes19")
     classes = np.arange(19, dtype=np.uint8).reshape(1, 19)
-    out = evaluate.export_label_ids(classes, scheme)
+    out = cityscapes_eval.export_label_ids(classes, scheme)
     np.testing.assert_array_equal(
         out[0], [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33])
     np.testing.assert_array_equal(scheme.lut("cityscapes")[out], classes)
     with pytest.raises(ValueError, match="outside"):
-        evaluate.export_label_ids(np.array([19]), scheme)
+        cityscapes_eval.export_label_ids(np.array([19]), scheme)
 
 
 def test_prediction_name_matches_official_pattern():
     name = "/d/leftImg8bit/val/aachen/aachen_000000_000019_leftImg8bit.png"
-    assert evaluate.prediction_name(name) == "aachen_000000_000019_pred_labelIds.png"
-    assert evaluate.prediction_name("camvid/0001TP_006690.png") == "0001TP_006690_pred_labelIds.png"
+    assert cityscapes_eval.prediction_name(name) == "aachen_000000_000019_pred_labelIds.png"
+    assert cityscapes_eval.prediction_name("camvid/0001TP_006690.png") == "0001TP_006690_pred_labelIds.png"
 
 
 # ---------------------------------------------------------------------------------
-# cs_compat
+# cityscapes_eval: the numpy shim
 # ---------------------------------------------------------------------------------
 def test_in1d_shim_returns_flattened_membership():
-    import cs_compat
-    cs_compat.install_numpy_shims()
+    cityscapes_eval.install_numpy_shims()
     got = np.in1d(np.array([[1, 2], [3, 4]]), [2, 3])
     np.testing.assert_array_equal(got, [False, True, True, False])
     np.testing.assert_array_equal(np.in1d([1, 2, 3], [2], invert=True), [True, False, True])
@@ -266,13 +262,13 @@ def test_in1d_shim_returns_flattened_membership():
 
 def test_evaluator_imports_despite_a_stale_export_dir(monkeypatch, tmp_path):
     import cityscapesscripts.evaluation as package
-    import cs_compat
-    cs_compat.import_cityscapes_evaluator()
+
+    cityscapes_eval.import_cityscapes_evaluator()
     # Force a fresh import (monkeypatch puts the old module back afterwards).
     monkeypatch.delitem(sys.modules, package.__name__ + ".evalPixelLevelSemanticLabeling")
     monkeypatch.delattr(package, "evalPixelLevelSemanticLabeling")
     monkeypatch.setenv("CITYSCAPES_EXPORT_DIR", str(tmp_path / "missing"))
-    ev = cs_compat.import_cityscapes_evaluator()
+    ev = cityscapes_eval.import_cityscapes_evaluator()
     assert callable(ev.evaluateImgLists)
     assert os.environ["CITYSCAPES_EXPORT_DIR"] == str(tmp_path / "missing")
 
@@ -330,16 +326,16 @@ def test_parity_with_official_cityscapes_evaluator(tmp_path, fake_datasets, monk
         samples.append(Sample(f"leftImg8bit/val/{city}/{stem}_leftImg8bit.png", None,
                               {"image": perturb(rng, classes), "label": classes}, "cityscapes"))
 
-    ours = evaluate.evaluate(read_channel0, samples, scheme, progress=False)
+    ours = metrics.evaluate(read_channel0, samples, scheme, progress=False)
     pred_dir = tmp_path / "pred"
-    paths = evaluate.write_cityscapes_predictions(read_channel0, samples, scheme, str(pred_dir),
+    paths = cityscapes_eval.write_cityscapes_predictions(read_channel0, samples, scheme, str(pred_dir),
                                                   progress=False)
     assert [os.path.basename(p) for p in paths] == [
         "aachen_000000_000019_pred_labelIds.png", "aachen_000001_000019_pred_labelIds.png",
         "bremen_000002_000019_pred_labelIds.png"]
     assert np.asarray(Image.open(paths[2])).shape == (48, 96)
 
-    official = evaluate.run_official_evaluator(str(tmp_path / "gtFine"), str(pred_dir))
+    official = cityscapes_eval.run_official_evaluator(str(tmp_path / "gtFine"), str(pred_dir))
     assert list(official["class_iou"]) == list(scheme.class_names)
     theirs = np.array([official["class_iou"][n] for n in scheme.class_names])
     np.testing.assert_array_equal(np.isnan(theirs), np.isnan(ours["iou"]))
@@ -361,10 +357,10 @@ def test_parity_on_the_real_cityscapes_frame(tmp_path, shared_data, fake_dataset
     pred = perturb(np.random.default_rng(2), classes)
     sample = Sample(gt_file.name.replace("gtFine_labelIds", "leftImg8bit"), None,
                     {"image": pred, "label": classes}, "cityscapes")
-    ours = evaluate.evaluate(read_channel0, [sample], scheme, progress=False)
-    evaluate.write_cityscapes_predictions(read_channel0, [sample], scheme, str(tmp_path / "p"),
+    ours = metrics.evaluate(read_channel0, [sample], scheme, progress=False)
+    cityscapes_eval.write_cityscapes_predictions(read_channel0, [sample], scheme, str(tmp_path / "p"),
                                           progress=False)
-    official = evaluate.run_official_evaluator(str(gt_dir), str(tmp_path / "p"))
+    official = cityscapes_eval.run_official_evaluator(str(gt_dir), str(tmp_path / "p"))
     theirs = np.array([official["class_iou"][n] for n in scheme.class_names])
     np.testing.assert_allclose(theirs, ours["iou"], rtol=0, atol=1e-6, equal_nan=True)
     assert np.isfinite(theirs[[0, 11, 13]]).all()           # road, person, car are present
@@ -372,7 +368,6 @@ def test_parity_on_the_real_cityscapes_frame(tmp_path, shared_data, fake_dataset
 
 def test_end_to_end_with_the_real_loader(tmp_path):
     """datasets.find_dataset + load_pair -> evaluate / write -> official evaluator."""
-    datasets = pytest.importorskip("datasets")
     scheme = get_scheme("cityscapes19")
     lut = scheme.lut("cityscapes")
     rng = np.random.default_rng(3)
@@ -396,15 +391,15 @@ def test_end_to_end_with_the_real_loader(tmp_path):
         classes = lut[images[..., 0]]
         return np.where(classes == IGNORE, 0, classes)
 
-    r = evaluate.evaluate(oracle, splits["val"], scheme, progress=False)
+    r = metrics.evaluate(oracle, splits["val"], scheme, progress=False)
     assert r["mean_iou"] == 1 and r["pixels"] == counted > 0
-    evaluate.write_cityscapes_predictions(oracle, splits["val"], scheme, str(tmp_path / "p"),
+    cityscapes_eval.write_cityscapes_predictions(oracle, splits["val"], scheme, str(tmp_path / "p"),
                                           progress=False)
-    official = evaluate.run_official_evaluator(str(root / "gtFine" / "val"), str(tmp_path / "p"))
+    official = cityscapes_eval.run_official_evaluator(str(root / "gtFine" / "val"), str(tmp_path / "p"))
     assert official["mean_iou"] == 1 and official["mean_iiou"] == 1
     with pytest.raises(UserError, match="no label"):
-        evaluate.evaluate(oracle, splits["test"], scheme, progress=False)
-    paths = evaluate.write_cityscapes_predictions(oracle, splits["test"], scheme,
+        metrics.evaluate(oracle, splits["test"], scheme, progress=False)
+    paths = cityscapes_eval.write_cityscapes_predictions(oracle, splits["test"], scheme,
                                                   str(tmp_path / "t"), progress=False)
     assert [os.path.basename(p) for p in paths] == ["lindau_000000_000019_pred_labelIds.png"]
 
@@ -415,7 +410,7 @@ def test_official_evaluator_missing_prediction_is_a_user_error(tmp_path):
     Image.fromarray(np.full((8, 8), 7, np.uint8)).save(gt / "ulm_000000_000019_gtFine_labelIds.png")
     (tmp_path / "pred").mkdir()
     with pytest.raises(UserError, match="Found no prediction"):
-        evaluate.run_official_evaluator(str(tmp_path / "gtFine"), str(tmp_path / "pred"))
+        cityscapes_eval.run_official_evaluator(str(tmp_path / "gtFine"), str(tmp_path / "pred"))
 
 
 def test_write_predictions_refuses_a_non_empty_folder(tmp_path, fake_datasets):
@@ -423,6 +418,6 @@ def test_write_predictions_refuses_a_non_empty_folder(tmp_path, fake_datasets):
     (tmp_path / "pred" / "mine.txt").write_text("keep me")
     samples = [make_sample(stripes(4, 6), stripes(4, 6))]
     with pytest.raises(UserError, match="not empty"):
-        evaluate.write_cityscapes_predictions(read_channel0, samples, get_scheme("road4"),
+        cityscapes_eval.write_cityscapes_predictions(read_channel0, samples, get_scheme("road4"),
                                               str(tmp_path / "pred"), progress=False)
     assert (tmp_path / "pred" / "mine.txt").read_text() == "keep me"

@@ -1,0 +1,58 @@
+"""Export a training run as a self-contained inference SavedModel.
+
+``export(run_dir, out_dir)`` saves the inference graph of ``roadseg.inference`` (uint8
+images of any size -> class maps at that size) with the run's weights: tag ``serve``,
+signature ``predict`` (inputs ``images``; outputs ``classes``, ``probabilities``), plus
+``export_info.json`` (scheme, image shape, source run).  ``inference.load_predictor`` and
+every command that takes ``--model`` accept the folder.
+"""
+import json
+import os
+import shutil
+import tempfile
+
+import tensorflow as tf
+
+from roadseg.errors import UserError
+from roadseg.inference import (
+    EXPORT_INFO,
+    SERVE_TAG,
+    SIGNATURE,
+    build_inference,
+    decoder_kwargs,
+    model_variables,
+)
+from roadseg.run_folders import read_run_config, run_checkpoint
+from roadseg.schemes import get_scheme
+
+tf1 = tf.compat.v1
+
+
+def export(run_dir, out_dir, which="best"):
+    """Write a self-contained inference SavedModel of a run into the new folder ``out_dir``."""
+    if os.path.exists(out_dir):
+        raise UserError(f"{out_dir} already exists; choose a new --out folder (nothing is overwritten)")
+    config = read_run_config(run_dir)
+    ckpt = run_checkpoint(run_dir, which)
+    scheme = get_scheme(config["scheme"])
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(out_dir)))
+    os.rmdir(tmp)  # the Builder wants to create the folder itself
+    try:
+        with tf.Graph().as_default(), tf1.Session() as sess:
+            images, classes, probs = build_inference(sess, config["vgg"], scheme.num_classes,
+                                                     config["image_shape"], **decoder_kwargs(config))
+            tf1.train.Saver(model_variables()).restore(sess, ckpt)
+            sig = tf1.saved_model.signature_def_utils.predict_signature_def(
+                inputs={"images": images}, outputs={"classes": classes, "probabilities": probs})
+            builder = tf1.saved_model.Builder(tmp)
+            builder.add_meta_graph_and_variables(sess, [SERVE_TAG], signature_def_map={SIGNATURE: sig})
+            builder.save()
+        info = dict(scheme=scheme.name, class_names=list(scheme.class_names),
+                    image_shape=list(config["image_shape"]), checkpoint=os.path.basename(ckpt),
+                    run=os.path.abspath(run_dir))
+        with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
+            json.dump(info, f, indent=2)
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,313 @@
+"""Video in and out: one reader, one writer, and the overlaid copy of a video.
+
+* ``process_video``     -> an overlaid H.264 copy of a video; decoding, inference and
+                           encoding overlap in three threads
+* ``read_frames``       -> chosen frames of a video as RGB arrays
+* ``write_video``       -> RGB frames as an H.264 mp4 (a new file)
+* ``make_test_video``   -> a small synthetic clip with known colour regions
+* ``pan_clip_frames``   -> frames of a slow pan across images (a clip of still scenes)
+
+Frames are RGB uint8 end to end; files are written under a hidden temporary name and
+get their final name only when complete.
+"""
+import contextlib
+import itertools
+import os
+import queue
+import threading
+import time
+import uuid
+from fractions import Fraction
+
+import imageio_ffmpeg
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from roadseg.errors import UserError
+from roadseg.inference import predict_batch
+from roadseg.overlays import overlay
+from roadseg.run_folders import publish
+
+CRF = 18          # libx264 constant rate factor: 18 is close to visually lossless
+QUEUE_BATCHES = 4  # batches buffered between the reader, the model and the writer
+
+
+def _exact_fps(fps):
+    """ffmpeg prints rates rounded (29.97); restore the NTSC fractions such as 30000/1001."""
+    ntsc = round(fps * 1.001)
+    if fps != int(fps) and abs(fps - ntsc / 1.001) < 0.005:
+        return Fraction(ntsc * 1000, 1001)
+    return Fraction(fps).limit_denominator(1001)
+
+
+def _first_line(err):
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _open_reader(path):
+    """``(raw frame generator, metadata)`` of a video, or a UserError naming the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"video {path} does not exist; check the path")
+    frames = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24")
+    try:
+        meta = next(frames)
+    except (OSError, RuntimeError, IndexError, AttributeError, StopIteration) as err:
+        frames.close()
+        raise UserError(f"cannot read video {path} ({_first_line(err)}); "
+                        f"is it a video file?") from None
+    return frames, meta
+
+
+def _read_batches(frames, path, size, batch_size, max_frames=None):
+    """Yield uint8 (N, H, W, 3) RGB batches from a ``read_frames`` generator, then close it."""
+    width, height = size
+    batch = []
+    try:
+        for i, raw in enumerate(frames):
+            if max_frames is not None and i >= max_frames:
+                break
+            batch.append(np.frombuffer(raw, np.uint8).reshape(height, width, 3))
+            if len(batch) == batch_size:
+                yield np.stack(batch)
+                batch = []
+    except (OSError, RuntimeError) as err:
+        raise UserError(f"cannot decode video {path}: {_first_line(err)}") from None
+    finally:
+        frames.close()  # stops ffmpeg
+    if batch:
+        yield np.stack(batch)
+
+
+def _open_writer(path, size, fps):
+    """An imageio-ffmpeg writer (a generator: ``.send(frame)``, ``.close()``) for RGB frames.
+
+    H.264 at exactly ``size`` (W, H).  yuv420p, which every player supports, needs even
+    sides; odd sizes are written as yuv444p rather than rescaled.
+    """
+    even = size[0] % 2 == 0 and size[1] % 2 == 0
+    writer = imageio_ffmpeg.write_frames(
+        path, size, fps=fps, codec="libx264", pix_fmt_in="rgb24",
+        pix_fmt_out="yuv420p" if even else "yuv444p", macro_block_size=1,
+        quality=None, output_params=["-crf", str(CRF), "-f", "mp4"], ffmpeg_log_level="error")
+    writer.send(None)  # start ffmpeg
+    return writer
+
+
+def _write_batches(batches, path, size, fps):
+    """Encode every frame of every batch; ffmpeg starts at the first batch."""
+    writer = None
+    try:
+        for batch in batches:
+            writer = writer or _open_writer(path, size, fps)
+            for frame in batch:
+                writer.send(np.ascontiguousarray(frame))
+    finally:
+        if writer is not None:
+            writer.close()  # waits until ffmpeg has finished the file
+
+
+_END = object()  # end-of-stream marker passed through the queues
+
+
+def _put(q, item, stop):
+    """``q.put(item)`` that gives up (returns False) once ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _drain(q, stop):
+    """Iterate over a queue's items until ``_END``, or until ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            item = q.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if item is _END:
+            return
+        yield item
+
+
+def _overlapped(source, transform, sink, on_item=lambda item: None):
+    """``sink(transform(x) for x in source)`` with the three stages in three threads.
+
+    ``source`` is iterated in a reader thread, ``transform`` runs in this thread and
+    ``sink`` consumes the results in a writer thread; bounded queues connect them.  The
+    first error of any stage stops the others and is raised here; threads are always joined.
+    """
+    inbox, outbox = queue.Queue(QUEUE_BATCHES), queue.Queue(QUEUE_BATCHES)
+    stop, errors = threading.Event(), []
+
+    def run(stage, *args):
+        try:
+            stage(*args)
+        except BaseException as err:
+            errors.append(err)
+            stop.set()
+
+    def read():
+        for item in source:
+            if not _put(inbox, item, stop):
+                return
+        _put(inbox, _END, stop)
+
+    reader = threading.Thread(target=run, args=(read,), daemon=True)
+    writer = threading.Thread(target=run, args=(sink, _drain(outbox, stop)), daemon=True)
+    reader.start()
+    writer.start()
+    try:
+        for item in _drain(inbox, stop):
+            result = transform(item)
+            if not _put(outbox, result, stop):
+                break
+            on_item(item)
+        _put(outbox, _END, stop)
+        writer.join()  # normal end: the writer empties the queue and finishes
+    finally:
+        stop.set()  # after an error: releases both threads from their queues
+        reader.join()
+        writer.join()
+    if errors:
+        raise errors[0]
+
+
+def _check_new_mp4(out_path):
+    if not out_path.lower().endswith(".mp4"):
+        raise UserError(f"output video {out_path} must end in .mp4 (H.264 in an mp4 file)")
+    if os.path.exists(out_path):
+        raise UserError(f"{out_path} already exists; choose another output name or delete it")
+
+
+@contextlib.contextmanager
+def _temporary_output(out_path):
+    """Yield a hidden temporary path next to ``out_path``; on success it gets the final name
+    (``publish``), on any error it is removed: nothing half-written under the final name."""
+    out_dir = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp_path = os.path.join(out_dir, f".{os.path.basename(out_path)}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        yield tmp_path
+        publish(tmp_path, out_path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+
+
+def process_video(in_path, out_path, predict_fn, scheme, batch_size=4, alpha=0.5,
+                  max_frames=None):
+    """Write an H.264 mp4 of ``in_path`` with the predicted classes of ``scheme`` overlaid.
+
+    Same frame count (or the first ``max_frames``), size and frame rate as the input; RGB
+    end to end.  Decoding, inference (this thread) and overlay + encoding overlap
+    (``_overlapped``), so the rate is close to ``predict_fn``'s own.  The video goes to a
+    hidden temporary file next to ``out_path`` that gets its name only when complete; an
+    existing ``out_path`` is refused.
+
+    Returns ``{"frames", "fps", "size", "seconds", "frames_per_second"}`` (wall-clock rate).
+    """
+    in_path, out_path = os.fspath(in_path), os.fspath(out_path)
+    if max_frames is not None and max_frames < 1:
+        raise UserError(f"max_frames must be at least 1, got {max_frames}")
+    _check_new_mp4(out_path)
+    frames, meta = _open_reader(in_path)
+    size = tuple(meta["size"])
+    fps = _exact_fps(meta["fps"] or 25.0)
+    total = round(meta.get("duration", 0) * float(fps)) or None
+    if max_frames is not None:
+        total = min(total or max_frames, max_frames)
+    n_frames, start = 0, time.perf_counter()
+    bar = tqdm(total=total, desc=os.path.basename(in_path), unit="frame")
+
+    def advance(images):
+        nonlocal n_frames
+        n_frames += len(images)
+        bar.update(len(images))
+
+    try:
+        with _temporary_output(out_path) as tmp_path:
+            _overlapped(source=_read_batches(frames, in_path, size, batch_size, max_frames),
+                        transform=lambda images: (images, predict_batch(predict_fn, images)),
+                        sink=lambda pairs: _write_batches(
+                            (overlay(images, maps, scheme, alpha) for images, maps in pairs),
+                            tmp_path, size, fps),
+                        on_item=advance)
+            if n_frames == 0:
+                raise UserError(f"video {in_path} has no frames; check the file")
+    finally:
+        bar.close()
+        frames.close()  # in case the reader stopped early or never started
+    seconds = time.perf_counter() - start
+    return {"frames": n_frames, "fps": float(fps), "size": size,
+            "seconds": seconds, "frames_per_second": n_frames / seconds}
+
+
+def write_video(out_path, frames, fps=12):
+    """Write RGB uint8 frames (an iterable of equal-size arrays) as the new mp4 ``out_path``."""
+    out_path = os.fspath(out_path)
+    _check_new_mp4(out_path)
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise UserError(f"no frames to write to {out_path}")
+    height, width = first.shape[:2]
+    with _temporary_output(out_path) as tmp_path:
+        _write_batches(itertools.chain([[first]], ([f] for f in frames)), tmp_path,
+                       (width, height), fps)
+    return out_path
+
+
+def read_frames(path, indices):
+    """The frames of the video at ``path`` with the given indices, as RGB arrays."""
+    frames, meta = _open_reader(os.fspath(path))
+    wanted, found = set(indices), {}
+    width, height = meta["size"]
+    try:
+        for i, raw in enumerate(frames):
+            if i in wanted:
+                found[i] = np.frombuffer(raw, np.uint8).reshape(height, width, 3)
+            if len(found) == len(wanted):
+                break
+    finally:
+        frames.close()
+    return [found[i] for i in indices if i in found]
+
+
+def make_test_video(path, n_frames, size=(160, 96), fps=12):
+    """Write a synthetic clip for tests and benchmarks; returns ``path``.
+
+    Left half red (220, 40, 40), right half green (40, 200, 40), and a grey (128, 128, 128)
+    square moving along the top quarter so consecutive frames differ.
+    """
+    width, height = size
+    side = max(2, height // 4)
+
+    def frame(i):
+        image = np.empty((height, width, 3), np.uint8)
+        image[:, :width // 2] = (220, 40, 40)
+        image[:, width // 2:] = (40, 200, 40)
+        x = (i * 4) % max(1, width - side)
+        image[:side, x:x + side] = 128
+        return image
+
+    return write_video(path, (frame(i) for i in range(n_frames)), fps)
+
+
+def pan_clip_frames(images, n_frames, size):
+    """``n_frames`` RGB frames of ``size`` (H, W): a slow pan across each of ``images``
+    (RGB arrays) in turn -- a clip made of still scenes, for demos."""
+    h, w = size
+    frames = []
+    per_scene = max(1, -(-n_frames // max(1, len(images))))
+    for image in images:
+        big = np.asarray(Image.fromarray(image).resize((w + w // 8, h), Image.BILINEAR))
+        for k in range(per_scene):
+            x = int(round(k * (w // 8) / max(1, per_scene - 1)))
+            frames.append(big[:, x:x + w])
+            if len(frames) == n_frames:
+                return frames
+    return frames

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from roadseg import fcn, vgg
+from roadseg import fcn, losses, vgg
 from roadseg.fcn import layers, load_vgg, optimize, train_nn
 
 tf1 = tf.compat.v1
@@ -123,7 +123,7 @@ def test_optimize_ignores_void_and_includes_l2():
         image, out = _tiny_net()
         label = tf1.placeholder(tf.int32, [None, None, None])
         _, _, loss = optimize(out, label, 1e-2, 3)
-        pix = fcn.pixel_loss(out, label, 3)
+        pix = losses.pixel_loss(out, label, 3)
         sess.run(tf1.global_variables_initializer())
         x = np.random.rand(1, 32, 32, 3) * 255
         y = np.random.randint(0, 3, (1, 32, 32))
@@ -146,7 +146,7 @@ def test_optimize_ignores_void_and_includes_l2():
         onehot = tf1.placeholder(tf.float32, [None, None, None, 3])
         eye = np.vstack([np.eye(3), np.zeros((1, 3))])
         np.testing.assert_allclose(
-            sess.run(fcn.pixel_loss(out, onehot, 3),
+            sess.run(losses.pixel_loss(out, onehot, 3),
                      {image: x, onehot: eye[np.where(y_void == 255, 3, y_void)]}), part, rtol=1e-5)
 
 
@@ -154,8 +154,8 @@ def test_optimize_class_weights():
     with _graph(), tf1.Session() as sess:
         image, out = _tiny_net()
         label = tf1.placeholder(tf.int32, [None, None, None])
-        plain = fcn.pixel_loss(out, label, 3)
-        only_class_1 = fcn.pixel_loss(out, label, 3, class_weights=[0.0, 1.0, 0.0])
+        plain = losses.pixel_loss(out, label, 3)
+        only_class_1 = losses.pixel_loss(out, label, 3, class_weights=[0.0, 1.0, 0.0])
         sess.run(tf1.global_variables_initializer())
         x = np.random.rand(1, 32, 32, 3) * 255
         y = np.random.randint(0, 3, (1, 32, 32))

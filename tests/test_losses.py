@@ -1,9 +1,9 @@
-"""fcn.pixel_loss options (cross-entropy, focal, OHEM) and fcn.dice_loss, against numpy on known logits."""
+"""losses.pixel_loss options (cross-entropy, focal, OHEM) and losses.dice_loss, against numpy on known logits."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from roadseg import fcn
+from roadseg import fcn, losses
 from roadseg.errors import UserError
 
 tf1 = tf.compat.v1
@@ -24,7 +24,7 @@ def _np_ce():
 
 def _loss(labels=LABELS, **options):
     with tf.Graph().as_default(), tf1.Session() as sess:
-        return float(sess.run(fcn.pixel_loss(tf.constant(LOGITS), tf.constant(labels), 3, **options)))
+        return float(sess.run(losses.pixel_loss(tf.constant(LOGITS), tf.constant(labels), 3, **options)))
 
 
 def test_ce_is_mean_over_labelled_pixels():
@@ -58,7 +58,7 @@ def test_ohem_averages_the_hardest_fraction_and_never_picks_void():
 
 def test_all_void_batch_gives_zero_not_nan():
     void = np.full_like(LABELS, 255)
-    for name in fcn.LOSSES:
+    for name in losses.LOSSES:
         assert _loss(labels=void, loss=name) == 0.0
 
 
@@ -89,7 +89,7 @@ def _np_dice(logits=LOGITS, labels=LABELS, smooth=1.0):
 
 def _dice(labels=LABELS, logits=LOGITS):
     with tf.Graph().as_default(), tf1.Session() as sess:
-        return float(sess.run(fcn.dice_loss(tf.constant(logits), tf.constant(labels), 3)))
+        return float(sess.run(losses.dice_loss(tf.constant(logits), tf.constant(labels), 3)))
 
 
 def test_dice_matches_formula_and_ignores_void():

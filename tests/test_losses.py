@@ -1,4 +1,4 @@
-"""losses.pixel_loss options (cross-entropy, focal, OHEM) and losses.dice_loss, against numpy on known logits."""
+"""losses.pixel_loss (cross-entropy, focal, OHEM) and losses.dice_loss, against numpy on known logits."""
 import numpy as np
 import pytest
 import tensorflow as tf

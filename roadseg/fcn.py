@@ -93,8 +93,33 @@ def _upsample(x, like_hw, factor, num_classes, name, l2_scale, bilinear):
         return y
 
 
+def _nearest_32(v):
+    return max(32, round(v / 32) * 32)
+
+
+def check_image_shape(image_shape):
+    """``(H, W)`` as ints when both are multiples of 32 of at least 32, else a ``UserError``.
+
+    The one shape check of the project (pipeline, inference, training options): VGG16
+    downsamples by 32, so FCN-8s needs sides divisible by 32.  The error suggests the
+    nearest shape that works (60 x 100 -> 64 96).
+    """
+    try:
+        h, w = (int(v) for v in image_shape)
+    except (TypeError, ValueError):
+        raise UserError(f"image shape must be two integers H W, got {image_shape!r}") from None
+    if h < 32 or w < 32:
+        raise UserError(f"image shape {h}x{w}: both sides must be at least 32 (and divisible "
+                        f"by 32); use e.g. {_nearest_32(abs(h))} {_nearest_32(abs(w))}")
+    if h % 32 or w % 32:
+        raise UserError(f"image shape {h}x{w} is not divisible by 32 (VGG16 downsamples by 32); "
+                        f"use e.g. {_nearest_32(h)} {_nearest_32(w)}")
+    return h, w
+
+
 def _check_divisible(l3, l4, l7):
-    """Reject, at graph-build time, spatial sizes that are not divisible by 32."""
+    """At graph-build time, the feature maps of an input whose sides are not divisible by 32
+    do not halve exactly from pool3 to fc7: reject them (when the shapes are static)."""
     for small, big in ((l7, l4), (l4, l3)):
         for axis in (1, 2):
             s, b = small.shape[axis], big.shape[axis]

@@ -32,12 +32,16 @@ def decoder_kwargs(config):
                 l2_scale=config.get("l2_scale", 1e-3))
 
 
-def check_image_shape(image_shape):
-    h, w = (int(v) for v in image_shape)
-    if h <= 0 or w <= 0 or h % 32 or w % 32:
-        raise UserError(f"image shape {h}x{w} is not divisible by 32 (VGG16 downsamples by 32); "
-                        f"use e.g. {max(32, round(h / 32) * 32)} {max(32, round(w / 32) * 32)}")
-    return h, w
+def resize_to_network(images, image_shape):
+    """Images ``[N, H, W, 3]`` (uint8 or float, any size) -> float32 ``[N, h, w, 3]`` at the
+    network's ``image_shape``: bilinear, rounded to whole grey levels in 0..255.
+
+    The one resize of every path -- the training pipeline, training's validation, exports,
+    predictors and the course helpers -- so the network always sees inputs made the way it
+    was trained on (no antialiasing: ``tf.image.resize`` as in the tf.data pipeline).
+    """
+    resized = tf.image.resize(tf.cast(images, tf.float32), image_shape, method="bilinear")
+    return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
 
 
 def segmentation_head(logits_4d, out_size):
@@ -50,9 +54,9 @@ def segmentation_head(logits_4d, out_size):
 
 def build_inference(sess, vgg_path, num_classes, image_shape, **layer_kwargs):
     """Build the inference graph in ``sess.graph``; returns (images, classes, probabilities)."""
-    h, w = check_image_shape(image_shape)
+    h, w = fcn.check_image_shape(image_shape)
     images = tf1.placeholder(tf.uint8, [None, None, None, 3], name="images")
-    x = tf.image.resize(tf.cast(images, tf.float32), (h, w), method="bilinear")
+    x = resize_to_network(images, (h, w))
     _, _, l3, l4, l7 = fcn.load_vgg(sess, vgg_path, input_map={
         "image_input:0": x, "keep_prob:0": tf.constant(1.0, name="keep_prob_inference")})
     logits = fcn.layers(l3, l4, l7, num_classes, **layer_kwargs)

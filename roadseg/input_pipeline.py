@@ -30,7 +30,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from roadseg import datasets
+from roadseg import datasets, fcn, inference
 from roadseg.errors import UserError
 from roadseg.schemes import IGNORE
 
@@ -62,7 +62,7 @@ def make_dataset(samples, scheme, image_shape, batch_size, *, shuffle=True, augm
     skip_bad     leave out (with a warning) samples that cannot be read, instead of
                  failing with ``UserError``
     """
-    image_shape = _check_shape(image_shape)
+    image_shape = fcn.check_image_shape(image_shape)
     samples = list(samples)
     if not samples:
         raise UserError("no samples to make batches from; check the dataset split")
@@ -105,17 +105,6 @@ def make_dataset(samples, scheme, image_shape, batch_size, *, shuffle=True, augm
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
-def _check_shape(image_shape):
-    try:
-        h, w = (int(v) for v in image_shape)
-    except (TypeError, ValueError):
-        raise UserError(f"image shape must be two integers (H, W), got {image_shape!r}") from None
-    if h < 32 or w < 32 or h % 32 or w % 32:
-        raise UserError(f"image shape {h}x{w} must be divisible by 32 (e.g. "
-                        f"{max(32, round(h / 32) * 32)}x{max(32, round(w / 32) * 32)})")
-    return h, w
-
-
 def _load(sample, scheme, skip_bad):
     """numpy side of decoding: (image uint8, label uint8, ok) of one sample."""
     try:
@@ -130,8 +119,7 @@ def _load(sample, scheme, skip_bad):
 
 def _resize(image, label, image_shape):
     """Image bilinear (rounded back to uint8), label nearest neighbour."""
-    image = tf.image.resize(image, image_shape, method="bilinear")
-    image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    image = tf.cast(inference.resize_to_network(image[None], image_shape)[0], tf.uint8)
     label = tf.image.resize(label[..., None], image_shape, method="nearest")[..., 0]
     return tf.ensure_shape(image, image_shape + (3,)), tf.ensure_shape(label, image_shape)
 

@@ -296,7 +296,7 @@ def train(data_dir, vgg_path, runs_dir="runs", run=None, resume=False, log=print
     run_dir = _resume_dir(runs_dir, run) if resume else None
     old = run_folders.read_run_config(run_dir) if resume else {}
     cfg = {**DEFAULTS, **{k: v for k, v in old.items() if k in DEFAULTS}, **options}
-    cfg["image_shape"] = list(inference.check_image_shape(cfg["image_shape"]))
+    cfg["image_shape"] = list(fcn.check_image_shape(cfg["image_shape"]))
     scheme = get_scheme(cfg["scheme"])
     vgg.check_vgg_dir(vgg_path)
     cfg["vgg"] = os.path.abspath(vgg_path)

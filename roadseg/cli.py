@@ -34,6 +34,7 @@ def quiet_tensorflow_import():
 quiet_tensorflow_import()   # the modules below import TensorFlow: mute its start-up lines first
 from roadseg import (  # noqa: E402
     cityscapes_eval,
+    config,
     datasets,
     demo,
     demo_scenes,
@@ -49,7 +50,6 @@ from roadseg import (  # noqa: E402
 from roadseg.errors import UserError  # noqa: E402
 from roadseg.schemes import SCHEMES  # noqa: E402
 
-DEFAULT_DATA = "data"
 DEFAULT_RUNS = "runs"
 
 
@@ -77,27 +77,10 @@ def cmd_get_vgg(a):
     print(f"VGG16 ready at {path} ({'pretrained' if pretrained else 'NOT pretrained: random weights'})")
 
 
-def resolve_vgg(a):
-    """--vgg DIR if given, else obtain one (``vgg.obtain_vgg``) under the data folder."""
-    if a.vgg:
-        return vgg.check_vgg_dir(a.vgg)
-    path, _ = vgg.obtain_vgg(DEFAULT_DATA, source=a.vgg_source, width=a.width)
-    return path
-
-
-# train's command-line flag -> trainer.DEFAULTS option.  Flags default to None ("not given"):
-# a new run then uses trainer.DEFAULTS, a resumed one (--resume) its own saved settings.
-TRAIN_FLAGS = ("scheme", "image_shape", "epochs", "batch_size", "lr", "lr_schedule", "warmup_epochs",
-               "keep_prob", "l2_scale", "class_weights", "loss", "focal_gamma", "ohem_fraction",
-               "dice_weight", "augment", "skip_scales", "checkpoint_every", "eval_every", "val_split",
-               "seed", "skip_bad")
-
-
 def cmd_train(a):
     """Exit 0 when finished; 130 when SIGINT (Ctrl-C) or SIGTERM stopped it after saving."""
-    options = {k: getattr(a, k) for k in TRAIN_FLAGS if getattr(a, k) is not None}
-    result = trainer.train(a.data, resolve_vgg(a), runs_dir=a.runs, run=a.run, resume=a.resume,
-                         **options)
+    result = trainer.train(runs_dir=a.runs, run=a.run, resume=a.resume, recipe=a.config,
+                           **config.given_options(a))
     print(f"{result['status']}: {result['steps']} steps, best val mIoU "
           f"{result['best_miou']:.4f} -- run folder {result['run_dir']}")
     return 0 if result["status"] == "finished" else 130
@@ -216,54 +199,16 @@ def build_parser():
     sp.add_argument("--source", default="auto", choices=["auto", "course", "keras-imagenet", "random"])
     sp.add_argument("--width", type=float, help="channel-width multiplier of a random VGG16 (e.g. "
                     "0.25; pretrained ones are width 1; default: 1, or 0.25 for auto's fallback)")
-    sp.add_argument("--data", default=DEFAULT_DATA, help="data folder (default: data)")
+    sp.add_argument("--data", default=vgg.DATA_ROOT, help="data folder (default: data)")
     sp.add_argument("--out", help="build into this new folder instead")
     sp.add_argument("--seed", type=int, default=0)
 
     sp = add("train", cmd_train, "train FCN-8s; a run folder runs/<name> holds checkpoints, "
              "history and TensorBoard logs. Ctrl-C or SIGTERM saves a checkpoint and exits "
              "with code 130 (continue with --resume)")
-    sp.add_argument("--data", required=True, help="dataset root (any supported layout)")
-    sp.add_argument("--vgg", help="VGG16 SavedModel folder (default: obtained into data/)")
-    sp.add_argument("--vgg-source", default="auto", choices=["auto", "course", "keras-imagenet", "random"])
-    sp.add_argument("--width", type=float, help="width of a random VGG16 built here (a width "
-                    "below 1 means random weights; default: 1, or 0.25 for auto's fallback)")
-
-    D = trainer.DEFAULTS
-
-    def opt(flag, help, **kw):
-        dest = flag[2:].replace("-", "_")
-        sp.add_argument(flag, help=f"{help} (default {D[kw.get('dest', dest)]})", **kw)
-
-    opt("--scheme", "class scheme", choices=SCHEMES)
-    opt("--image-shape", "network input H W, divisible by 32", type=int, nargs=2,
-        metavar=("H", "W"))
-    opt("--epochs", "epochs", type=int)
-    opt("--batch-size", "images per step", type=int)
-    opt("--lr", "learning rate (Adam)", type=float)
-    opt("--lr-schedule", "learning-rate schedule", choices=["constant", "poly", "cosine"])
-    opt("--warmup-epochs", "linear learning-rate warm-up", type=float)
-    opt("--keep-prob", "dropout keep probability of fc6/fc7", type=float)
-    opt("--l2", "L2 weight of the decoder kernels", type=float, dest="l2_scale")
-    opt("--class-weights", "median-frequency class weights", action="store_const", const=True)
-    opt("--loss", "per-pixel loss: cross-entropy, focal, or the hardest pixels only (OHEM)",
-        choices=["ce", "focal", "ohem"])
-    opt("--focal-gamma", "focusing power of --loss focal", type=float)
-    opt("--ohem-fraction", "share of labelled pixels kept by --loss ohem", type=float)
-    opt("--dice-weight", "add this weight x the soft Dice loss (per-class overlap, every class "
-        "counts the same) to the pixel loss; 0 = off", type=float)
-    opt("--augment", "training augmentation: flip, mild (flip + scale 0.8-1.25x), full (flip + "
-        "scale 0.5-2x + colour jitter)", choices=["flip", "mild", "full"])
-    opt("--no-augment", "no augmentation at all", action="store_const", const=False, dest="augment")
-    opt("--no-skip-scaling", "do not scale pool4/pool3 by 0.01/0.0001 before their score layers "
-        "(right for random init)", action="store_const", const=[], dest="skip_scales")
-    opt("--checkpoint-every", "also checkpoint every N steps; 0 = each epoch", type=int)
-    opt("--eval-every", "validate every N epochs", type=int)
-    opt("--val-split", "validation: unset = the 'val' split, else a whole training sequence held "
-        "out, else every 10th training image; 'sequence:NAME', 'every-10th', 'none' or a split name")
-    opt("--seed", "seed of shuffling and augmentation", type=int)
-    opt("--skip-bad", "leave out samples that cannot be read or whose image and label differ "
-        "in size (each is listed, the count reported)", action="store_const", const=True)
+    sp.add_argument("--config", metavar="FILE", help="a recipe: a JSON file of these options "
+                    "(configs/*.json); flags given here override it")
+    config.add_arguments(sp)   # one flag (or a few) per TrainConfig option
     sp.add_argument("--run", help="run name (default: a timestamp)")
     sp.add_argument("--resume", action="store_true", help="continue --run (or the latest run)")
     sp.add_argument("--runs", default=DEFAULT_RUNS, help=argparse.SUPPRESS)

@@ -464,6 +464,50 @@ def hold_out_sequence(samples, share=VAL_SEQUENCE_SHARE):
     return min(sorted(counts), key=lambda name: abs(counts[name] - share * len(samples)))
 
 
+def training_splits(data_dir, val_split=None, log=print):
+    """``(dataset, train samples, validation samples)`` for training on ``data_dir``.
+
+    ``val_split``: None -> the 'val' split if the dataset has one, else a whole sequence of
+    the training frames held out (``hold_out_sequence``), else every 10th training
+    image; never the test split (choosing the best checkpoint on it would leak).
+    'none' -> no validation; 'every-10th' -> every 10th training image; 'sequence:NAME'
+    -> the training frames of sequence NAME; any other name -> that split.
+    """
+    ds = find_dataset(data_dir)
+    train = [s for s in ds.splits.get("train", []) if s.label]
+    if not train:
+        raise UserError(f"{data_dir} ({ds.layout} layout) has no labelled 'train' split; "
+                        f"found splits: {', '.join(ds.splits) or 'none'}")
+    if val_split == "none":
+        return ds, train, []
+    if val_split is None and "val" not in ds.splits:
+        held = hold_out_sequence(train)
+        val_split = f"sequence:{held}" if held else "every-10th"
+    if val_split == "every-10th":
+        val, train = train[::10], [s for i, s in enumerate(train) if i % 10]
+        log(f"validation: every 10th training image of {data_dir} ({len(val)})")
+        return ds, train, val
+    if val_split and val_split.startswith("sequence:"):
+        names = set(val_split.split(":", 1)[1].split(","))
+        val = [s for s in train if sequence_name(s) in names]
+        train = [s for s in train if sequence_name(s) not in names]
+        if not val or not train:
+            known = sorted({sequence_name(s) for s in val + train})
+            raise UserError(f"--val-split {val_split}: {'no' if not val else 'every'} training "
+                            f"frame is in that sequence; sequences of {data_dir}: {', '.join(known)}")
+        log(f"validation: the whole sequence {', '.join(sorted(names))} held out "
+            f"({len(val)} frames; {len(train)} left to train on)")
+        return ds, train, val
+    name = val_split or "val"
+    if name not in ds.splits:
+        raise UserError(f"{data_dir} has no '{name}' split for validation (it has "
+                        f"{', '.join(ds.splits)}); pass --val-split")
+    val = [s for s in ds.splits[name] if s.label]
+    if not val:
+        raise UserError(f"split '{name}' of {data_dir} has no labels; pass another --val-split")
+    return ds, train, val
+
+
 class ClassCounts(NamedTuple):
     """Pixel statistics per class (int64 arrays of length num_classes).
 

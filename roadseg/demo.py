@@ -4,25 +4,25 @@ No dataset and no network needed.  ``run_demo`` makes demo scenes in ``data/demo
 VGG16 (``vgg.obtain_vgg``: ``data/vgg`` if present, else the course download, else the
 Keras ImageNet conversion, else a narrow random-weight model with a loud banner), trains
 briefly, evaluates on the validation split, and writes overlays and a short video, all in
-one new ``runs/demo-<timestamp>/``.  The notebook uses ``hyperparameters(pretrained)``.
+one new ``runs/demo-<timestamp>/``.  The notebook uses ``recipe(pretrained)``.
 """
 import os
 import time
+from pathlib import Path
 
 from roadseg import datasets, demo_scenes, inference, metrics, overlays, trainer, vgg, video
+from roadseg.config import TrainConfig
 
 DATA_ROOT = "data"
 DEMO_SCENE_SIZE = (256, 512)   # (H, W) the scenes are drawn at; training resizes them
-# Settings that finish in minutes on a 2-core CPU and visibly learn the demo scenes
-# (quick: a smoke test of every step in seconds).  Measured: more scenes beat more epochs,
-# and without augmentation the scenes are learnt faster (they vary enough by themselves).
-# A pretrained VGG16 is full width, 10-50x slower per step here, and needs far fewer epochs.
-# Each setting has its own data folder, so running one after the other never clashes.
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"   # the recipes, next to roadseg/
+# Scenes and video of the demo; its training options are the recipes configs/demo*.json.
+# Measured: more scenes beat more epochs, and without augmentation the scenes are learnt
+# faster (they vary enough by themselves).  Each setting has its own data folder, so
+# running one after the other never clashes.
 SETTINGS = {
-    "default": dict(data="demo", n=200, epochs=12, epochs_pretrained=2, image_shape=[128, 256],
-                    width=None, video_frames=48),   # width None: pretrained if possible
-    "quick": dict(data="demo-quick", n=12, epochs=2, epochs_pretrained=1, image_shape=[64, 128],
-                  width=0.0625, video_frames=8),
+    "default": dict(data="demo", n=200, video_frames=48),
+    "quick": dict(data="demo-quick", n=12, video_frames=8),
 }
 
 
@@ -32,23 +32,21 @@ def banner(text):
     print(f"\n{line}\n{text}\n{line}\n", flush=True)
 
 
-def hyperparameters(pretrained):
-    """Training settings that work for the encoder at hand.
+def recipe(pretrained, quick=False):
+    """The demo's training options (a ``TrainConfig``) for the encoder at hand.
 
-    Pretrained VGG16 (the FCN paper's recipe): lr 1e-4, dropout keep 0.5, pool4/pool3
-    scaled by 0.01/0.0001 before their score layers.  Random weights (trained from
-    scratch): lr 1e-3, no dropout, no skip scaling -- the activations of a random
-    encoder are already unit-scale, and scaling them down would mute the skips.
+    Random weights, trained from scratch (``configs/demo.json``): lr 1e-3, no dropout, no
+    skip scaling -- the activations of a random encoder are already unit-scale, and scaling
+    them down would mute the skips.  Pretrained VGG16 (``configs/demo_pretrained.json``):
+    the FCN paper's lr 1e-4, dropout keep 0.5, pool4/pool3 scaled by 0.01/0.0001.
+    ``quick``: ``configs/demo_quick.json`` (a pretrained encoder keeps its own settings, at
+    the quick size for one epoch).
     """
-    if pretrained:
-        return dict(lr=1e-4, keep_prob=0.5, skip_scales=[0.01, 0.0001])
-    return dict(lr=1e-3, keep_prob=1.0, skip_scales=None)
-
-
-def default_epochs(pretrained, quick=False):
-    """Epochs of the demo training: ``SETTINGS`` for a pretrained or a random-weight VGG16."""
-    s = SETTINGS["quick" if quick else "default"]
-    return s["epochs_pretrained" if pretrained else "epochs"]
+    name = "demo_pretrained" if pretrained else ("demo_quick" if quick else "demo")
+    cfg = TrainConfig.from_dict(TrainConfig.read_recipe(CONFIGS / f"{name}.json"))
+    if quick and pretrained:
+        cfg = cfg.replace(image_shape=[64, 128], epochs=1)
+    return cfg
 
 
 def run_demo(quick=False, runs_dir="runs", data_root=DATA_ROOT, vgg_source="auto", log=print):
@@ -61,13 +59,12 @@ def run_demo(quick=False, runs_dir="runs", data_root=DATA_ROOT, vgg_source="auto
            f"'segment.py train --data' or the notebook.")
     demo_scenes.make_demo_data(data_dir, n=s["n"], seed=0, size=DEMO_SCENE_SIZE)
     # quick: data/vgg if present, else a narrow random model (never a download)
-    vgg_path, pretrained = vgg.obtain_vgg(data_root, vgg_source, width=s["width"])
-    hp = hyperparameters(pretrained)
+    width = recipe(False, quick).width
+    vgg_path, pretrained = vgg.obtain_vgg(data_root, vgg_source, width=width)
+    options = {k: v for k, v in recipe(pretrained, quick).to_dict().items() if v is not None}
     run = ("demo-quick-" if quick else "demo-") + time.strftime("%Y%m%d-%H%M%S")
     t0 = time.time()
-    result = trainer.train(data_dir, vgg_path, runs_dir=runs_dir, run=run, log=log,
-                         epochs=default_epochs(pretrained, quick), batch_size=4,
-                         image_shape=s["image_shape"], augment=False, l2_scale=1e-4, **hp)
+    result = trainer.train(data_dir, vgg_path, runs_dir=runs_dir, run=run, log=log, **options)
     run_dir = result["run_dir"]
     if result["status"] != "finished":
         return dict(run_dir=run_dir, status=result["status"])

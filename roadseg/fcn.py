@@ -44,6 +44,14 @@ def load_vgg(sess, vgg_path, input_map=None):
     return tuple(tensors)
 
 
+def initialize_new_variables(sess, existing):
+    """Initialise every global variable of ``sess.graph`` not in ``existing`` -- e.g. all
+    but VGG16's, which its SavedModel loader restored; returns the ones initialised."""
+    new = [v for v in tf1.global_variables() if v not in set(existing)]
+    sess.run(tf1.variables_initializer(new))
+    return new
+
+
 # --------------------------------------------------------------------------- decoder
 def bilinear_kernel(size, channels):
     """Transposed-conv kernel ``[size, size, channels, channels]`` doing bilinear upsampling.

@@ -6,6 +6,8 @@
   never replacing a file
 * ``read_run_config(run_dir)``, ``run_checkpoint(run_dir)`` -> what a training run holds
 """
+import contextlib
+import fcntl
 import json
 import os
 import time
@@ -36,6 +38,29 @@ def new_run_dir(runs_dir, name=None):
         except FileExistsError:
             n += 1
             candidate = f"{base}-{n}"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """Hold the run folder's lock while training: a second ``train --resume`` of the same run
+    is refused instead of both overwriting each other.  An ``flock`` on ``.lock``: the
+    system releases it when the process ends, however it ends, so a killed run never leaves
+    a lock behind (the file itself stays, harmless)."""
+    path = os.path.join(run_dir, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"{run_dir} is being trained by {holder} right now; wait for it to "
+                        f"finish (or stop it), then --resume") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()}".encode())
+        yield
+    finally:
+        os.close(fd)   # releases the lock
 
 
 def write_json(path, value):

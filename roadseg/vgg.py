@@ -72,6 +72,7 @@ IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)   # Keras' "caffe" preprocessing
 IMAGENET_STD_BGR = (57.375, 57.12, 58.395)
 RETRY_BACKOFF_S = 1.0        # wait before the 2nd download attempt; doubles after
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+DATA_ROOT = "data"           # where VGG16 folders live unless told otherwise
 PROBE_TIMEOUT_S = 3          # obtain_vgg: how long a download host may take to answer
 FALLBACK_WIDTH = 0.25        # obtain_vgg: channel width of the random-weight fallback
 

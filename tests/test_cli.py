@@ -234,7 +234,8 @@ def test_auto_vgg_falls_back_to_random_weights_fast_offline(tmp_path, monkeypatc
     assert (path, pretrained) == (str(tmp_path / "vgg_random_w0.0625"), False)
     err = capsys.readouterr().err
     assert "does not answer" in err and "NO PRETRAINED VGG16" in err
-    assert demo.hyperparameters(pretrained) == dict(lr=1e-3, keep_prob=1.0, skip_scales=None)
+    scratch = demo.recipe(pretrained)
+    assert (scratch.lr, scratch.keep_prob, scratch.skip_scales) == (1e-3, 1.0, [])
 
 
 def test_auto_vgg_uses_data_vgg_when_present(tmp_path, vgg_dir, monkeypatch):

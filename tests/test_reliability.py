@@ -26,7 +26,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from roadseg import video
+from roadseg import memory, video
 from roadseg.cli import main as cli_main
 
 tf1 = tf.compat.v1
@@ -260,14 +260,14 @@ def test_image_shape_not_divisible_by_32(tiny, vgg_dir, tmp_path, capsys):
 
 def test_memory_estimate_is_linear_in_pixels_and_batch():
     from roadseg import trainer
-    one = trainer.estimate_training_memory([256, 512], 1, width=1.0)
-    four = trainer.estimate_training_memory([256, 512], 4, width=1.0)
-    big = trainer.estimate_training_memory([512, 1024], 1, width=1.0)
+    one = memory.estimate_training_memory([256, 512], 1, width=1.0)
+    four = memory.estimate_training_memory([256, 512], 4, width=1.0)
+    big = memory.estimate_training_memory([512, 1024], 1, width=1.0)
     assert four - one == pytest.approx(big - one, rel=1e-6)   # 4x the pixels = 4 images
     assert 0.9e9 < four - one < 1.1e9                           # 3 images: ~0.32 GB each
     # peak resident memory measured for 'segment.py train' at 256x512, batch 4:
     assert four == pytest.approx(4.01e9, rel=0.2)                                   # width 1
-    assert trainer.estimate_training_memory([256, 512], 4, width=0.25) == pytest.approx(1.13e9,
+    assert memory.estimate_training_memory([256, 512], 4, width=0.25) == pytest.approx(1.13e9,
                                                                                      rel=0.2)
 
 
@@ -283,8 +283,8 @@ def test_image_shape_too_large_for_memory_is_refused_before_allocating(tiny, vgg
 
 def test_memory_warning_when_more_than_half_is_needed(tiny, vgg_dir, tmp_path, monkeypatch):
     from roadseg import trainer
-    need = trainer.estimate_training_memory([64, 128], 2, width=1 / 16)
-    monkeypatch.setattr(trainer, "available_memory", lambda: int(need * 1.5))
+    need = memory.estimate_training_memory([64, 128], 2, width=1 / 16)
+    monkeypatch.setattr(memory, "available_memory", lambda: int(need * 1.5))
     from roadseg.errors import UserError
     lines = []
     with pytest.raises(UserError, match="no-such-split"):   # stops right after the check
@@ -525,7 +525,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tiny, vgg_dir, tmp_pat
     expect_error(capsys, *train_args(tiny, vgg_dir, runs, "full", "--checkpoint-every", 2,
                                      "--val-split", "none", batch=1),
                  contains=["could not write checkpoint", "No space left on device",
-                           "model.ckpt-2 is kept", "--resume"])
+                           "last good checkpoint kept:", "model.ckpt-2)", "--resume"])
     assert (ckpt_dir / "model.ckpt-4.index").exists()   # the half-finished save is there ...
     latest = tf1.train.latest_checkpoint(str(ckpt_dir))
     assert latest.endswith("model.ckpt-2") and ckpt_step(latest) == 2   # ... but not used
@@ -560,7 +560,7 @@ def test_huge_learning_rate_stops_with_the_step_and_a_hint(tiny, vgg_dir, tmp_pa
     runs = tmp_path / "runs"
     line = expect_error(capsys, *train_args(tiny, vgg_dir, runs, "nan", "--lr", "1e6"),
                         contains=["loss became nan at step", "lower --lr", "1000000.0",
-                                  "none yet, so the new run folder is removed"])
+                                  "no checkpoint was written yet, so the new run folder is removed"])
     assert re.search(r"at step \d+ \(epoch 1\)", line)
     assert not (runs / "nan").exists()             # no checkpoint yet: nothing left behind
 

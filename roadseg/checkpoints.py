@@ -138,6 +138,8 @@ class Checkpointer:
                          f"trying the one before")
                 continue
             self.saver.recover_last_checkpoints(paths[:i + 1])
+            best = find_checkpoints(os.path.join(self.run_dir, "best"), lambda *a: None)
+            self.best_saver.recover_last_checkpoints(best)   # a better one replaces it
             return self.read(), paths[i]
         if paths:
             raise UserError(f"no readable checkpoint in {self.dir} (tried {len(paths)}); "

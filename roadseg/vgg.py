@@ -32,6 +32,7 @@ complete; zips are checked before anything is extracted.
 import hashlib
 import http.client
 import json
+import math
 import os
 import shutil
 import ssl
@@ -323,7 +324,7 @@ def _banner(*lines):
 
 
 def _check_width(width):
-    if not width > 0:
+    if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
         raise UserError(f"VGG width must be a positive number (1 = real VGG16), not {width}")
 
 

@@ -259,7 +259,6 @@ def test_image_shape_not_divisible_by_32(tiny, vgg_dir, tmp_path, capsys):
 
 
 def test_memory_estimate_is_linear_in_pixels_and_batch():
-    from roadseg import trainer
     one = memory.estimate_training_memory([256, 512], 1, width=1.0)
     four = memory.estimate_training_memory([256, 512], 4, width=1.0)
     big = memory.estimate_training_memory([512, 1024], 1, width=1.0)

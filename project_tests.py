@@ -48,6 +48,19 @@ def test_load_vgg_missing_folder(tmp_path):
         load_vgg(sess, str(tmp_path))
 
 
+def test_global_variables_initializer_keeps_the_loaded_weights(vgg_dir):
+    """What every course solution does right after load_vgg: the encoder keeps its weights."""
+    with _graph(), tf1.Session() as sess:
+        load_vgg(sess, vgg_dir)
+        encoder = tf1.global_variables()
+        before = sess.run(encoder)
+        sess.run(tf1.global_variables_initializer())
+        after = sess.run(encoder)
+    assert len(encoder) == 30
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+
+
 # ------------------------------------------------------------------------- layers
 @pytest.mark.parametrize("num_classes", [2, 5])
 def test_layers_static_shapes(num_classes):

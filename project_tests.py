@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from roadseg import fcn, losses, vgg
+from roadseg.errors import UserError
 from roadseg.fcn import layers, load_vgg, optimize, train_nn
 
 tf1 = tf.compat.v1
@@ -24,14 +25,20 @@ def _graph():
 
 # ------------------------------------------------------------------------- load_vgg
 def test_load_vgg_mocked():
-    """The course check: load_vgg calls the SavedModel loader and returns the named tensors."""
+    """load_vgg calls the loader as the course does; input_map is passed only when given."""
     with _graph(), tf1.Session() as sess, \
             mock.patch.object(tf1.saved_model.loader, "load") as mock_load, \
-            mock.patch.object(vgg, "check_vgg_dir"):
+            mock.patch.object(vgg, "check_vgg_dir") as check:
         expected = [tf1.placeholder(tf.float32, name=n.split(":")[0]) for n in fcn.VGG_TENSORS]
         got = load_vgg(sess, "some/vgg")
-        assert mock_load.call_args == mock.call(sess, ["vgg16"], "some/vgg", input_map=None)
+        assert mock_load.call_args == mock.call(sess, ["vgg16"], "some/vgg")
         assert list(got) == expected
+        assert not check.called   # the folder is examined only when loading fails
+        image = tf1.placeholder(tf.float32, [None, 64, 64, 3])
+        got = load_vgg(sess, "some/vgg", input_map={"image_input:0": image})
+        assert mock_load.call_args == mock.call(sess, ["vgg16"], "some/vgg",
+                                                input_map={"image_input:0": image})
+        assert got[0] is image and got[1] is expected[1]
 
 
 def test_load_vgg_real(vgg_dir):
@@ -44,8 +51,22 @@ def test_load_vgg_real(vgg_dir):
 
 
 def test_load_vgg_missing_folder(tmp_path):
-    with _graph(), tf1.Session() as sess, pytest.raises(Exception, match="saved_model.pb"):
+    with _graph(), tf1.Session() as sess, pytest.raises(UserError, match="saved_model.pb"):
         load_vgg(sess, str(tmp_path))
+    with _graph(), tf1.Session() as sess, pytest.raises(UserError, match="does not exist"):
+        load_vgg(sess, str(tmp_path / "nothing"))
+
+
+def test_load_vgg_unloadable_folder_is_one_line(vgg_dir, tmp_path):
+    """Complete files that the loader rejects: a one-line UserError naming the folder."""
+    import shutil
+    broken = tmp_path / "vgg"
+    shutil.copytree(vgg_dir, broken)
+    (broken / "saved_model.pb").write_bytes(b"not a protobuf")
+    with _graph(), tf1.Session() as sess, pytest.raises(UserError) as err:
+        load_vgg(sess, str(broken))
+    message = str(err.value)
+    assert str(broken) in message and "get-vgg" in message and "\n" not in message
 
 
 def test_global_variables_initializer_keeps_the_loaded_weights(vgg_dir):
@@ -161,6 +182,22 @@ def test_optimize_ignores_void_and_includes_l2():
         np.testing.assert_allclose(
             sess.run(losses.pixel_loss(out, onehot, 3),
                      {image: x, onehot: eye[np.where(y_void == 255, 3, y_void)]}), part, rtol=1e-5)
+
+
+def test_optimize_tells_one_hot_from_ids_by_rank():
+    """The seed's int32 one-hot placeholder [N,H,W,C] and class ids [N,H,W] give one loss."""
+    with _graph(), tf1.Session() as sess:
+        image, out = _tiny_net()
+        ids = tf1.placeholder(tf.int32, [None, None, None])
+        onehot = tf1.placeholder(tf.int32, [None, None, None, 3])
+        _, _, by_ids = optimize(out, ids, 1e-2, 3, dice_weight=1.0)
+        _, _, by_onehot = optimize(out, onehot, 1e-2, 3, dice_weight=1.0)
+        sess.run(tf1.global_variables_initializer())
+        y = np.random.randint(0, 3, (2, 32, 32))
+        feed = {image: np.random.rand(2, 32, 32, 3) * 255, ids: y, onehot: np.eye(3, dtype=int)[y]}
+        np.testing.assert_allclose(*sess.run([by_ids, by_onehot], feed), rtol=1e-6)
+        with pytest.raises(UserError, match="rank 2"):
+            optimize(out, tf1.placeholder(tf.int32, [None, 3]), 1e-2, 3)
 
 
 def test_optimize_class_weights():

@@ -17,6 +17,9 @@ layout           what is expected under ``root``
                  ``gt_image_2/um_road_000000.png`` (root may be ``data_road``)
 ===============  ==================================================================
 
+``find_split_folder(folder)`` reads one KITTI or seed split folder as the course and the
+seed pass it to ``gen_batch_function`` (``data/data_road/training``, ``data/training``).
+
 A ``test`` split that has no label files at all is kept with ``label=None``;
 everywhere else every image needs its label and every label its image.
 

@@ -38,3 +38,47 @@ def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo") / "cityscapes"
     demo_scenes.make_demo_data(str(root), n=12, seed=0, size=(128, 256))
     return str(root)
+
+
+# ---- the course's tests (project_tests.py) take the functions under test as parameters:
+# these fixtures give them the project's ----
+
+@pytest.fixture
+def load_vgg():
+    from roadseg import fcn
+    return fcn.load_vgg
+
+
+@pytest.fixture
+def layers():
+    from roadseg import fcn
+    return fcn.layers
+
+
+@pytest.fixture
+def optimize():
+    from roadseg import fcn
+    return fcn.optimize
+
+
+@pytest.fixture
+def train_nn():
+    from roadseg import fcn
+    return fcn.train_nn
+
+
+@pytest.fixture
+def tf_module():
+    """The ``tf`` of course code: ``import tensorflow.compat.v1 as tf``."""
+    import tensorflow as tf
+    return tf.compat.v1
+
+
+@pytest.fixture
+def data_dir():
+    """The course's ``data`` folder holding KITTI road (``data/data_road``), or a skip."""
+    data = ROOT / "data"
+    if not (data / "data_road").is_dir():
+        pytest.skip(f"KITTI road data {data / 'data_road'} is absent (download data_road.zip from "
+                    f"the KITTI road benchmark and extract it into {data})")
+    return str(data)

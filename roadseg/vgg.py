@@ -22,9 +22,12 @@ Ways to get one (``obtain_vgg`` tries them in this order, after ``data/vgg``):
    tiny model with the identical interface in seconds.
 
 Built models keep their weights in variables that ``loader.load`` restores and that
-stay trainable.  Their initial values are placeholders: running
-``global_variables_initializer()`` after loading fails loudly instead of silently
-wiping the weights -- initialize only the variables you add on top.
+stay trainable.  Every course solution runs ``sess.run(tf.global_variables_initializer())``
+right after ``load_vgg``; so that this keeps the loaded weights instead of wiping (or
+failing on) them, each saved variable's initializer is an op that assigns the variable its
+own current value (``keep_restored_values``): a no-op once the loader has restored it.
+The course's ``vgg.zip`` gets the same patch when ``maybe_download_pretrained_vgg`` finds
+or extracts it, so its pretrained weights survive that call too.
 
 Downloads are https only, retried, written to a temporary file and renamed when
 complete; zips are checked before anything is extracted.
@@ -287,16 +290,95 @@ def read_vgg_info(path):
         raise UserError(f"{info_path} is not valid JSON ({err}); delete it") from None
 
 
+KEEP_OP = "keep_restored_value"   # the initializer op keep_restored_values adds per variable
+# Collections whose variables the loader restores (local variables are left alone: they are
+# meant to be initialised).
+RESTORED_COLLECTIONS = ("variables", "trainable_variables", "model_variables")
+
+
+def _keep_node(graph_def, nodes, variable_def):
+    """Add (once) the op assigning a variable its own value; return the op's name."""
+    var = variable_def.variable_name.split(":")[0]
+    name = f"{var}/{KEEP_OP}"
+    if name not in nodes:
+        snapshot = variable_def.snapshot_name
+        snapshot = snapshot[:-2] if snapshot.endswith(":0") else snapshot
+        node = graph_def.node.add(name=name, input=[var, snapshot])
+        if variable_def.is_resource:
+            node.op = "AssignVariableOp"
+            node.attr["dtype"].CopyFrom(nodes[var].attr["dtype"])
+        else:
+            node.op = "Assign"
+            node.attr["T"].CopyFrom(nodes[var].attr["dtype"])
+            node.attr["validate_shape"].b = True
+            node.attr["use_locking"].b = True
+        nodes[name] = node
+    return name
+
+
+def _keep_in_meta_graph(meta):
+    """Point every restored variable's initializer in ``meta`` at its keep op; True if
+    anything changed."""
+    from tensorflow.core.framework import variable_pb2
+    nodes = {n.name: n for n in meta.graph_def.node}
+    changed = False
+    for key in RESTORED_COLLECTIONS:
+        if key not in meta.collection_def:
+            continue
+        values = meta.collection_def[key].bytes_list.value
+        for i, raw in enumerate(values):
+            variable_def = variable_pb2.VariableDef.FromString(raw)
+            keep = _keep_node(meta.graph_def, nodes, variable_def)
+            if variable_def.initializer_name != keep:
+                variable_def.initializer_name = keep
+                values[i] = variable_def.SerializeToString()
+                changed = True
+    return changed
+
+
+def keep_restored_values(model_dir):
+    """Make ``global_variables_initializer()`` keep the weights of the SavedModel in model_dir.
+
+    Rewrites ``saved_model.pb`` (atomically, only when needed; the variable files are not
+    touched) so that each saved variable's initializer (``VariableDef.initializer_name``)
+    is a new op ``<variable>/keep_restored_value`` assigning the variable its own current
+    value.  After ``loader.load`` has restored the weights, running that initializer
+    changes nothing; on a variable that was never restored it fails (uninitialized value)
+    instead of silently inventing weights.  Works for ref (TF 1.0, the course zip) and
+    resource variables.  Returns True when the file was changed.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+    path = os.path.join(model_dir, "saved_model.pb")
+    with open(path, "rb") as f:
+        model = saved_model_pb2.SavedModel.FromString(f.read())
+    changed = False
+    for meta in model.meta_graphs:
+        changed = _keep_in_meta_graph(meta) or changed
+    if changed:
+        fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".saved_model.", suffix=".pb")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(model.SerializeToString())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return changed
+
+
 def maybe_download_pretrained_vgg(data_dir, url=None):
     """The course's entry point: make sure data_dir/vgg holds the course model.
 
     Nothing happens when data_dir/vgg is complete.  Otherwise vgg.zip is downloaded
     to data_dir (from url, default COURSE_VGG_URL), extracted, checked and deleted.
     A vgg.zip that is already there (e.g. downloaded by hand) is used and kept.
-    An incomplete data_dir/vgg is reported, never deleted.  Returns data_dir/vgg.
+    An incomplete data_dir/vgg is reported, never deleted.  The model's saved_model.pb is
+    patched (once) by ``keep_restored_values``, so a course solution's
+    ``global_variables_initializer()`` keeps the pretrained weights.  Returns data_dir/vgg.
     """
     vgg_path = os.path.join(data_dir, "vgg")
     if _is_complete(vgg_path):
+        _keep_course_weights(vgg_path)
         return vgg_path
     if os.path.exists(vgg_path):
         check_vgg_dir(vgg_path)                  # raises, naming the missing file
@@ -310,9 +392,21 @@ def maybe_download_pretrained_vgg(data_dir, url=None):
     print(f"Extracting {zip_path}")
     safe_extract_zip(zip_path, data_dir)
     check_vgg_dir(vgg_path)
+    _keep_course_weights(vgg_path)
     if downloaded:
         os.remove(zip_path)
     return vgg_path
+
+
+def _keep_course_weights(vgg_path):
+    """``keep_restored_values`` on the course model, saying so the one time it changes it."""
+    try:
+        if keep_restored_values(vgg_path):
+            print(f"Patched {vgg_path}/saved_model.pb: global_variables_initializer() now keeps "
+                  f"the pretrained weights")
+    except OSError as err:
+        raise UserError(f"cannot update {vgg_path}/saved_model.pb ({err}); make the folder "
+                        f"writable") from None
 
 
 # ----------------------------------------------------------------------------- weights
@@ -431,9 +525,10 @@ def _vgg16_graph(weights, normalize_std=False):
     ``normalize_std`` adds a division by the ImageNet std after the mean subtraction
     (random-weight models only; pretrained weights expect caffe's 0..255 range).
 
-    The variables' initial values are placeholders, fed once here; after
-    loader.load the saved values are restored instead, and re-running their
-    initializers fails loudly rather than wiping them."""
+    The variables' initial values are placeholders, fed once here (the weights never
+    become constants in the graph, which would exceed protobuf's 2 GB at width 1); after
+    loader.load the saved values are restored instead.  ``_save_savedmodel`` makes the
+    saved initializers keep those values (``keep_restored_values``)."""
     image_input = tf.compat.v1.placeholder(tf.float32, [None, None, None, 3], name="image_input")
     keep_prob = tf.compat.v1.placeholder_with_default(1.0, [], name="keep_prob")
     # Keras' "caffe" preprocessing: RGB -> BGR, minus the ImageNet mean per channel.
@@ -477,6 +572,7 @@ def _save_savedmodel(out_dir, weights, info):
             builder = tf.compat.v1.saved_model.Builder(model_dir)
             builder.add_meta_graph_and_variables(sess, [TAG])
             builder.save()
+        keep_restored_values(model_dir)
         with open(os.path.join(model_dir, INFO_FILE), "w") as f:
             json.dump(info, f, indent=2)
         check_vgg_dir(model_dir)

@@ -151,6 +151,25 @@ def test_kitti_layout(tmp_path, sub):
     assert ds.splits["test"][0].label is None
 
 
+@pytest.mark.parametrize("split, name", [("training", "train"), ("testing", "test")])
+def test_kitti_split_folder_as_the_course_passes_it(tmp_path, split, name):
+    folder = make_kitti(tmp_path / "kitti") / "data_road" / split
+    layout, got, samples = datasets.find_split_folder(folder)
+    assert (layout, got) == ("kitti", name)
+    assert samples == datasets.find_dataset(tmp_path / "kitti").splits[name]
+
+
+def test_seed_split_folder_as_the_seed_passes_it(tmp_path):
+    root = tmp_path / "data"
+    png(root / "training" / "image" / "a_000000_000019_leftImg8bit.png", rgb())
+    png(root / "training" / "gt_image" / "a_000000_000019_gtFine_color.png", rgb(value=0))
+    png(root / "testing" / "image" / "b_000000_000019_leftImg8bit.png", rgb())
+    layout, split, samples = datasets.find_split_folder(root / "training")
+    assert (layout, split, [s.kind for s in samples]) == ("seed", "train", ["color"])
+    assert datasets.find_split_folder(root / "testing")[2][0].label is None
+    assert datasets.find_split_folder(root) is None     # a root is not a split folder
+
+
 # ---------------------------------------------------------------------------------
 # Layout errors
 # ---------------------------------------------------------------------------------
@@ -284,6 +303,26 @@ def test_kitti_colors_to_road4(tmp_path):
     with pytest.warns(UserWarning, match="1 pixels"):
         out = datasets.load_label(Sample("unused", label, "color", "kitti"), get_scheme("road4"))
     assert out[0].tolist() == [1, 0, IGNORE, IGNORE]
+
+
+def test_kitti_colors_to_kitti2(tmp_path):
+    """The course's own task: road (magenta) 1, not road (red) 0, black void ignored."""
+    label = png(tmp_path / "um_road_000000.png",
+                np.array([[(255, 0, 255), (255, 0, 0), (0, 0, 0)]], np.uint8))
+    out = datasets.load_label(Sample("unused", label, "color", "kitti"), get_scheme("kitti2"))
+    assert out[0].tolist() == [1, 0, IGNORE]
+    assert get_scheme("kitti2").class_names == ("not road", "road")
+    lut = get_scheme("kitti2").lut("cityscapes")          # Cityscapes maps in too
+    assert [int(lut[i]) for i in (7, 8, 26, 0)] == [1, 0, 0, IGNORE]
+
+
+def test_seed5_is_seed4_in_the_seeds_channel_order():
+    seed4, seed5 = get_scheme("seed4"), get_scheme("seed5")
+    assert seed5.class_names == ("road", "car", "person", "traffic light", "background")
+    order = np.full(256, IGNORE, np.uint8)
+    order[:5] = [4, 0, 1, 2, 3]                            # seed4 id -> seed5 id
+    np.testing.assert_array_equal(order[seed4.lut("cityscapes")], seed5.lut("cityscapes"))
+    assert seed5.unpainted == (4,)
 
 
 def test_palette_and_16bit_id_labels_use_the_stored_ids(tmp_path):

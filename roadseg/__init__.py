@@ -9,11 +9,18 @@ One module per concept:
 ``roadseg.input_pipeline``    tf.data batches: decode, resize, augment
 ``roadseg.vgg``               getting VGG16 as the course SavedModel
 ``roadseg.fcn``               the course API: load_vgg, layers, optimize, train_nn
-``roadseg.inference``         the inference head and predictors (runs and exports)
-``roadseg.trainer``           training runs: checkpoints, resume, validation
+``roadseg.losses``            per-pixel losses and the soft Dice term
+``roadseg.config``            ``TrainConfig``: every training option, once
+``roadseg.trainer``           training runs in named steps
+``roadseg.checkpoints``       latest / best checkpoints and where training stands
+``roadseg.memory``            the memory a training step needs
+``roadseg.inference``         the one inference head; predictors for runs and exports
+``roadseg.export``            a run as a self-contained SavedModel
 ``roadseg.metrics``           confusion matrix, IoU, evaluation of a predictor
 ``roadseg.cityscapes_eval``   Cityscapes labelIds export and the official evaluator
-``roadseg.outputs``           overlays, class-map PNGs, video, run folders
+``roadseg.overlays``          class maps as colours, overlays, PNGs
+``roadseg.video``             video in and out, overlaid videos
+``roadseg.run_folders``       run folders, safe writes, the run lock
 ``roadseg.course``            the course's / seed's helper functions (``helper.py``)
 ``roadseg.demo_scenes``       procedurally drawn demo street scenes
 ``roadseg.demo``              the embedded default, end to end

@@ -27,4 +27,32 @@ One module per concept:
 ``roadseg.cli``               the command line (``segment.py``)
 ============================  =====================================================
 """
+import os
+import sys
+
 __version__ = "2.0.0"
+
+
+def quiet_tensorflow():
+    """Import TensorFlow without its start-up chatter; returns the module.
+
+    At import TensorFlow prints C++ info lines (oneDNN, CUDA stubs, absl) that
+    ``TF_CPP_MIN_LOG_LEVEL`` does not all silence; they would bury a one-line error on the
+    command line and fill notebook cells.  Its Python logger's INFO/WARNING lines
+    (deprecations, "Restoring parameters") go too.  An import failure still raises, with
+    its traceback, after stderr is restored.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" not in sys.modules:
+        sys.stderr.flush()
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+    import tensorflow as tf
+    tf.get_logger().setLevel("ERROR")
+    return tf

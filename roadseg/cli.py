@@ -9,29 +9,9 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")   # before TensorFlow is imported
+from roadseg import quiet_tensorflow  # noqa: E402
 
-
-def quiet_tensorflow_import():
-    """Import TensorFlow with stderr muted: at import it prints C++ info lines (oneDNN, CUDA
-    stubs) that TF_CPP_MIN_LOG_LEVEL does not silence, which would bury our one-line errors.
-    An import failure still raises, with its traceback, after stderr is restored."""
-    if "tensorflow" in sys.modules:
-        return
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow
-        # Python-side deprecation warnings (e.g. "load ... is deprecated") would precede an
-        # error line too; the CLI shows its own messages only.
-        tensorflow.get_logger().setLevel("ERROR")
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-quiet_tensorflow_import()   # the modules below import TensorFlow: mute its start-up lines first
+quiet_tensorflow()   # the modules below import TensorFlow: mute its start-up lines first
 from roadseg import (  # noqa: E402
     cityscapes_eval,
     config,

@@ -25,7 +25,7 @@ import threading
 
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from roadseg import datasets, inference, input_pipeline, overlays, run_folders, video
 from roadseg.errors import UserError

@@ -40,7 +40,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from roadseg.errors import UserError
 from roadseg.schemes import CAMVID_LABELS, IGNORE, decode_color_label, get_scheme

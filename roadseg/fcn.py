@@ -12,7 +12,7 @@ The graph is built from ``tf.nn`` ops and ``tf.compat.v1.get_variable``:
 """
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from roadseg import losses, vgg
 from roadseg.errors import UserError

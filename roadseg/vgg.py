@@ -52,7 +52,7 @@ from pathlib import PureWindowsPath
 
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from roadseg.errors import UserError
 

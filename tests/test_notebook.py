@@ -53,7 +53,14 @@ def test_notebook_runs_headless_and_writes_a_run(tmp_path):
     assert all(c.execution_count is not None for c in code)
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
     images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 5      # samples, loss curve, IoU bars, overlay grid, video frames
+    assert len(images) >= 6      # samples, loss curve, IoU bars, image|truth|prediction, overlays, video
+    # no TensorFlow start-up or log lines in cells, and progress bars as widgets, not \r lines
+    streams = "".join(o.text for c in code for o in c.outputs if o.output_type == "stream")
+    for noise in ("oneDNN", "cuda", "absl", "tensorflow:", "\r"):
+        assert noise not in streams, noise
+    widgets = [o for c in code for o in c.outputs
+               if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(widgets) >= 3     # scene drawing, training, evaluation, ... progress bars
 
     (run,) = (tmp_path / "runs").iterdir()
     maps = sorted(run.glob("*_classes.png"))

@@ -31,6 +31,7 @@ from roadseg import datasets, inference, input_pipeline, overlays, run_folders, 
 from roadseg.errors import UserError
 from roadseg.schemes import IGNORE, SCHEMES, get_scheme
 from roadseg.vgg import maybe_download_pretrained_vgg  # noqa: F401  (the course's entry point)
+from roadseg.video import put_until_stopped
 
 tf1 = tf.compat.v1
 
@@ -127,17 +128,6 @@ def gen_batch_function(data_folder, image_shape, scheme=None, split=None, augmen
     return get_batches_fn
 
 
-def _put(q, item, stop):
-    """``q.put(item)`` that gives up (False) once ``stop`` is set."""
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            pass
-    return False
-
-
 def _batches_in_background(samples, scheme, image_shape, batch_size, augment, seed):
     """Yield one epoch of ``(images, labels)`` numpy batches of ``input_pipeline.make_dataset``.
 
@@ -156,11 +146,11 @@ def _batches_in_background(samples, scheme, image_shape, batch_size, augment, se
                 ds = input_pipeline.make_dataset(samples, scheme, image_shape, batch_size,
                                                  shuffle=True, augment=augment, seed=seed)
                 for batch in input_pipeline.numpy_batches(ds):
-                    if not _put(out, ("batch", batch), stop):
+                    if not put_until_stopped(out, ("batch", batch), stop):
                         return
-            _put(out, ("end", None), stop)
+            put_until_stopped(out, ("end", None), stop)
         except BaseException as err:  # handed to the consumer
-            _put(out, ("error", err), stop)
+            put_until_stopped(out, ("error", err), stop)
 
     thread = threading.Thread(target=produce, name="gen_batch_function", daemon=True)
     thread.start()

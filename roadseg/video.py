@@ -110,8 +110,8 @@ def _write_batches(batches, path, size, fps):
 _END = object()  # end-of-stream marker passed through the queues
 
 
-def _put(q, item, stop):
-    """``q.put(item)`` that gives up (returns False) once ``stop`` is set."""
+def put_until_stopped(q, item, stop):
+    """``q.put(item)`` that gives up (returns False) once ``stop`` is set (a ``threading.Event``)."""
     while not stop.is_set():
         try:
             q.put(item, timeout=0.1)
@@ -152,9 +152,9 @@ def _overlapped(source, transform, sink, on_item=lambda item: None):
 
     def read():
         for item in source:
-            if not _put(inbox, item, stop):
+            if not put_until_stopped(inbox, item, stop):
                 return
-        _put(inbox, _END, stop)
+        put_until_stopped(inbox, _END, stop)
 
     reader = threading.Thread(target=run, args=(read,), daemon=True)
     writer = threading.Thread(target=run, args=(sink, _drain(outbox, stop)), daemon=True)
@@ -163,10 +163,10 @@ def _overlapped(source, transform, sink, on_item=lambda item: None):
     try:
         for item in _drain(inbox, stop):
             result = transform(item)
-            if not _put(outbox, result, stop):
+            if not put_until_stopped(outbox, result, stop):
                 break
             on_item(item)
-        _put(outbox, _END, stop)
+        put_until_stopped(outbox, _END, stop)
         writer.join()  # normal end: the writer empties the queue and finishes
     finally:
         stop.set()  # after an error: releases both threads from their queues

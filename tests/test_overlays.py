@@ -1,38 +1,13 @@
 """overlays.py: colours, overlays, sample PNGs and class maps (no TensorFlow)."""
 
-import imageio_ffmpeg
 import numpy as np
 import pytest
+from fakes import COLORS, LIGHT, PED, RED, ROAD, VEHICLE, blend, red_is_road  # noqa: F401
 from PIL import Image
 
 from roadseg import overlays, run_folders
 from roadseg.errors import UserError
-from roadseg.schemes import IGNORE, get_scheme
-
-COLORS = get_scheme("road4").colors
-ROAD, VEHICLE, PED, LIGHT = (128, 64, 128), (0, 0, 142), (220, 20, 60), (250, 170, 30)
-RED, GREEN = (220, 40, 40), (40, 200, 40)  # make_test_video's left / right halves
-
-
-def red_is_road(images):
-    """Fake model: road where the red channel is bright, vehicle where blue is, else 0."""
-    maps = np.zeros(images.shape[:3], np.uint8)
-    maps[images[..., 0] > 128] = 1
-    maps[images[..., 2] > 128] = 2
-    return maps
-
-
-def read_video(path):
-    """(metadata, uint8 frames (N, H, W, 3)) of a video file."""
-    gen = imageio_ffmpeg.read_frames(str(path))
-    meta = next(gen)
-    width, height = meta["size"]
-    frames = [np.frombuffer(raw, np.uint8).reshape(height, width, 3) for raw in gen]
-    return meta, np.stack(frames)
-
-
-def blend(image_rgb, color_rgb, alpha=0.5):
-    return tuple(int(np.rint((1 - alpha) * i + alpha * c)) for i, c in zip(image_rgb, color_rgb))
+from roadseg.schemes import IGNORE
 
 
 def test_colorize_maps_each_class_to_its_colour_and_ignore_to_black():

@@ -238,7 +238,7 @@ def add_arguments(parser, skip=()):
         for flag, kw in _flags(f):
             kw = dict(kw)
             help_text = kw.pop("help", f.metadata["help"])
-            if "const" not in kw or flag == _flags(f)[0][0]:
+            if ("const" not in kw or flag == _flags(f)[0][0]) and _shown(f) is not None:
                 help_text += f" (default {_shown(f)})"
             parser.add_argument(flag, dest=f.name, default=None, help=help_text, **kw)
 

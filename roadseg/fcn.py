@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from roadseg import losses, vgg
+from roadseg import losses, run_folders, vgg
 from roadseg.errors import UserError
 
 tf1 = tf.compat.v1
@@ -36,9 +36,14 @@ def load_vgg(sess, vgg_path, input_map=None):
     """
 
     vgg.check_vgg_dir(vgg_path)
-    tf1.saved_model.loader.load(sess, [VGG_TAG], vgg_path, input_map=input_map)
-    graph = sess.graph
-    tensors = [graph.get_tensor_by_name(name) for name in VGG_TENSORS]
+    try:
+        tf1.saved_model.loader.load(sess, [VGG_TAG], vgg_path, input_map=input_map)
+        graph = sess.graph
+        tensors = [graph.get_tensor_by_name(name) for name in VGG_TENSORS]
+    except (OSError, ValueError, KeyError, RuntimeError, tf.errors.OpError) as err:
+        raise UserError(f"VGG16 model folder {vgg_path} is damaged: it does not load as a VGG16 "
+                        f"SavedModel ({run_folders.os_reason(err)}); move the folder away and "
+                        f"{vgg.GET_VGG_HINT}") from None
     if input_map:  # the mapped tensors stand where the placeholders were
         tensors = [input_map.get(name, t) for name, t in zip(VGG_TENSORS, tensors)]
     return tuple(tensors)

@@ -71,7 +71,15 @@ def cmd_get_vgg(a):
         if a.source not in ("random", "keras-imagenet"):
             raise UserError("--out works with --source random or keras-imagenet; the course model "
                             "always goes to <data>/vgg")
-        vgg.build_vgg_savedmodel(a.out, source=a.source, width=a.width or 1.0, seed=a.seed)
+        if not os.path.lexists(a.out):
+            run_folders.check_can_create(a.out, "--out folder")
+        try:   # built in a temporary folder next to --out, which is removed on any error
+            vgg.build_vgg_savedmodel(a.out, source=a.source, width=a.width or 1.0, seed=a.seed)
+        except run_folders.WRITE_ERRORS as err:
+            if not run_folders.is_write_error(err):
+                raise
+            raise UserError(f"could not write {a.out} ({run_folders.os_reason(err)}); "
+                            f"{run_folders.WRITE_FIX}") from None
         path, pretrained = a.out, bool(vgg.read_vgg_info(a.out).get("pretrained"))
     else:
         path, pretrained = vgg.obtain_vgg(a.data, source=a.source, width=a.width)

@@ -40,6 +40,9 @@ def export(run_dir, out_dir, which="best"):
     if os.path.lexists(out_dir):
         raise UserError(f"{out_dir} already exists; choose a new --out folder (nothing is overwritten)")
     check_can_create(out_dir, "--out folder")
+    if os.path.isfile(os.path.join(run_dir, "saved_model.pb")):
+        raise UserError(f"{run_dir} is an exported model already; export takes a training run "
+                        f"(a runs/<name> folder)")
     config = read_run_config(run_dir)
     ckpt = run_checkpoint(run_dir, which)
     scheme = get_scheme(config["scheme"])

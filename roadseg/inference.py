@@ -15,6 +15,7 @@ import tensorflow as tf
 from roadseg import fcn
 from roadseg.errors import UserError
 from roadseg.run_folders import (
+    RUN_CONFIG,
     os_reason,
     read_json,
     read_run_config,
@@ -147,6 +148,10 @@ def load_predictor(path, which="best"):
         with graph.as_default():
             if os.path.isfile(os.path.join(path, "saved_model.pb")):
                 scheme, shape, (images, classes, probs) = _load_export(sess, path)
+            elif not os.path.isfile(os.path.join(path, RUN_CONFIG)):
+                raise UserError(f"model {path} is neither a training run (no {RUN_CONFIG}) nor an "
+                                f"exported model (no saved_model.pb); pass a runs/<name> folder "
+                                f"or an exported model")
             else:
                 config = read_run_config(path)
                 scheme, shape = get_scheme(config["scheme"]), config["image_shape"]

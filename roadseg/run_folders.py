@@ -33,6 +33,7 @@ CONFIG_KEYS = ("scheme", "image_shape", "vgg")   # what every reader of a run ne
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM,
                 errno.ENOTDIR, errno.EISDIR}
 WRITE_FIX = "free disk space or choose another place; nothing was written under that name"
+WRITE_ERRORS = (OSError, tf.errors.OpError)   # what a failed write raises (then: is_write_error)
 
 
 def os_reason(err):
@@ -127,7 +128,7 @@ def staged_file(out_path):
     try:
         yield tmp_path
         publish(tmp_path, out_path)
-    except (OSError, tf.errors.OpError) as err:
+    except WRITE_ERRORS as err:
         if not is_write_error(err):
             raise
         raise UserError(f"could not write {out_path} ({os_reason(err)}); {WRITE_FIX}") from None
@@ -153,7 +154,7 @@ def staged_dir(out_dir, create=True, replace_empty=False):
         if os.path.lexists(out_dir):    # rename() would replace an empty folder
             raise UserError(f"{out_dir} appeared while it was being written; choose another name")
         os.rename(tmp_dir, out_dir)
-    except (OSError, tf.errors.OpError) as err:
+    except WRITE_ERRORS as err:
         if not is_write_error(err):
             raise
         raise UserError(f"could not write {out_dir} ({os_reason(err)}); {WRITE_FIX}") from None

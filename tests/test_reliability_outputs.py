@@ -473,3 +473,44 @@ def test_counts_below_one_are_refused(trained_run, tiny, tmp_path, capsys, args)
             "video": [video.make_test_video(tmp_path / "in.mp4", 2), tmp_path / "o.mp4"]}[command]
     expect_error(capsys, command, "--model", trained_run, *rest, flag, value,
                  contains=[f"{flag} must be at least 1, not {value}"])
+
+
+def test_model_folder_that_is_neither_run_nor_export(trained_run, tiny, exported, tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    expect_error(capsys, "predict", "--model", tmp_path / "m", train_frames(tiny)[0][0],
+                 contains=["is neither a training run (no config.json) nor an exported model"])
+    expect_error(capsys, "export", "--model", exported, "--out", tmp_path / "again",
+                 contains=[f"{exported} is an exported model already", "training run"])
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+# ============================================================================= other outputs
+def test_make_demo_data_on_a_full_disk_or_a_file(tmp_path, monkeypatch, capsys):
+    (tmp_path / "f").write_text("mine")
+    expect_error(capsys, "make-demo-data", tmp_path / "f", "--n", 2, "--size", 64, 64,
+                 contains=["is a file, not a folder"])
+    real_save, calls = Image.Image.save, []
+
+    def save(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 5:
+            half_write(b"\x89PNG")(None, open(fp, "wb"))
+        return real_save(self, fp, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "save", save)
+    expect_error(capsys, "make-demo-data", tmp_path / "demo", "--n", 4, "--size", 64, 64,
+                 contains=[f"could not write {tmp_path / 'demo'}", "No space left on device"])
+    assert sorted(os.listdir(tmp_path)) == ["f"]
+
+
+def test_get_vgg_out_under_a_file_or_onto_a_full_disk(tmp_path, monkeypatch, capsys):
+    (tmp_path / "f").write_text("mine")
+    args = ["get-vgg", "--source", "random", "--width", "0.0625"]
+    expect_error(capsys, *args, "--out", tmp_path / "f" / "vgg",
+                 contains=[f"{tmp_path / 'f'} is a file, not a folder"])
+
+    def save(self, *a, **k):
+        raise tf.errors.ResourceExhaustedError(None, None, "variables.data; No space left on device")
+    monkeypatch.setattr(tf1.saved_model.Builder, "save", save)
+    expect_error(capsys, *args, "--out", tmp_path / "vgg",
+                 contains=[f"could not write {tmp_path / 'vgg'}", "No space left on device"])
+    assert sorted(os.listdir(tmp_path)) == ["f"]

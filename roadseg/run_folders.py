@@ -154,6 +154,11 @@ def staged_dir(out_dir, create=True, replace_empty=False):
         if os.path.lexists(out_dir):    # rename() would replace an empty folder
             raise UserError(f"{out_dir} appeared while it was being written; choose another name")
         os.rename(tmp_dir, out_dir)
+    except UserError as err:   # name files by the folder they were meant for, not the hidden one
+        if tmp_dir not in str(err):
+            raise
+        raise UserError(err.base.replace(tmp_dir, out_dir), err.option,
+                        err.hint.replace(tmp_dir, out_dir)) from None
     except WRITE_ERRORS as err:
         if not is_write_error(err):
             raise

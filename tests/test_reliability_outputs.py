@@ -107,8 +107,9 @@ def test_predict_on_a_full_disk_leaves_no_png(trained_run, tiny, tmp_path, monke
     monkeypatch.setattr(Image.Image, "save", save)
     out = tmp_path / "out" / "pred"
     images = [f[0] for f in train_frames(tiny)[:3]]
+    stem = images[1].name[:-4]   # calls: overlay 0, classes 0, overlay 1
     expect_error(capsys, "predict", "--model", trained_run, *images, "--out", out,
-                 contains=["could not write", "No space left on device", "free disk space"])
+                 contains=[f"could not write {out / stem}", "No space left on device", "free disk space"])
     assert not out.exists() and nothing_hidden(tmp_path / "out")
 
 

@@ -158,7 +158,7 @@ def staged_dir(out_dir, create=True, replace_empty=False):
         if tmp_dir not in str(err):
             raise
         raise UserError(err.base.replace(tmp_dir, out_dir), err.option,
-                        err.hint.replace(tmp_dir, out_dir)) from None
+                        err.hint.replace(tmp_dir, out_dir), err.otherwise) from None
     except WRITE_ERRORS as err:
         if not is_write_error(err):
             raise

@@ -443,7 +443,7 @@ def _keras_imagenet_vgg16():
             download(KERAS_VGG16_URL, path, md5=KERAS_VGG16_MD5)
         except DownloadError as err:
             raise DownloadError(f"cannot download Keras' ImageNet VGG16 weights: {err}. "
-                                "Offline, `--source random` works, but that model is NOT "
+                                "Offline, the source 'random' works, but that model is NOT "
                                 "pretrained (random weights)") from err
     return keras.applications.VGG16(include_top=True, weights=path)
 

@@ -515,3 +515,20 @@ def test_get_vgg_out_under_a_file_or_onto_a_full_disk(tmp_path, monkeypatch, cap
     expect_error(capsys, *args, "--out", tmp_path / "vgg",
                  contains=[f"could not write {tmp_path / 'vgg'}", "No space left on device"])
     assert sorted(os.listdir(tmp_path)) == ["f"]
+
+
+def test_a_fix_naming_an_option_gives_way_where_the_command_lacks_it():
+    """Bad files offer --skip-bad and a missing scheme mapping --scheme only where the
+    command has them (evaluate and predict have neither: the model fixes the scheme)."""
+    from roadseg.cli import build_parser, command_options
+    from roadseg.schemes import get_scheme
+    evaluate = command_options(build_parser().parse_args(
+        ["evaluate", "--model", "m", "--data", "d"]).command_parser)
+    train = command_options(build_parser().parse_args(["train", "--data", "d"]).command_parser)
+    with pytest.raises(UserError) as caught:
+        get_scheme("camvid11").color_table("kitti")
+    assert caught.value.line(train).endswith("scheme; pass --scheme road4")
+    assert caught.value.line(evaluate).endswith("scheme; use a model trained with scheme road4")
+    bad = UserError("cannot decode image 'x.png' (truncated); replace the file", *datasets.SKIP_BAD)
+    assert bad.line(evaluate) == "cannot decode image 'x.png' (truncated); replace the file"
+    assert str(bad) == bad.line(train) == bad.line(evaluate) + " or pass --skip-bad to leave bad files out"

@@ -33,6 +33,8 @@ CONFIG_KEYS = ("scheme", "image_shape", "vgg")   # what every reader of a run ne
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM,
                 errno.ENOTDIR, errno.EISDIR}
 WRITE_FIX = "free disk space or choose another place; nothing was written under that name"
+WRITE_REASONS = ("No space left on device", "Read-only file system", "Permission denied",
+                 "Disk quota exceeded")
 WRITE_ERRORS = (OSError, tf.errors.OpError)   # what a failed write raises (then: is_write_error)
 
 
@@ -42,6 +44,9 @@ def os_reason(err):
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
     text = getattr(err, "message", None) or str(err)
+    known = [reason for reason in WRITE_REASONS if reason in text]
+    if known:   # TensorFlow buries them under other lines (an out-of-memory hint, say)
+        return known[0]
     lines = [line.strip() for line in text.splitlines() if line.strip() and
              not line[:1].isspace() and not line.startswith(("[[", "Node:"))]
     return lines[-1] if lines else type(err).__name__
@@ -53,7 +58,7 @@ def is_write_error(err):
     if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
         return True
     text = str(getattr(err, "message", "") or err)
-    return bool(re.search(r"No space left|Read-only file system|Permission denied|Disk quota", text))
+    return any(reason in text for reason in WRITE_REASONS)
 
 
 def new_run_dir(runs_dir, name=None):
@@ -94,8 +99,10 @@ def make_dirs(folder):
         return folder
     parent = _nearest_existing(folder)
     if not os.path.isdir(parent):
-        raise UserError(f"cannot create folder {folder}: {parent} is a file, not a folder; "
-                        f"choose another place (or move the file away)")
+        same = os.path.abspath(parent) == os.path.abspath(folder)
+        where = "" if same else f"cannot create folder {folder}: "
+        raise UserError(f"{where}{parent} is a file, not a folder; choose another place (or move "
+                        f"the file away)")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:

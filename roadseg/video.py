@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from roadseg.errors import UserError
 from roadseg.inference import predict_batch
 from roadseg.overlays import overlay
-from roadseg.run_folders import WRITE_FIX, check_can_create, staged_file
+from roadseg.run_folders import WRITE_FIX, WRITE_REASONS, check_can_create, staged_file
 
 CRF = 18          # libx264 constant rate factor: 18 is close to visually lossless
 QUEUE_BATCHES = 4  # batches buffered between the reader, the model and the writer
@@ -104,11 +104,10 @@ def _open_writer(path, size, fps, log):
 def _ffmpeg_reason(log):
     """The last thing ffmpeg said (without its ``[mp4 @ 0x...]`` prefix)."""
     log.seek(0)
-    lines = [re.sub(r"^\[[^]]*\]\s*", "", line).strip()
-             for line in log.read().decode("utf-8", "replace").splitlines()]
-    lines = [line for line in lines if line]
-    space = [line for line in lines if "No space left" in line or "Read-only" in line]
-    return (space or lines or ["ffmpeg wrote an incomplete file"])[-1]
+    text = log.read().decode("utf-8", "replace")
+    known = [reason for reason in WRITE_REASONS if reason in text]
+    lines = [re.sub(r"^\[[^]]*\]\s*", "", line).strip() for line in text.splitlines()]
+    return (known or [line for line in lines if line] or ["ffmpeg wrote an incomplete file"])[-1]
 
 
 def _write_batches(batches, path, size, fps, name=None):

@@ -33,6 +33,10 @@ from roadseg.errors import UserError
 
 tf1 = tf.compat.v1
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+# what TensorFlow says when a SavedModel does not fit: the reason, then an out-of-memory hint
+TF_DISK_FULL = ("Graph execution error:\n\nDetected at node 'save/SaveV2':\n variables.data; No space "
+                "left on device\n\t [[{{node save/SaveV2}}]]\n\nHint: If you want to see a list of "
+                "allocated tensors when OOM happens, add report_tensor_allocations_upon_oom to RunOptions.")
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +159,7 @@ def test_video_onto_a_full_disk_is_an_error_and_leaves_nothing(trained_run, tmp_
     line = expect_error(capsys, "video", "--model", trained_run, clip, out,
                         contains=[f"could not write the video {out}", "free disk space"])
     if failure == "ffmpeg cannot write":
-        assert "No space left on device" in line
+        assert f"{out} (No space left on device)" in line
     assert sorted(os.listdir(tmp_path)) == ["in.mp4"]
 
 
@@ -174,11 +178,11 @@ def test_export_on_a_full_disk_leaves_nothing(trained_run, tmp_path, monkeypatch
 
     def save(self, *args, **kwargs):
         real_save(self, *args, **kwargs)
-        raise tf.errors.ResourceExhaustedError(None, None, "saved_model.pb; No space left on device")
+        raise tf.errors.ResourceExhaustedError(None, None, TF_DISK_FULL)
     monkeypatch.setattr(tf1.saved_model.Builder, "save", save)
     out = tmp_path / "exp"
     expect_error(capsys, "export", "--model", trained_run, "--out", out,
-                 contains=[f"could not write {out}", "No space left on device"])
+                 contains=[f"could not write {out} (No space left on device)"])
     assert os.listdir(tmp_path) == []
 
 
@@ -510,10 +514,10 @@ def test_get_vgg_out_under_a_file_or_onto_a_full_disk(tmp_path, monkeypatch, cap
                  contains=[f"{tmp_path / 'f'} is a file, not a folder"])
 
     def save(self, *a, **k):
-        raise tf.errors.ResourceExhaustedError(None, None, "variables.data; No space left on device")
+        raise tf.errors.ResourceExhaustedError(None, None, TF_DISK_FULL)
     monkeypatch.setattr(tf1.saved_model.Builder, "save", save)
     expect_error(capsys, *args, "--out", tmp_path / "vgg",
-                 contains=[f"could not write {tmp_path / 'vgg'}", "No space left on device"])
+                 contains=[f"could not write {tmp_path / 'vgg'} (No space left on device)"])
     assert sorted(os.listdir(tmp_path)) == ["f"]
 
 

@@ -264,6 +264,9 @@ def _is_complete(path):
 def check_vgg_dir(path):
     """Return path if it holds a complete VGG16 SavedModel, else UserError naming
     the first missing file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"VGG16 model folder {path} is a file, not a folder; pass the folder "
+                        f"that holds saved_model.pb, or {GET_VGG_HINT}")
     if not os.path.isdir(path):
         raise UserError(f"VGG16 model folder {path} does not exist; {GET_VGG_HINT}")
     for name in REQUIRED_FILES:

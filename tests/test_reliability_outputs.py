@@ -490,6 +490,13 @@ def test_model_folder_that_is_neither_run_nor_export(trained_run, tiny, exported
 
 
 # ============================================================================= other outputs
+def test_vgg_folder_that_is_a_file(tiny, tmp_path, capsys):
+    (tmp_path / "vgg").write_text("mine")
+    expect_error(capsys, "train", "--data", tiny, "--vgg", tmp_path / "vgg", "--runs", tmp_path / "runs",
+                 contains=[f"VGG16 model folder {tmp_path / 'vgg'} is a file, not a folder"])
+    assert not (tmp_path / "runs").exists()
+
+
 def test_make_demo_data_on_a_full_disk_or_a_file(tmp_path, monkeypatch, capsys):
     (tmp_path / "f").write_text("mine")
     expect_error(capsys, "make-demo-data", tmp_path / "f", "--n", 2, "--size", 64, 64,

@@ -10,7 +10,6 @@ is missing, empty or damaged -- and falls back to older ones when the newest is 
 Only finite weights are ever saved.
 """
 import dataclasses
-import errno
 import glob
 import os
 import re
@@ -19,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from roadseg.errors import UserError
+from roadseg.run_folders import os_reason as reason
 
 tf1 = tf.compat.v1
 PREFIX = "model.ckpt"
@@ -75,17 +75,6 @@ def progress_variables():
             feeds[name] = tf1.placeholder(dtype, [], name=f"{name}_value")
     assign = tf.group(*[variables[k].assign(feeds[k]) for k in dtypes if k != "step"])
     return variables, feeds, assign
-
-
-def reason(err):
-    """The line of an error that says what went wrong (tf errors have many; 'No space left
-    on device' wins over TensorFlow's out-of-memory hint)."""
-    text = getattr(err, "message", None) or str(err)
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space left" in text:
-        return "No space left on device"
-    lines = [line.strip() for line in text.splitlines() if line.strip() and
-             not line[:1].isspace() and not line.startswith(("[[", "Node:", "Hint:"))]
-    return lines[0] if lines else type(err).__name__
 
 
 def checkpoint_step(prefix):

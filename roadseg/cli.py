@@ -5,6 +5,7 @@ A thin layer over the modules: it parses arguments, calls one function, prints t
 result.  Mistakes a user can fix end in one line on stderr and exit code 2.
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -50,7 +51,15 @@ def cmd_get_vgg(a):
         if a.source not in ("random", "keras-imagenet"):
             raise UserError("--out works with --source random or keras-imagenet; the course model "
                             "always goes to <data>/vgg")
-        vgg.build_vgg_savedmodel(a.out, source=a.source, width=a.width or 1.0, seed=a.seed)
+        if not os.path.lexists(a.out):
+            run_folders.check_can_create(a.out, "--out folder")
+        try:   # built in a temporary folder next to --out, which is removed on any error
+            vgg.build_vgg_savedmodel(a.out, source=a.source, width=a.width or 1.0, seed=a.seed)
+        except run_folders.WRITE_ERRORS as err:
+            if not run_folders.is_write_error(err):
+                raise
+            raise UserError(f"could not write {a.out} ({run_folders.os_reason(err)}); "
+                            f"{run_folders.WRITE_FIX}") from None
         path, pretrained = a.out, bool(vgg.read_vgg_info(a.out).get("pretrained"))
     else:
         path, pretrained = vgg.obtain_vgg(a.data, source=a.source, width=a.width)
@@ -66,14 +75,36 @@ def cmd_train(a):
     return 0 if result["status"] == "finished" else 130
 
 
-def cmd_evaluate(a):
-    # Outputs that are taken are refused before anything is computed or written.
-    if a.out and os.path.exists(a.out):
-        raise UserError(f"{a.out} already exists; choose another file name (nothing is overwritten)")
-    if a.cityscapes_out and os.path.isdir(a.cityscapes_out) and os.listdir(a.cityscapes_out):
-        raise UserError(f"prediction folder {a.cityscapes_out} is not empty; choose a new folder")
+def _at_least_one(a, *names):
+    """Refuse counts below 1 (``--batch-size 0`` would put every image in one batch)."""
+    for name in names:
+        value = getattr(a, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+
+
+def _check_evaluate_outputs(a, out):
+    """Every output of ``evaluate`` is checked before anything is computed."""
+    if os.path.lexists(out):
+        raise UserError(f"{out} already exists; choose another file name (nothing is overwritten)")
+    run_folders.check_can_create(out, "--out file")
+    if a.cityscapes_out:
+        if os.path.lexists(a.cityscapes_out) and not os.path.isdir(a.cityscapes_out):
+            raise UserError(f"--cityscapes-out {a.cityscapes_out} is a file; choose a folder name "
+                            f"for the predictions")
+        if os.path.isdir(a.cityscapes_out) and os.listdir(a.cityscapes_out):
+            raise UserError(f"prediction folder {a.cityscapes_out} is not empty; choose a new folder")
+        run_folders.check_can_create(a.cityscapes_out, "--cityscapes-out folder")
     if a.official and not a.cityscapes_out:
         raise UserError("--official needs --cityscapes-out DIR (a new folder for the labelIds PNGs)")
+
+
+def cmd_evaluate(a):
+    """Checks everything first; prints and writes only when every step has worked: the JSON
+    and the --cityscapes-out folder are written under temporary names, renamed at the end."""
+    _at_least_one(a, "batch_size")
+    out = a.out or os.path.join(a.model, f"evaluation-{a.split}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    _check_evaluate_outputs(a, out)
     found = datasets.find_dataset(a.data)   # data problems too, before the model is loaded
     if a.split not in found.splits:
         raise UserError(f"{a.data} has no '{a.split}' split (it has {', '.join(found.splits)}); "
@@ -81,27 +112,35 @@ def cmd_evaluate(a):
     samples = [s for s in found.splits[a.split] if s.label]
     if not samples:
         raise UserError(f"split '{a.split}' of {a.data} has no labels to evaluate against")
+    gt = [s.label for s in samples]
+    if a.official and not all(g.endswith("_gtFine_labelIds.png") for g in gt):
+        other = next(g for g in gt if not g.endswith("_gtFine_labelIds.png"))
+        raise UserError(f"--official needs Cityscapes gtFine *_gtFine_labelIds.png ground truth, "
+                        f"but {a.data} has e.g. {other}; leave --official out")
+    official = None
     with inference.load_predictor(a.model) as predictor:
         result = metrics.evaluate(predictor.predict, samples, predictor.scheme,
                                    batch_size=a.batch_size)
         names = predictor.scheme.class_names
-        print(metrics.format_table(result, names))
-        out = a.out or os.path.join(a.model, f"evaluation-{a.split}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-        metrics.save_json(result, names, out)
-        print(f"saved {out}")
-        if a.cityscapes_out:
-            cityscapes_eval.write_cityscapes_predictions(predictor.predict, samples, predictor.scheme,
-                                                  a.cityscapes_out)
-            print(f"Cityscapes labelIds predictions in {a.cityscapes_out}")
-        if a.official:
-            gt = [s.label for s in samples]
-            if not all(g.endswith("_gtFine_labelIds.png") for g in gt):
-                raise UserError("--official needs Cityscapes gtFine *_gtFine_labelIds.png ground truth")
-            official = cityscapes_eval.run_official_evaluator(gt, a.cityscapes_out)
-            print("official cityscapesscripts evaluator (19 classes):")
-            for name, iou in official["class_iou"].items():
-                print(f"  {name:<15} {iou:.4f}")
-            print(f"  {'mean IoU':<15} {official['mean_iou']:.4f}")
+        staged = (run_folders.staged_dir(a.cityscapes_out, replace_empty=True) if a.cityscapes_out
+                  else contextlib.nullcontext())
+        with staged as predictions_dir:
+            if predictions_dir:
+                cityscapes_eval.write_cityscapes_predictions(
+                    predictor.predict, samples, predictor.scheme, predictions_dir,
+                    batch_size=a.batch_size)
+            if a.official:
+                official = cityscapes_eval.run_official_evaluator(gt, predictions_dir)
+            metrics.save_json(result, names, out)
+    print(metrics.format_table(result, names))
+    print(f"saved {out}")
+    if a.cityscapes_out:
+        print(f"Cityscapes labelIds predictions in {a.cityscapes_out}")
+    if official:
+        print("official cityscapesscripts evaluator (19 classes):")
+        for name, iou in official["class_iou"].items():
+            print(f"  {name:<15} {iou:.4f}")
+        print(f"  {'mean IoU':<15} {official['mean_iou']:.4f}")
 
 
 def _image_paths(inputs):
@@ -120,18 +159,28 @@ def _image_paths(inputs):
 
 
 def cmd_predict(a):
+    """The output folder is written as a hidden temporary folder next to it and gets its name
+    only when every image is done: a failure or Ctrl-C leaves nothing under --out, and the
+    same command can simply be run again."""
+    _at_least_one(a, "batch_size")
     paths = _image_paths(a.inputs)
-    with inference.load_predictor(a.model) as predictor:
-        if a.out and os.path.exists(a.out):
-            raise UserError(f"{a.out} already exists; choose a new --out folder (nothing is overwritten)")
-        out = a.out or run_folders.new_run_dir(a.runs, "predict-" + time.strftime("%Y%m%d-%H%M%S"))
-        os.makedirs(out, exist_ok=True)
-        overlays.write_overlays(out, paths, predictor.predict, predictor.scheme,
-                                            batch_size=a.batch_size)
+    out = a.out
+    if out and os.path.lexists(out):
+        raise UserError(f"{out} already exists; choose a new --out folder (nothing is overwritten)")
+    if not out:
+        out, n = os.path.join(a.runs, "predict-" + time.strftime("%Y%m%d-%H%M%S")), 0
+        while os.path.lexists(out + (f"-{n}" if n else "")):
+            n += 1
+        out += f"-{n}" if n else ""
+    run_folders.check_can_create(out, "--out folder")
+    with inference.load_predictor(a.model) as predictor, run_folders.staged_dir(out) as tmp:
+        overlays.write_overlays(tmp, paths, predictor.predict, predictor.scheme,
+                                batch_size=a.batch_size)
     print(f"{len(paths)} overlays and class maps in {out}")
 
 
 def cmd_video(a):
+    _at_least_one(a, "batch_size", "max_frames")
     with inference.load_predictor(a.model) as predictor:
         stats = video.process_video(a.input, a.output, predictor.predict, predictor.scheme,
                                       batch_size=a.batch_size, max_frames=a.max_frames)
@@ -158,7 +207,7 @@ def build_parser():
 
     def add(name, func, help):
         sp = sub.add_parser(name, help=help, description=help)
-        sp.set_defaults(func=func)
+        sp.set_defaults(func=func, command_parser=sp)
         return sp
 
     sp = add("make-demo-data", cmd_make_demo_data, "write procedurally drawn street scenes "
@@ -230,14 +279,36 @@ def build_parser():
     return p
 
 
+def command_options(parser):
+    """Every option string of a (sub)command's parser, e.g. {'--out', '--batch-size', ...}."""
+    return {name for action in parser._actions for name in action.option_strings}
+
+
+def close_progress_bars():
+    """Close every progress bar still open, so that the error printed next gets a line of its
+    own instead of landing after a bar's carriage return."""
+    from tqdm import std
+    for cls in {std.tqdm, *_subclasses(std.tqdm)}:
+        for bar in list(getattr(cls, "_instances", ())):
+            bar.close()
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        close_progress_bars()
+        print(f"error: {err.line(command_options(args.command_parser))}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
+        close_progress_bars()
         print("interrupted", file=sys.stderr)
         return 130
 

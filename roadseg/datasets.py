@@ -46,6 +46,8 @@ from roadseg.errors import UserError
 from roadseg.schemes import CAMVID_LABELS, IGNORE, decode_color_label, get_scheme
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# the fix a bad file's error offers where the command has --skip-bad (see errors.UserError)
+SKIP_BAD = ("--skip-bad", "or pass --skip-bad to leave bad files out")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ def find_dataset(root):
     without images, and images without labels or labels without images.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"dataset folder '{root}' is a file, not a folder; pass the folder that "
+                        f"holds the dataset")
     if not root.is_dir():
         raise UserError(f"dataset folder '{root}' does not exist; pass the folder that "
                         f"holds the dataset (or make demo scenes with `segment.py make-demo-data DIR`)")
@@ -149,7 +154,8 @@ def _read_cityscapes(root):
         img_dir = root / "leftImg8bit" / split
         if not img_dir.is_dir():
             continue
-        images = {_strip(p.name, "_leftImg8bit.png"): p
+        # keyed by city and frame: two cities may hold frames of the same name
+        images = {f"{p.parent.name}/{_strip(p.name, '_leftImg8bit.png')}": p
                   for p in _files(img_dir, pattern="*/*_leftImg8bit.png")}
         labels = _cityscapes_labels(root / "gtFine" / split, "*/")
         splits[split] = _pair(root, split, images, labels, "cityscapes")
@@ -157,11 +163,13 @@ def _read_cityscapes(root):
 
 
 def _cityscapes_labels(folder, sub=""):
-    """``{frame: (path, kind)}``, labelIds preferred over colour."""
+    """``{frame: (path, kind)}`` (``{city/frame: ...}`` with a city folder level ``sub``),
+    labelIds preferred over colour."""
     labels = {}
     for ending, kind in (("_gtFine_color.png", "color"), ("_gtFine_labelIds.png", "ids")):
         for p in _files(folder, (".png",), f"{sub}*{ending}"):
-            labels[_strip(p.name, ending)] = (p, kind)
+            key = _strip(p.name, ending)
+            labels[f"{p.parent.name}/{key}" if sub else key] = (p, kind)
     return labels
 
 
@@ -291,8 +299,7 @@ def _open(path):
         im.load()
         return im
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"cannot decode image '{path}' ({err}); replace the file or "
-                        f"pass --skip-bad to leave bad files out") from None
+        raise UserError(f"cannot decode image '{path}' ({err}); replace the file", *SKIP_BAD) from None
 
 
 def load_image(path):
@@ -344,7 +351,7 @@ def _decode_label(sample, scheme):
         if unknown.size:
             raise UserError(f"label '{sample.label}' has ids {unknown[:8].tolist()} that are "
                             f"not {sample.dataset} label ids; is it a {sample.dataset} "
-                            f"labelIds file? (fix it or pass --skip-bad)")
+                            f"labelIds file? Fix it", "--skip-bad", "or pass --skip-bad")
         return scheme.lut(sample.dataset)[ids], 0
     if sample.kind == "color":
         rgb = load_image(sample.label)
@@ -389,7 +396,7 @@ def check_same_size(image, label, sample):
     if image.shape[:2] != label.shape[:2]:
         raise UserError(f"image '{sample.image}' is {image.shape[1]}x{image.shape[0]} but "
                         f"label '{sample.label}' is {label.shape[1]}x{label.shape[0]}; "
-                        f"they must match (fix the pair or pass --skip-bad)")
+                        f"they must match: fix the pair", "--skip-bad", "or pass --skip-bad")
 
 
 # ---------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from roadseg.errors import UserError
+from roadseg.run_folders import staged_dir
 
 FORMAT_VERSION = 1
 INFO_FILE = "demo_info.json"
@@ -50,19 +51,24 @@ def make_demo_data(root, n=60, seed=0, size=(256, 512), val_fraction=0.2):
         raise UserError(f"demo data needs n >= 1, size >= 32x32 and 0 <= val_fraction < 1 "
                         f"(got n={n}, size={size}, val_fraction={val_fraction})")
     names = _file_names(params)
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+    if root.exists() and not root.is_dir():
+        raise UserError(f"'{root}' is a file, not a folder; choose a new folder for the demo data")
+    if root.exists() and any(root.iterdir()):
         if _is_complete(root, params, names):
             return str(root)
         raise UserError(f"'{root}' is not empty and not a complete demo set with n={n}, "
                         f"seed={seed}, size={h}x{w}; choose a new folder or delete it")
-    for i, (image, label_ids, color) in enumerate(tqdm(names, desc="drawing demo scenes",
-                                                       unit="scene", leave=False)):
-        rgb, ids = draw_scene(np.random.default_rng([seed, i]), h, w)
-        for path, array in ((image, rgb), (label_ids, ids), (color, _COLORS[ids])):
-            path = root / path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(array).save(path, compress_level=1)
-    (root / INFO_FILE).write_text(json.dumps(params, indent=1))
+    # drawn into a hidden folder next to root, renamed when complete: a full disk or Ctrl-C
+    # leaves no half set behind
+    with staged_dir(str(root), replace_empty=True) as tmp:
+        for i, (image, label_ids, color) in enumerate(tqdm(names, desc="drawing demo scenes",
+                                                           unit="scene", leave=False)):
+            rgb, ids = draw_scene(np.random.default_rng([seed, i]), h, w)
+            for path, array in ((image, rgb), (label_ids, ids), (color, _COLORS[ids])):
+                path = Path(tmp) / path
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(path, compress_level=1)
+        (Path(tmp) / INFO_FILE).write_text(json.dumps(params, indent=1))
     return str(root)
 
 

@@ -8,8 +8,6 @@ every command that takes ``--model`` accept the folder.
 """
 import json
 import os
-import shutil
-import tempfile
 
 import tensorflow as tf
 
@@ -22,26 +20,38 @@ from roadseg.inference import (
     decoder_kwargs,
     model_variables,
 )
-from roadseg.run_folders import read_run_config, run_checkpoint
+from roadseg.run_folders import (
+    check_can_create,
+    read_run_config,
+    restore_checkpoint,
+    run_checkpoint,
+    staged_dir,
+)
 from roadseg.schemes import get_scheme
 
 tf1 = tf.compat.v1
 
 
 def export(run_dir, out_dir, which="best"):
-    """Write a self-contained inference SavedModel of a run into the new folder ``out_dir``."""
-    if os.path.exists(out_dir):
+    """Write a self-contained inference SavedModel of a run into the new folder ``out_dir``.
+
+    Everything is written into a hidden folder next to ``out_dir`` that is renamed only when
+    complete: a failure (full disk, Ctrl-C) leaves nothing under ``out_dir``."""
+    if os.path.lexists(out_dir):
         raise UserError(f"{out_dir} already exists; choose a new --out folder (nothing is overwritten)")
+    check_can_create(out_dir, "--out folder")
+    if os.path.isfile(os.path.join(run_dir, "saved_model.pb")):
+        raise UserError(f"{run_dir} is an exported model already; export takes a training run "
+                        f"(a runs/<name> folder)")
     config = read_run_config(run_dir)
     ckpt = run_checkpoint(run_dir, which)
     scheme = get_scheme(config["scheme"])
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(out_dir)))
-    os.rmdir(tmp)  # the Builder wants to create the folder itself
-    try:
+    # the Builder wants to create the folder itself
+    with staged_dir(out_dir, create=False) as tmp:
         with tf.Graph().as_default(), tf1.Session() as sess:
             images, classes, probs = build_inference(sess, config["vgg"], scheme.num_classes,
                                                      config["image_shape"], **decoder_kwargs(config))
-            tf1.train.Saver(model_variables()).restore(sess, ckpt)
+            restore_checkpoint(tf1.train.Saver(model_variables()), sess, ckpt)
             sig = tf1.saved_model.signature_def_utils.predict_signature_def(
                 inputs={"images": images}, outputs={"classes": classes, "probabilities": probs})
             builder = tf1.saved_model.Builder(tmp)
@@ -52,7 +62,4 @@ def export(run_dir, out_dir, which="best"):
                     run=os.path.abspath(run_dir))
         with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
             json.dump(info, f, indent=2)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

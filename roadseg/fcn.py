@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from roadseg import losses, vgg
+from roadseg import losses, run_folders, vgg
 from roadseg.errors import UserError
 
 tf1 = tf.compat.v1
@@ -43,13 +43,13 @@ def load_vgg(sess, vgg_path, input_map=None):
     extra = {} if input_map is None else {"input_map": input_map}
     try:
         tf1.saved_model.loader.load(sess, [VGG_TAG], vgg_path, **extra)
+        graph = sess.graph
+        tensors = [graph.get_tensor_by_name(name) for name in VGG_TENSORS]
     except Exception as err:  # OSError, RuntimeError (no such tag), DecodeError, OpError, ...
         vgg.check_vgg_dir(vgg_path)   # a missing folder or file: the error names it
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"cannot load VGG16 from {vgg_path} ({reason}); it must be a SavedModel "
-                        f"with the tag '{VGG_TAG}': move it away and {vgg.GET_VGG_HINT}") from None
-    graph = sess.graph
-    tensors = [graph.get_tensor_by_name(name) for name in VGG_TENSORS]
+        raise UserError(f"VGG16 model folder {vgg_path} is damaged: it does not load as a VGG16 "
+                        f"SavedModel with the tag '{VGG_TAG}' ({run_folders.os_reason(err)}); move "
+                        f"the folder away and {vgg.GET_VGG_HINT}") from None
     if input_map:  # the mapped tensors stand where the placeholders were
         tensors = [input_map.get(name, t) for name, t in zip(VGG_TENSORS, tensors)]
     return tuple(tensors)

@@ -7,7 +7,6 @@ maps at their own image size.  ``load_predictor`` opens either a run folder or a
 ``predict(images uint8 [N,H,W,3]) -> class maps uint8 [N,H,W]``.
 ``predict_batch`` / ``same_size_batches`` feed any such ``predict_fn`` image by image.
 """
-import json
 import os
 
 import numpy as np
@@ -15,7 +14,14 @@ import tensorflow as tf
 
 from roadseg import fcn
 from roadseg.errors import UserError
-from roadseg.run_folders import read_run_config, run_checkpoint
+from roadseg.run_folders import (
+    RUN_CONFIG,
+    os_reason,
+    read_json,
+    read_run_config,
+    restore_checkpoint,
+    run_checkpoint,
+)
 from roadseg.schemes import get_scheme
 
 tf1 = tf.compat.v1
@@ -130,35 +136,54 @@ class Predictor:
 
 
 def load_predictor(path, which="best"):
-    """Open an exported model (``export``) or a run folder (``runs/<name>``) for inference."""
+    """Open an exported model (``export``) or a run folder (``runs/<name>``) for inference.
+
+    A missing, damaged or incomplete model is one ``UserError`` line naming the file."""
     if not os.path.isdir(path):
-        raise UserError(f"model {path} does not exist; pass a runs/<name> folder or an exported model")
+        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise UserError(f"model {path} {what}; pass a runs/<name> folder or an exported model")
     graph = tf.Graph()
     sess = tf1.Session(graph=graph)
     try:
         with graph.as_default():
             if os.path.isfile(os.path.join(path, "saved_model.pb")):
-                info_path = os.path.join(path, EXPORT_INFO)
-                if not os.path.isfile(info_path):
-                    raise UserError(f"{path} is a SavedModel but not one exported by this project "
-                                    f"(no {EXPORT_INFO}); export a run with 'segment.py export'")
-                with open(info_path) as f:
-                    info = json.load(f)
-                meta = tf1.saved_model.loader.load(sess, [SERVE_TAG], path)
-                sig = meta.signature_def[SIGNATURE]
-                get = graph.get_tensor_by_name
-                images = get(sig.inputs["images"].name)
-                classes = get(sig.outputs["classes"].name)
-                probs = get(sig.outputs["probabilities"].name)
-                scheme, shape = get_scheme(info["scheme"]), info["image_shape"]
+                scheme, shape, (images, classes, probs) = _load_export(sess, path)
+            elif not os.path.isfile(os.path.join(path, RUN_CONFIG)):
+                raise UserError(f"model {path} is neither a training run (no {RUN_CONFIG}) nor an "
+                                f"exported model (no saved_model.pb); pass a runs/<name> folder "
+                                f"or an exported model")
             else:
                 config = read_run_config(path)
                 scheme, shape = get_scheme(config["scheme"]), config["image_shape"]
                 ckpt = run_checkpoint(path, which)
                 images, classes, probs = build_inference(sess, config["vgg"], scheme.num_classes,
                                                          shape, **decoder_kwargs(config))
-                tf1.train.Saver(model_variables()).restore(sess, ckpt)
+                restore_checkpoint(tf1.train.Saver(model_variables()), sess, ckpt)
         return Predictor(graph, sess, images, classes, probs, scheme, shape, path)
     except BaseException:
         sess.close()
         raise
+
+
+def _load_export(sess, path):
+    """(scheme, image shape, (images, classes, probabilities)) of an exported model."""
+    info_path = os.path.join(path, EXPORT_INFO)
+    if not os.path.isfile(info_path):
+        raise UserError(f"{path} is a SavedModel but not one exported by this project "
+                        f"(no {EXPORT_INFO}); export a run with 'segment.py export'")
+    fix = "export the run again ('segment.py export')"
+    info = read_json(info_path, fix)
+    if "scheme" not in info or "image_shape" not in info:
+        raise UserError(f"{info_path} is damaged: it has no scheme or image_shape; {fix}")
+    if not os.path.isfile(os.path.join(path, "variables", "variables.index")):
+        raise UserError(f"exported model {path} is incomplete: variables/variables.index is "
+                        f"missing; {fix}")
+    try:
+        meta = tf1.saved_model.loader.load(sess, [SERVE_TAG], path)
+        sig = meta.signature_def[SIGNATURE]
+        get = sess.graph.get_tensor_by_name
+        tensors = (get(sig.inputs["images"].name), get(sig.outputs["classes"].name),
+                   get(sig.outputs["probabilities"].name))
+    except (OSError, ValueError, KeyError, RuntimeError, tf.errors.OpError) as err:
+        raise UserError(f"exported model {path} is damaged ({os_reason(err)}); {fix}") from None
+    return get_scheme(info["scheme"]), info["image_shape"], tensors

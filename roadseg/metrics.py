@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from roadseg import datasets
 from roadseg.errors import UserError
 from roadseg.inference import predict_batch, same_size_batches
+from roadseg.run_folders import staged_file
 
 
 class ConfusionMatrix:
@@ -117,12 +118,15 @@ def predictions(predict_fn, samples, scheme, batch_size, progress, desc):
     size of its image, so ``label`` stays at native resolution.
     """
     total = len(samples) if hasattr(samples, "__len__") else None
-    pairs = (((sample, label), image) for sample in
-             tqdm(samples, total=total, desc=desc, unit="img", disable=not progress)
+    bar = tqdm(samples, total=total, desc=desc, unit="img", disable=not progress)
+    pairs = (((sample, label), image) for sample in bar
              for image, label in [datasets.load_pair(sample, scheme)])
-    for items, images in same_size_batches(pairs, batch_size):
-        for (sample, label), pred in zip(items, predict_batch(predict_fn, images)):
-            yield sample, label, pred
+    try:
+        for items, images in same_size_batches(pairs, batch_size):
+            for (sample, label), pred in zip(items, predict_batch(predict_fn, images)):
+                yield sample, label, pred
+    finally:
+        bar.close()   # before an error is printed: the error gets a line of its own
 
 
 def evaluate(predict_fn, samples, scheme, batch_size=4, progress=True):
@@ -169,7 +173,10 @@ def _json_number(value):
 
 
 def save_json(result, class_names, path):
-    """Write ``result`` as JSON to ``path``; refuses to overwrite an existing file."""
+    """Write ``result`` as JSON to ``path``; refuses to overwrite an existing file.
+
+    Written under a temporary name and renamed when complete: a full disk is one UserError
+    line and leaves nothing under ``path``."""
     if os.path.exists(path):
         raise UserError(f"{path} already exists; choose another file name (nothing is overwritten)")
     data = {
@@ -182,6 +189,6 @@ def save_json(result, class_names, path):
         "pixels": result["pixels"],
         "confusion_matrix": np.asarray(result["confusion_matrix"]).tolist(),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "x") as f:   # "x": fail rather than overwrite, even in a race
-        json.dump(data, f, indent=2)
+    with staged_file(path) as tmp:   # complete, or nothing under the final name
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from roadseg.datasets import load_image
 from roadseg.errors import UserError
 from roadseg.inference import predict_batch, same_size_batches
+from roadseg.run_folders import staged_file
 from roadseg.schemes import IGNORE
 
 
@@ -67,19 +68,20 @@ def overlay(image, class_map, colors, alpha=0.5, skip_classes=None):
 
 
 def _write_png(path, array):
-    """Write a PNG, refusing to replace an existing file (exclusive create)."""
-    try:
-        with open(path, "xb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-    except FileExistsError:
-        raise UserError(f"{path} already exists; write into a new run folder") from None
+    """Write a PNG under a temporary name that gets ``path`` only when complete; an existing
+    file is never replaced, and a full disk is one UserError line with nothing under ``path``."""
+    if os.path.lexists(path):
+        raise UserError(f"{path} already exists; write into a new run folder")
+    with staged_file(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 def write_overlays(run_dir, image_paths, predict_fn, colors, batch_size=4):
     """Segment each image and write ``<stem>.png`` (overlay) and ``<stem>_classes.png``.
 
     Both are at the image's original size; the class map holds the raw uint8 class ids.
-    ``run_dir`` must exist (see ``new_run_dir``); files are never overwritten.  Consecutive
+    ``run_dir`` must exist (see ``new_run_dir``); files are never overwritten, and each is
+    written under a temporary name and renamed when complete (never a truncated PNG).  Consecutive
     images of the same size go to ``predict_fn`` together, up to ``batch_size`` at a time.
     Returns the written paths, overlay then class map for each image, in input order.
     """

@@ -1,22 +1,65 @@
 """Run folders, and files written so that nothing a user made is overwritten or half-written.
 
 * ``new_run_dir(runs_dir, name)``  -> a fresh folder under ``runs/`` (never an existing one)
+* ``check_can_create(path, option)`` -> refuse an output whose place is a file or read-only,
+  before anything is computed
+* ``staged_file(path)`` / ``staged_dir(path)`` -> write under a hidden temporary name next
+  to ``path``; it gets its final name only when complete, and is removed on any error
 * ``write_json(path, value)``      -> JSON under a temporary name, renamed when complete
 * ``publish(tmp_path, out_path)``  -> a finished temporary file gets its final name,
   never replacing a file
-* ``read_run_config(run_dir)``, ``run_checkpoint(run_dir)`` -> what a training run holds
+* ``read_json(path, fix)``, ``read_run_config(run_dir)``, ``run_checkpoint(run_dir)``,
+  ``restore_checkpoint(saver, sess, ckpt)`` -> what a training run holds, a damaged file
+  being one ``UserError`` line
 """
 import contextlib
+import errno
 import fcntl
+import glob
 import json
 import os
+import re
+import shutil
+import sys
 import time
+import uuid
 
 import tensorflow as tf
 
 from roadseg.errors import UserError
 
 RUN_CONFIG = "config.json"
+CONFIG_KEYS = ("scheme", "image_shape", "vgg")   # what every reader of a run needs
+# errno values that mean "this place cannot take the output": full, read-only, not allowed
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM,
+                errno.ENOTDIR, errno.EISDIR}
+WRITE_FIX = "free disk space or choose another place; nothing was written under that name"
+WRITE_REASONS = ("No space left on device", "Read-only file system", "Permission denied",
+                 "Disk quota exceeded")
+WRITE_ERRORS = (OSError, tf.errors.OpError)   # what a failed write raises (then: is_write_error)
+
+
+def os_reason(err):
+    """What went wrong, in a few words: ``strerror`` of an OSError ('No space left on
+    device'), else the last line of the message that says it (tf errors have many)."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = getattr(err, "message", None) or str(err)
+    known = [reason for reason in WRITE_REASONS if reason in text]
+    if known:   # TensorFlow buries them under other lines (an out-of-memory hint, say)
+        return known[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and
+             not line[:1].isspace() and not line.startswith(("[[", "Node:", "Hint:"))]
+    return lines[-1] if lines else type(err).__name__
+
+
+def is_write_error(err):
+    """True for an error that says the disk is full, read-only or not ours to write on
+    (an ``OSError`` with such an errno, or TensorFlow's message for one)."""
+    if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+        return True
+    text = str(getattr(err, "message", "") or err)
+    return any(reason in text for reason in WRITE_REASONS)
 
 
 def new_run_dir(runs_dir, name=None):
@@ -28,7 +71,7 @@ def new_run_dir(runs_dir, name=None):
     base = name or time.strftime("%Y%m%d-%H%M%S")
     if base in (".", "..") or os.sep in base or (os.altsep and os.altsep in base):
         raise UserError(f"run name '{base}' must be a plain folder name without '/'")
-    os.makedirs(runs_dir, exist_ok=True)
+    make_dirs(runs_dir)
     candidate, n = base, 0
     while True:
         path = os.path.join(runs_dir, candidate)
@@ -38,6 +81,98 @@ def new_run_dir(runs_dir, name=None):
         except FileExistsError:
             n += 1
             candidate = f"{base}-{n}"
+        except OSError as err:
+            raise UserError(f"cannot create {path} ({os_reason(err)}); free disk space, fix the "
+                            f"permissions of {runs_dir} or use another folder") from None
+
+
+def _nearest_existing(path):
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def make_dirs(folder):
+    """``os.makedirs(folder, exist_ok=True)``, a path that is a file or a read-only disk being
+    one UserError line naming it."""
+    if os.path.isdir(folder):
+        return folder
+    parent = _nearest_existing(folder)
+    if not os.path.isdir(parent):
+        same = os.path.abspath(parent) == os.path.abspath(folder)
+        where = "" if same else f"cannot create folder {folder}: "
+        raise UserError(f"{where}{parent} is a file, not a folder; choose another place (or move "
+                        f"the file away)")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create folder {folder} ({os_reason(err)}); free disk space, fix "
+                        f"the permissions or choose another place") from None
+    return folder
+
+
+def check_can_create(path, option):
+    """Before anything is computed: UserError unless ``path`` (a new file or folder, given by
+    ``option``) can be made -- its nearest existing parent must be a writable folder.
+    Missing parent folders are fine: they are created when the output is written."""
+    parent = _nearest_existing(os.path.dirname(os.path.abspath(path)))
+    if not os.path.isdir(parent):
+        raise UserError(f"cannot write {path}: {parent} is a file, not a folder; choose another "
+                        f"{option}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: {parent} is read-only (a read-only disk or no "
+                        f"permission); choose another {option}")
+
+
+@contextlib.contextmanager
+def staged_file(out_path):
+    """Yield a hidden temporary path next to ``out_path``; when the block ends without an
+    error it gets the final name (``publish``, never replacing a file), on any error it is
+    removed: nothing half-written under the final name.  A full or read-only disk is one
+    UserError line."""
+    folder = make_dirs(os.path.dirname(os.path.abspath(out_path)))
+    tmp_path = os.path.join(folder, f".{os.path.basename(out_path)}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        yield tmp_path
+        publish(tmp_path, out_path)
+    except WRITE_ERRORS as err:
+        if not is_write_error(err):
+            raise
+        raise UserError(f"could not write {out_path} ({os_reason(err)}); {WRITE_FIX}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_path)
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir, create=True, replace_empty=False):
+    """Yield a hidden temporary folder next to ``out_dir`` (made when ``create``); renamed to
+    ``out_dir`` when the block ends without an error, removed (with everything in it) on any
+    error, Ctrl-C included.  Only a SIGKILL or power cut can leave the hidden folder.
+    ``replace_empty``: an empty folder at ``out_dir`` is taken over."""
+    parent = make_dirs(os.path.dirname(os.path.abspath(out_dir)))
+    tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        if create:
+            os.mkdir(tmp_dir)
+        yield tmp_dir
+        if replace_empty and os.path.isdir(out_dir) and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        if os.path.lexists(out_dir):    # rename() would replace an empty folder
+            raise UserError(f"{out_dir} appeared while it was being written; choose another name")
+        os.rename(tmp_dir, out_dir)
+    except UserError as err:   # name files by the folder they were meant for, not the hidden one
+        if tmp_dir not in str(err):
+            raise
+        raise UserError(err.base.replace(tmp_dir, out_dir), err.option,
+                        err.hint.replace(tmp_dir, out_dir), err.otherwise) from None
+    except WRITE_ERRORS as err:
+        if not is_write_error(err):
+            raise
+        raise UserError(f"could not write {out_dir} ({os_reason(err)}); {WRITE_FIX}") from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -64,42 +199,106 @@ def run_lock(run_dir):
 
 
 def write_json(path, value):
-    """Write JSON atomically (temporary file, then rename)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(path + ".tmp", path)
+    """Write JSON atomically (temporary file, then rename; an existing file is replaced).
+    A failed write leaves the old file as it was and is one UserError line."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(f"could not write {path} ({os_reason(err)}); free disk space or fix the "
+                        f"permissions (the previous version, if any, is kept)") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def publish(tmp_path, out_path):
     """Give the finished temporary file its final name without replacing anything."""
     if not os.path.isfile(tmp_path) or os.path.getsize(tmp_path) == 0:
-        raise RuntimeError(f"ffmpeg wrote nothing to {tmp_path}")
+        raise RuntimeError(f"nothing was written to {tmp_path}")
+    taken = UserError(f"{out_path} appeared while it was being written; choose another name")
     try:
         os.link(tmp_path, out_path)  # atomic, and fails instead of replacing a file
     except FileExistsError:
-        raise UserError(f"{out_path} appeared while the video was processed; "
-                        f"choose another output name") from None
-    except OSError:  # a file system without hard links
-        if os.path.exists(out_path):
-            raise UserError(f"{out_path} appeared while the video was processed; "
-                            f"choose another output name") from None
+        raise taken from None
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise
+        if os.path.exists(out_path):  # a file system without hard links
+            raise taken from None
         os.rename(tmp_path, out_path)
+
+
+def read_json(path, fix, kind=dict):
+    """The JSON value in ``path`` (of type ``kind``); unreadable, not JSON or of another type
+    is one UserError line ending in ``fix``."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is damaged: not valid JSON ({err}); {fix}") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({os_reason(err)}); {fix}") from None
+    if not isinstance(value, kind):
+        raise UserError(f"{path} is damaged: it holds a JSON {type(value).__name__}, not "
+                        f"{'an object' if kind is dict else kind.__name__}; {fix}")
+    return value
 
 
 def read_run_config(run_dir):
     path = os.path.join(run_dir, RUN_CONFIG)
     if not os.path.isfile(path):
         raise UserError(f"{run_dir} is not a training run (no {RUN_CONFIG}); pass a runs/<name> "
-                        f"folder made by 'segment.py train' or an exported model")
-    with open(path) as f:
-        return json.load(f)
+                        f"folder made by 'segment.py train'")
+    fix = "restore it from a backup, or train a new run ('segment.py train')"
+    config = read_json(path, fix)
+    missing = [key for key in CONFIG_KEYS if key not in config]
+    if missing:
+        raise UserError(f"{path} is damaged: it has no {', '.join(missing)}; {fix}")
+    return config
+
+
+def _checkpoint_from_files(folder):
+    """The newest ``*.index`` checkpoint in ``folder`` by step, for an unreadable index file."""
+    found = []
+    for index in glob.glob(os.path.join(glob.escape(folder), "*.index")):
+        step = re.search(r"-(\d+)\.index$", index)
+        found.append((int(step.group(1)) if step else -1, index[:-len(".index")]))
+    return max(found)[1] if found else None
 
 
 def run_checkpoint(run_dir, which="best"):
-    """Checkpoint prefix of a run: its best-by-mIoU one if present (``which='best'``), else latest."""
+    """Checkpoint prefix of a run: its best-by-mIoU one if present (``which='best'``), else latest.
+
+    A damaged ``checkpoint`` index (e.g. 0 bytes after a power cut) is not trusted: the
+    newest checkpoint files in that folder are used instead, with a warning."""
     order = ["best", "checkpoints"] if which == "best" else ["checkpoints"]
     for sub in order:
-        ckpt = tf.compat.v1.train.latest_checkpoint(os.path.join(run_dir, sub))
+        folder = os.path.join(run_dir, sub)
+        try:
+            ckpt = tf.compat.v1.train.latest_checkpoint(folder)
+        except (ValueError, tf.errors.OpError):   # an index that does not parse
+            ckpt = _checkpoint_from_files(folder)
+            if ckpt:
+                print(f"warning: {os.path.join(folder, 'checkpoint')} is damaged; using "
+                      f"{ckpt}, found in that folder", file=sys.stderr)
         if ckpt:
             return ckpt
     raise UserError(f"{run_dir} has no checkpoint yet; train it first ('segment.py train')")
+
+
+def restore_checkpoint(saver, sess, ckpt):
+    """``saver.restore``; a truncated or missing checkpoint file is one UserError line."""
+    try:
+        saver.restore(sess, ckpt)
+    except (ValueError, tf.errors.OpError) as err:
+        folder = os.path.dirname(ckpt)
+        if os.path.basename(folder) == "best":
+            fix = (f"restore it from a backup, or move {folder} away to use the latest "
+                   f"checkpoint in {os.path.join(os.path.dirname(folder), 'checkpoints')}")
+        else:
+            fix = "restore it from a backup, or train again"
+        raise UserError(f"checkpoint {ckpt} is damaged ({os_reason(err)}); {fix}") from None

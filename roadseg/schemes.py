@@ -175,8 +175,9 @@ class Scheme:
         if dataset not in self.dataset_maps:
             fits = [n for n, spec in SCHEME_TABLES.items()
                     if isinstance(spec, dict) and dataset in spec.get("datasets", {})]
-            raise UserError(f"the {dataset} dataset has no mapping into the '{self.name}' scheme; "
-                            f"pass --scheme {' or '.join(fits)}")
+            raise UserError(f"the {dataset} dataset has no mapping into the '{self.name}' scheme;",
+                            "--scheme", f"pass --scheme {' or '.join(fits)}",
+                            f"use a model trained with scheme {' or '.join(fits)}")
         return self.dataset_maps[dataset]
 
 

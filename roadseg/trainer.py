@@ -402,9 +402,8 @@ def _read_history(run_dir):
     path = os.path.join(run_dir, "history.json")
     if not os.path.isfile(path):
         return []
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as err:
-        raise UserError(f"{path} is not valid JSON ({err}); restore it or move it away (the "
-                        f"checkpoints do not need it)") from None
+    fix = "restore it or move it away (the checkpoints do not need it)"
+    history = run_folders.read_json(path, fix, kind=list)
+    if not all(isinstance(h, dict) and isinstance(h.get("epoch"), int) for h in history):
+        raise UserError(f"{path} is damaged: every entry must be an object with an 'epoch'; {fix}")
+    return history

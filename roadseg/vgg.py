@@ -69,6 +69,7 @@ REQUIRED_FILES = ("saved_model.pb", "variables/variables.index",
 INFO_FILE = "vgg_info.json"
 SOURCES = ("auto", "course", "keras-imagenet", "random")
 GET_VGG_HINT = "get it with `python segment.py get-vgg`"
+COURSE_TENSORS = ("image_input:0", "keep_prob:0", "layer3_out:0", "layer4_out:0", "layer7_out:0")
 IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)   # Keras' "caffe" preprocessing
 # Random-weight models also divide by the ImageNet std (BGR): with He-initialised
 # weights this keeps activations near unit scale, which training from scratch needs
@@ -268,6 +269,9 @@ def _is_complete(path):
 def check_vgg_dir(path):
     """Return path if it holds a complete VGG16 SavedModel, else UserError naming
     the first missing file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"VGG16 model folder {path} is a file, not a folder; pass the folder "
+                        f"that holds saved_model.pb, or {GET_VGG_HINT}")
     if not os.path.isdir(path):
         raise UserError(f"VGG16 model folder {path} does not exist; {GET_VGG_HINT}")
     for name in REQUIRED_FILES:
@@ -407,6 +411,47 @@ def _keep_course_weights(vgg_path):
     except OSError as err:
         raise UserError(f"cannot update {vgg_path}/saved_model.pb ({err}); make the folder "
                         f"writable") from None
+    except Exception:  # not a SavedModel at all (junk under the right name): verify_vgg_savedmodel
+        pass           # names the folder and the fix
+
+
+def verify_vgg_savedmodel(path, fix=None):
+    """Load the SavedModel at ``path`` into a throwaway graph (restoring its variables) and
+    check it has the five course tensors; return ``path``, else a UserError naming the
+    folder, ending in ``fix``.  Files of the right names can still hold junk (a bad zip):
+    ``check_vgg_dir`` only looks at the names."""
+    check_vgg_dir(path)
+    fix = fix or f"move the folder away and {GET_VGG_HINT}"
+    graph = tf.Graph()
+    try:
+        with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+            tf.compat.v1.saved_model.loader.load(sess, [TAG], path)
+            for name in COURSE_TENSORS:
+                graph.get_tensor_by_name(name)
+    except (OSError, ValueError, KeyError, RuntimeError, tf.errors.OpError) as err:
+        text = getattr(err, "message", None) or str(err)
+        reason = ([line.strip() for line in text.splitlines() if line.strip()] or [""])[-1][:200]
+        raise UserError(f"VGG16 model folder {path} does not load as a VGG16 SavedModel with the "
+                        f"course tensors ({reason}); {fix}") from None
+    return path
+
+
+def _course_vgg(data_dir):
+    """``maybe_download_pretrained_vgg``, then ``verify_vgg_savedmodel``: a folder extracted
+    now that does not load is removed again, so nothing that looks ready is left."""
+    vgg_path = os.path.join(data_dir, "vgg")
+    existed = os.path.exists(vgg_path)
+    path = maybe_download_pretrained_vgg(data_dir)
+    if existed:
+        return verify_vgg_savedmodel(path)
+    zip_path = os.path.join(data_dir, "vgg.zip")
+    try:
+        return verify_vgg_savedmodel(path, f"it was extracted from a bad zip and removed again: "
+                                           f"delete {zip_path} if it is still there and "
+                                           f"{GET_VGG_HINT}")
+    except UserError:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 # ----------------------------------------------------------------------------- weights
@@ -499,7 +544,7 @@ def _keras_imagenet_vgg16():
             download(KERAS_VGG16_URL, path, md5=KERAS_VGG16_MD5)
         except DownloadError as err:
             raise DownloadError(f"cannot download Keras' ImageNet VGG16 weights: {err}. "
-                                "Offline, `--source random` works, but that model is NOT "
+                                "Offline, the source 'random' works, but that model is NOT "
                                 "pretrained (random weights)") from err
     return keras.applications.VGG16(include_top=True, weights=path)
 
@@ -675,7 +720,7 @@ def _download_pretrained(data_dir):
             continue
         try:
             if way == "course":
-                return maybe_download_pretrained_vgg(data_dir), True
+                return _course_vgg(data_dir), True
             return _built(data_dir, way, 1.0)
         except DownloadError as err:
             print(f"the {way} VGG16 could not be downloaded: {err}", file=sys.stderr)
@@ -705,7 +750,7 @@ def obtain_vgg(data_dir, source="auto", width=None, download=True):
         if width not in (None, 1):
             raise UserError(f"the course VGG16 exists only at width 1, not {width:g}; use "
                             "width 1 or source 'random'")
-        return maybe_download_pretrained_vgg(data_dir), True
+        return _course_vgg(data_dir), True
     if source != "auto":
         return _built(data_dir, source, 1.0 if width is None else width)
     vgg_path = os.path.join(data_dir, "vgg")

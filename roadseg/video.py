@@ -10,13 +10,13 @@
 Frames are RGB uint8 end to end; files are written under a hidden temporary name and
 get their final name only when complete.
 """
-import contextlib
 import itertools
 import os
 import queue
+import re
+import tempfile
 import threading
 import time
-import uuid
 from fractions import Fraction
 
 import imageio_ffmpeg
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from roadseg.errors import UserError
 from roadseg.inference import predict_batch
 from roadseg.overlays import overlay
-from roadseg.run_folders import publish
+from roadseg.run_folders import WRITE_FIX, WRITE_REASONS, check_can_create, staged_file
 
 CRF = 18          # libx264 constant rate factor: 18 is close to visually lossless
 QUEUE_BATCHES = 4  # batches buffered between the reader, the model and the writer
@@ -79,32 +79,70 @@ def _read_batches(frames, path, size, batch_size, max_frames=None):
         yield np.stack(batch)
 
 
-def _open_writer(path, size, fps):
+def _open_writer(path, size, fps, log):
     """An imageio-ffmpeg writer (a generator: ``.send(frame)``, ``.close()``) for RGB frames.
 
     H.264 at exactly ``size`` (W, H).  yuv420p, which every player supports, needs even
-    sides; odd sizes are written as yuv444p rather than rescaled.
+    sides; odd sizes are written as yuv444p rather than rescaled.  ffmpeg's own messages go
+    to the file ``log`` (not onto our stderr), to say why a write failed.
     """
     even = size[0] % 2 == 0 and size[1] % 2 == 0
     writer = imageio_ffmpeg.write_frames(
         path, size, fps=fps, codec="libx264", pix_fmt_in="rgb24",
         pix_fmt_out="yuv420p" if even else "yuv444p", macro_block_size=1,
         quality=None, output_params=["-crf", str(CRF), "-f", "mp4"], ffmpeg_log_level="error")
-    writer.send(None)  # start ffmpeg
+    saved = os.dup(2)   # ffmpeg inherits stderr when it starts: point it at the log meanwhile
+    try:
+        os.dup2(log.fileno(), 2)
+        writer.send(None)  # start ffmpeg
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
     return writer
 
 
-def _write_batches(batches, path, size, fps):
-    """Encode every frame of every batch; ffmpeg starts at the first batch."""
-    writer = None
+def _ffmpeg_reason(log):
+    """The last thing ffmpeg said (without its ``[mp4 @ 0x...]`` prefix)."""
+    log.seek(0)
+    text = log.read().decode("utf-8", "replace")
+    known = [reason for reason in WRITE_REASONS if reason in text]
+    lines = [re.sub(r"^\[[^]]*\]\s*", "", line).strip() for line in text.splitlines()]
+    return (known or [line for line in lines if line] or ["ffmpeg wrote an incomplete file"])[-1]
+
+
+def _write_batches(batches, path, size, fps, name=None):
+    """Encode every frame of every batch; ffmpeg starts at the first batch.
+
+    ffmpeg does not report its failures (a full disk, say) to imageio-ffmpeg, which only sees
+    a broken pipe or nothing at all; so the file is read back at the end and must hold every
+    frame, else a UserError naming ``name`` (the final name of ``path``) says what ffmpeg said.
+    """
+    writer, frames, failed = None, 0, False
+    with tempfile.TemporaryFile() as log:
+        try:
+            for batch in batches:
+                writer = writer or _open_writer(path, size, fps, log)
+                try:
+                    for frame in batch:
+                        writer.send(np.ascontiguousarray(frame))
+                        frames += 1
+                except OSError:   # ffmpeg stopped taking frames: it failed, say why below
+                    failed = True
+                    break
+        finally:
+            if writer is not None:
+                writer.close()  # waits until ffmpeg has finished the file
+        if writer is not None and (failed or _count_frames(path) != frames):
+            raise UserError(f"could not write the video {name or path} ({_ffmpeg_reason(log)}); "
+                            f"{WRITE_FIX}")
+
+
+def _count_frames(path):
+    """Frames in the video file at ``path`` (None when it does not read as a video)."""
     try:
-        for batch in batches:
-            writer = writer or _open_writer(path, size, fps)
-            for frame in batch:
-                writer.send(np.ascontiguousarray(frame))
-    finally:
-        if writer is not None:
-            writer.close()  # waits until ffmpeg has finished the file
+        return imageio_ffmpeg.count_frames_and_secs(path)[0]
+    except (OSError, RuntimeError, ValueError):
+        return None
 
 
 _END = object()  # end-of-stream marker passed through the queues
@@ -179,23 +217,9 @@ def _overlapped(source, transform, sink, on_item=lambda item: None):
 def _check_new_mp4(out_path):
     if not out_path.lower().endswith(".mp4"):
         raise UserError(f"output video {out_path} must end in .mp4 (H.264 in an mp4 file)")
-    if os.path.exists(out_path):
+    if os.path.lexists(out_path):
         raise UserError(f"{out_path} already exists; choose another output name or delete it")
-
-
-@contextlib.contextmanager
-def _temporary_output(out_path):
-    """Yield a hidden temporary path next to ``out_path``; on success it gets the final name
-    (``publish``), on any error it is removed: nothing half-written under the final name."""
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp_path = os.path.join(out_dir, f".{os.path.basename(out_path)}.{uuid.uuid4().hex[:8]}.part")
-    try:
-        yield tmp_path
-        publish(tmp_path, out_path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
+    check_can_create(out_path, "output name")
 
 
 def process_video(in_path, out_path, predict_fn, scheme, batch_size=4, alpha=0.5,
@@ -229,12 +253,12 @@ def process_video(in_path, out_path, predict_fn, scheme, batch_size=4, alpha=0.5
         bar.update(len(images))
 
     try:
-        with _temporary_output(out_path) as tmp_path:
+        with staged_file(out_path) as tmp_path:
             _overlapped(source=_read_batches(frames, in_path, size, batch_size, max_frames),
                         transform=lambda images: (images, predict_batch(predict_fn, images)),
                         sink=lambda pairs: _write_batches(
                             (overlay(images, maps, scheme, alpha) for images, maps in pairs),
-                            tmp_path, size, fps),
+                            tmp_path, size, fps, out_path),
                         on_item=advance)
             if n_frames == 0:
                 raise UserError(f"video {in_path} has no frames; check the file")
@@ -255,9 +279,9 @@ def write_video(out_path, frames, fps=12):
     if first is None:
         raise UserError(f"no frames to write to {out_path}")
     height, width = first.shape[:2]
-    with _temporary_output(out_path) as tmp_path:
+    with staged_file(out_path) as tmp_path:
         _write_batches(itertools.chain([[first]], ([f] for f in frames)), tmp_path,
-                       (width, height), fps)
+                       (width, height), fps, out_path)
     return out_path
 
 

@@ -78,8 +78,21 @@ def cli(capsys, *args):
     return code, out, err
 
 
+def command_options(command):
+    """Every option string of a ``segment.py`` command."""
+    from roadseg.cli import build_parser, command_options
+    return command_options(build_parser().parse_args([command, *REQUIRED.get(command, [])])
+                           .command_parser)
+
+
+REQUIRED = {"make-demo-data": ["d"], "check-data": ["d"], "train": ["--data", "d"],
+            "evaluate": ["--model", "m", "--data", "d"], "predict": ["--model", "m", "i"],
+            "video": ["--model", "m", "i", "o"], "export": ["--model", "m", "--out", "o"]}
+
+
 def expect_error(capsys, *args, contains=()):
-    """Exit code 2 and exactly one ``error:`` line holding every text of ``contains``."""
+    """Exit code 2 and exactly one ``error:`` line holding every text of ``contains``; every
+    ``--option`` the line names (as a fix) is an option of that command."""
     code, out, err = cli(capsys, *args)
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 2, err[-2000:]
@@ -87,6 +100,8 @@ def expect_error(capsys, *args, contains=()):
     assert "Traceback" not in err
     for text in contains:
         assert text in lines[0], lines[0]
+    named = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", lines[0]))
+    assert named <= command_options(str(args[0])), (named, lines[0])
     return lines[0]
 
 

@@ -216,3 +216,15 @@ def test_killed_at_random_moments_resume_loses_nothing(tiny, vgg_dir, tmp_path):
     assert int(reader.get_tensor("train_state/epochs_done")) == 3
     check_best_considered_every_epoch(runs / "r")
     assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize("content, says", [("[{", "is damaged: not valid JSON"), ("", "not valid JSON"),
+                                           ('{"epoch": 1}', "holds a JSON dict, not list"),
+                                           ('[{"loss": 1}]', "every entry must be an object")])
+def test_a_damaged_history_on_resume_is_one_line(tiny, vgg_dir, tmp_path, content, says):
+    runs = tmp_path / "runs"
+    train(tiny, vgg_dir, runs, epochs=1)
+    (runs / "r" / "history.json").write_text(content)
+    with pytest.raises(UserError, match=says) as err:
+        train(tiny, vgg_dir, runs, epochs=2, resume=True)
+    assert "history.json" in str(err.value) and "move it away" in str(err.value)

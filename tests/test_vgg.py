@@ -338,7 +338,7 @@ def test_obtain_keras_imagenet_offline_says_random_is_not_pretrained(closed_url,
                                                                      tmp_path, fast_retries):
     monkeypatch.setattr(vgg, "KERAS_VGG16_URL", closed_url)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
-    with pytest.raises(UserError, match=r"cannot download Keras.*--source random.*NOT pretrained"):
+    with pytest.raises(UserError, match=r"cannot download Keras.*source 'random'.*NOT pretrained"):
         vgg.obtain_vgg(str(tmp_path / "data"), source="keras-imagenet")
     assert not (tmp_path / "data" / "vgg").exists()
 

@@ -64,6 +64,7 @@ def import_cityscapes_evaluator():
     install_numpy_shims()
     saved = os.environ.pop("CITYSCAPES_EXPORT_DIR", None)
     try:
+        # imported here: the numpy shim must be in place and the variable unset first
         from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling
     finally:
         if saved is not None:

@@ -10,7 +10,9 @@ import os
 import sys
 import time
 
-from roadseg import quiet_tensorflow  # noqa: E402
+from tqdm import std as tqdm_std
+
+from roadseg import quiet_tensorflow
 
 quiet_tensorflow()   # the modules below import TensorFlow: mute its start-up lines first
 from roadseg import (  # noqa: E402
@@ -287,8 +289,7 @@ def command_options(parser):
 def close_progress_bars():
     """Close every progress bar still open, so that the error printed next gets a line of its
     own instead of landing after a bar's carriage return."""
-    from tqdm import std
-    for cls in {std.tqdm, *_subclasses(std.tqdm)}:
+    for cls in {tqdm_std.tqdm, *_subclasses(tqdm_std.tqdm)}:
         for bar in list(getattr(cls, "_instances", ())):
             bar.close()
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import numpy as np
+from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -335,8 +336,7 @@ def _load_ids(path):
 def valid_label_ids(dataset):
     """The label ids that exist in ``dataset``'s own table (0..33 / 0..11)."""
     if dataset == "cityscapes":
-        from cityscapesscripts.helpers.labels import labels
-        return np.array(sorted({lab.id for lab in labels if lab.id >= 0}))
+        return np.array(sorted({lab.id for lab in CITYSCAPES_LABELS if lab.id >= 0}))
     if dataset == "camvid":
         return np.arange(len(CAMVID_LABELS))
     raise UserError(f"dataset '{dataset}' has no integer label ids")
@@ -596,7 +596,7 @@ def get_cityscapes(dest, packages=CITYSCAPES_PACKAGES):
     in a terminal to be asked.  Zips already in ``dest`` are not downloaded again
     and files already extracted are left untouched.  Returns ``dest``.
     """
-    from cityscapesscripts.download import downloader
+    from cityscapesscripts.download import downloader  # the download only: it needs requests
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     todo = [name for name in packages if not (dest / name).is_file()]
@@ -614,7 +614,7 @@ def get_cityscapes(dest, packages=CITYSCAPES_PACKAGES):
 
 def _cityscapes_session(downloader):
     """A logged-in requests session; ``UserError`` when no credentials exist."""
-    import appdirs
+    import appdirs  # the download only
     import requests
     user, password = os.environ.get("CITYSCAPES_USERNAME"), os.environ.get("CITYSCAPES_PASSWORD")
     stored = Path(appdirs.user_data_dir("cityscapesscripts", "cityscapes"), "credentials.json")

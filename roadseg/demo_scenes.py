@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -96,9 +97,8 @@ def _is_complete(root, params, names):
 
 
 def _color_table():
-    from cityscapesscripts.helpers.labels import labels
     table = np.zeros((256, 3), np.uint8)
-    for lab in labels:
+    for lab in CITYSCAPES_LABELS:
         if lab.id >= 0:
             table[lab.id] = lab.color
     return table
@@ -322,14 +322,3 @@ def _lighting(c, rng):
     shade = 1 + rng.uniform(-0.15, 0.15) * (c.xx[..., None] / c.w - 0.5)
     noise = rng.normal(0, rng.uniform(2, 8), c.rgb.shape)
     return np.clip(c.rgb * gain * shade + noise, 0, 255).astype(np.uint8)
-
-
-if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description="Write procedural demo street scenes.")
-    parser.add_argument("root")
-    parser.add_argument("-n", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, nargs=2, default=(256, 512), metavar=("H", "W"))
-    args = parser.parse_args()
-    print(make_demo_data(args.root, args.n, args.seed, tuple(args.size)))

@@ -216,24 +216,3 @@ def throughput(samples, scheme, image_shape, batch_size, n_batches, augment, cac
     start = time.perf_counter()
     images = sum(len(next(batches)[0]) for _ in range(n_batches))
     return images / (time.perf_counter() - start)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    from roadseg.schemes import SCHEMES, get_scheme
-    parser = argparse.ArgumentParser(description="Measure input-pipeline throughput.")
-    parser.add_argument("data", help="dataset folder (any layout datasets.py knows)")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--scheme", default="road4", choices=SCHEMES)
-    parser.add_argument("--shape", type=int, nargs=2, default=(256, 512), metavar=("H", "W"))
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--augment", action="store_true")
-    parser.add_argument("--cache", action="store_true", help="cache decoded samples in memory")
-    args = parser.parse_args()
-    split = datasets.find_dataset(args.data).splits[args.split]
-    rate = throughput(split, get_scheme(args.scheme), tuple(args.shape), args.batch,
-                      args.batches, args.augment, True if args.cache else None)
-    print(f"{rate:.1f} images/s ({args.split}, {len(split)} samples, shape {args.shape}, "
-          f"batch {args.batch}, augment={args.augment}, cache={args.cache})")

@@ -16,6 +16,9 @@ Pixels that map to ``IGNORE`` (255) contribute to neither the loss nor the metri
 from dataclasses import dataclass, field
 
 import numpy as np
+from cityscapesscripts.helpers.labels import (
+    labels as CITYSCAPES_LABELS,  # the official table (not the evaluator: np.in1d)
+)
 
 from roadseg.errors import UserError
 
@@ -182,9 +185,7 @@ class Scheme:
 
 
 def _cs_labels():
-    # The official table; importing only helpers.labels avoids the evaluator's np.in1d.
-    from cityscapesscripts.helpers.labels import labels
-    return labels
+    return CITYSCAPES_LABELS
 
 
 def _resolve(entry):

@@ -52,6 +52,8 @@ from pathlib import PureWindowsPath
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import variable_pb2
+from tensorflow.core.protobuf import saved_model_pb2
 from tqdm.auto import tqdm
 
 from roadseg.errors import UserError
@@ -323,7 +325,6 @@ def _keep_node(graph_def, nodes, variable_def):
 def _keep_in_meta_graph(meta):
     """Point every restored variable's initializer in ``meta`` at its keep op; True if
     anything changed."""
-    from tensorflow.core.framework import variable_pb2
     nodes = {n.name: n for n in meta.graph_def.node}
     changed = False
     for key in RESTORED_COLLECTIONS:
@@ -351,7 +352,6 @@ def keep_restored_values(model_dir):
     instead of silently inventing weights.  Works for ref (TF 1.0, the course zip) and
     resource variables.  Returns True when the file was changed.
     """
-    from tensorflow.core.protobuf import saved_model_pb2
     path = os.path.join(model_dir, "saved_model.pb")
     with open(path, "rb") as f:
         model = saved_model_pb2.SavedModel.FromString(f.read())
@@ -509,7 +509,7 @@ def keras_vgg16_layout(width=1.0, seed=0):
     """A Keras model with VGG16's layer names (block1_conv1 .. block5_pool, flatten,
     fc1, fc2; no classifier) for 224x224 RGB input, every channel count times width.
     He-normal kernels, zero biases: NOT pretrained."""
-    import keras
+    import keras  # only to convert Keras' VGG16: importing Keras costs seconds
     _check_width(width)
     x = inputs = keras.Input((224, 224, 3))
     for i, ((name, keras_name, _, k), channels) in enumerate(zip(VGG16_LAYERS, _channels(width))):
@@ -532,7 +532,7 @@ def _keras_imagenet_vgg16():
     """keras.applications.VGG16 with its ImageNet weights, downloaded into Keras'
     own cache (so a file Keras fetched before is reused) and checked against the
     md5 hash Keras publishes."""
-    import keras
+    import keras  # only to convert Keras' VGG16: importing Keras costs seconds
     cache = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
     path = os.path.join(cache, os.path.basename(KERAS_VGG16_URL))
     if os.path.exists(path):

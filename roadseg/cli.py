@@ -81,8 +81,9 @@ def cmd_train(a):
     """Exit 0 when finished; 130 when SIGINT (Ctrl-C) or SIGTERM stopped it after saving."""
     result = trainer.train(runs_dir=a.runs, run=a.run, resume=a.resume, recipe=a.config,
                            **config.given_options(a))
-    print(f"{result['status']}: {result['steps']} steps, best val mIoU "
-          f"{result['best_miou']:.4f} -- run folder {result['run_dir']}")
+    done = (f"best val mIoU {result['best_miou']:.4f}" if not result.get("worker") else
+            f"worker {result['worker']} (the chief validates and saves)")
+    print(f"{result['status']}: {result['steps']} steps, {done} -- run folder {result['run_dir']}")
     return 0 if result["status"] == "finished" else 130
 
 

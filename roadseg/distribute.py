@@ -33,10 +33,14 @@ per replica).
 import contextlib
 import json
 import os
+import re
+import socket
+import time
 from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
+from tqdm.auto import tqdm
 
 from roadseg import fcn, vgg
 from roadseg.errors import UserError
@@ -47,6 +51,7 @@ SUM = tf.distribute.ReduceOp.SUM
 LOST_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
                     tf.errors.DeadlineExceededError)
 DOCS = "docs/scaling.md"
+WAIT_FOR_WORKERS_S = 600    # how long a worker waits for the others to start
 
 
 # ============================================================================ set-up
@@ -108,6 +113,8 @@ class Distribution:
                                 f"{self.cluster['worker'][self.worker]} ({_first_line(err)}); free "
                                 f"the port or change TF_CONFIG") from None
         self.target = self.server.target
+        wait_for_workers(self.cluster["worker"], self.worker)
+
 
     def session(self, graph):
         return tf1.Session(self.target, graph=graph, config=self.session_config)
@@ -115,8 +122,33 @@ class Distribution:
     def describe(self):
         if self.strategy is None:
             return "one device"
-        where = f"worker {self.worker} of {self.workers}, " if self.workers > 1 else ""
-        return f"{type(self.strategy).__name__}, {where}{self.replicas} replicas in sync"
+        if self.workers > 1:
+            return (f"MultiWorkerMirroredStrategy, worker {self.worker} of {self.workers}"
+                    f"{' (chief)' if self.is_chief else ''}, {self.replicas} replicas in sync")
+        return f"MirroredStrategy, {self.replicas} replicas in sync"
+
+
+def wait_for_workers(hosts, me, timeout=WAIT_FOR_WORKERS_S):
+    """Wait until every other worker's server accepts connections: TensorFlow's collective
+    ops would wait for a worker that never starts forever, in C++, deaf to Ctrl-C."""
+    deadline = time.monotonic() + timeout
+    waiting = [h for i, h in enumerate(hosts) if i != me]
+    with tqdm(total=len(hosts), initial=len(hosts) - len(waiting), desc="workers up",
+              unit="worker", leave=False) as bar:
+        while waiting:
+            host, port = waiting[0].rsplit(":", 1)
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+                waiting.pop(0)
+                bar.update(1)
+                continue
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise UserError(f"worker {hosts.index(waiting[0])} ({waiting[0]}) did not start "
+                                f"within {timeout:.0f}s; start 'segment.py train --workers "
+                                f"{len(hosts)}' there with its TF_CONFIG, or fix the address")
+            time.sleep(0.2)
 
 
 def read_tf_config(workers):
@@ -300,6 +332,12 @@ def one_line_errors(dist, ckpt):
 
 
 def _first_line(err):
+    """What went wrong, in a few words: a collective op's abort reason ('Socket closed'),
+    else the first line that is not TensorFlow's 'Graph execution error:' preamble."""
     text = getattr(err, "message", None) or str(err)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    found = re.search(r"aborted by: *(.+)", text) or re.search(r'grpc_message:"([^"]+)"', text)
+    if found:
+        return found.group(1).strip()[:200]
+    lines = [line.strip() for line in text.splitlines() if line.strip()
+             and not line.startswith(("Graph execution error", "Detected at node", " "))]
     return (lines[0] if lines else type(err).__name__)[:200]

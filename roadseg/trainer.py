@@ -247,7 +247,7 @@ def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False,
 
     ``options`` are ``TrainConfig`` fields; ``recipe`` a config file they override.
     Returns a dict with ``run_dir``, ``status`` ('finished' or 'interrupted: SIGINT'...),
-    ``history``, ``best_miou`` and ``steps``.
+    ``history``, ``best_miou``, ``steps`` and ``worker`` (0: the chief, or the only process).
     """
     given = {**options, **{k: v for k, v in (("data", data_dir), ("vgg", vgg_path)) if v is not None}}
     cfg, run_dir, vgg_info = resolve_config(given, recipe, runs_dir, run, resume)
@@ -284,7 +284,7 @@ def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False,
                                   dist.is_chief)
     status = f"interrupted: {stop.signal}" if stop.signal else "finished"
     return dict(run_dir=run_dir, status=status, history=history, best_miou=progress.best_miou,
-                steps=progress.step)
+                steps=progress.step, worker=dist.worker)
 
 
 def _epochs(run_dir, cfg, samples, sess, g, ckpt, progress, stop, spe, log, chief=True):

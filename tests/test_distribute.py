@@ -6,6 +6,7 @@ pid; the workers talk over loopback ports picked free just before.
 """
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -126,3 +127,134 @@ def test_devices_and_workers_are_checked_up_front():
                 mp.setenv(k, v)
             with pytest.raises(UserError, match=match):
                 distribute.Distribution(cfg)
+
+
+# ============================================================================ several workers
+WORKER_SCRIPT = r'''
+import sys
+import numpy as np, tensorflow as tf
+from roadseg import datasets, distribute, trainer
+from roadseg.config import TrainConfig
+data, vgg_dir, steps, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+cfg = TrainConfig.from_dict(dict(%s, workers=2, batch_size=2)).validate()
+samples = datasets.find_dataset(data).splits["train"]
+graph = tf.Graph()
+with graph.as_default():
+    dist = distribute.Distribution(cfg).start()
+    with dist.session(graph) as sess:
+        g = trainer.build_training_graph(sess, cfg, samples, vgg_dir, dist)
+        distribute.check_agreement(sess, dist, g, len(samples), "-")
+        sess.run(g.data_init)
+        losses = [sess.run([g.train_op, g.loss], {g.lr: cfg.lr})[1] for _ in range(steps)]
+        local = {v.op.name: dist.strategy.experimental_local_results(v)[0]
+                 for v in tf.compat.v1.trainable_variables()}
+        np.savez(out, losses=losses, **sess.run(local))
+''' % repr(OPTIONS)
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _tf_config(ports, index):
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+def _start_workers(command, ports, log_dir, name):
+    """One process per worker (``command(i)``), TF_CONFIG naming loopback ports; output to
+    files (a full pipe would block a worker)."""
+    procs = []
+    for i in range(len(ports)):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=_tf_config(ports, i),
+                   PYTHONPATH=str(ROOT))
+        with open(log_dir / f"{name}{i}.out", "w") as out, open(log_dir / f"{name}{i}.err", "w") as err:
+            procs.append(subprocess.Popen(command(i), cwd=ROOT, env=env, stdout=out, stderr=err))
+    return procs
+
+
+def _end(procs):
+    for proc in procs:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _wait(procs, timeout, log_dir, name):
+    deadline = time.time() + timeout
+    try:
+        for proc in procs:
+            proc.wait(max(1, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        logs = "\n".join((log_dir / f"{name}{i}.err").read_text()[-2000:] for i in range(len(procs)))
+        pytest.fail(f"workers still running after {timeout}s:\n{logs}")
+    finally:
+        _end(procs)
+
+
+def test_two_workers_on_loopback_keep_identical_weights(scenes, vgg_dir, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_SCRIPT)
+    outs = [tmp_path / f"w{i}.npz" for i in range(2)]
+    procs = _start_workers(lambda i: [sys.executable, str(script), str(scenes), vgg_dir, "4",
+                                      str(outs[i])], _free_ports(2), tmp_path, "w")
+    _wait(procs, 240, tmp_path, "w")
+    assert [p.returncode for p in procs] == [0, 0], (tmp_path / "w1.err").read_text()[-2000:]
+    first, second = (dict(np.load(out)) for out in outs)
+    assert first["losses"][-1] < first["losses"][0]
+    assert first.keys() == second.keys() and len(first) > 20
+    for name in first:   # bit-identical: the all-reduce gives every worker the same sums
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+
+
+def _wait_for_checkpoint(procs, ckpt_dir, min_step, timeout=180):
+    index = ckpt_dir / "checkpoint"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(p.poll() is not None for p in procs):
+            _end(procs)
+            pytest.fail(f"a worker ended early: {[p.returncode for p in procs]}")
+        if index.exists() and any(int(s) >= min_step for s in
+                                  re.findall(r'^model_checkpoint_path: ".*-(\d+)"', index.read_text(), re.M)):
+            return
+        time.sleep(0.02)
+    _end(procs)
+    pytest.fail(f"no checkpoint >= {min_step} after {timeout}s")
+
+
+def test_sigkilled_worker_ends_the_other_with_one_line_then_resume(scenes, vgg_dir, tmp_path):
+    runs = tmp_path / "runs"
+
+    def command(resume):
+        return lambda i: [sys.executable, "segment.py", "train", "--data", str(scenes), "--vgg", vgg_dir,
+                          "--image-shape", "64", "128", "--batch-size", "2", "--epochs", "3",
+                          "--checkpoint-every", "1", "--no-augment", "--workers", "2", "--run", "k",
+                          "--runs", str(runs)] + (["--resume"] if resume else [])
+
+    procs = _start_workers(command(False), _free_ports(2), tmp_path, "k")
+    _wait_for_checkpoint(procs, runs / "k" / "checkpoints", 2)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    killed = time.time()
+    _wait(procs, 60, tmp_path, "k")
+    assert time.time() - killed < 20
+    err = (tmp_path / "k0.err").read_text()
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert procs[0].returncode == 2 and "Traceback" not in err
+    assert len(lines) == 1 and "another worker stopped" in lines[0] and "--resume" in lines[0]
+
+    procs = _start_workers(command(True), _free_ports(2), tmp_path, "r")
+    _wait(procs, 240, tmp_path, "r")
+    chief, worker = ((tmp_path / f"r{i}.out").read_text() for i in range(2))
+    assert [p.returncode for p in procs] == [0, 0], (tmp_path / "r0.err").read_text()[-2000:]
+    assert "resumed from" in chief and "resumed from" in worker
+    assert "finished: 12 steps" in chief and "finished: 12 steps" in worker
+    history = json.loads((runs / "k" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3] and "miou" in history[-1]
+    assert "epoch 3/3:" in chief and "epoch 3/3:" not in worker   # only the chief validates
+    assert os.listdir(runs / "k" / "tb")

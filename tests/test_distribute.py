@@ -4,6 +4,7 @@ on 127.0.0.1 (MultiWorkerMirroredStrategy), as ``segment.py train --devices/--wo
 64x128 demo scenes, width-1/16 random VGG16.  Every process a test starts is ended by its
 pid; the workers talk over loopback ports picked free just before.
 """
+import functools
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from roadseg import datasets, demo_scenes, distribute, export, inference, trainer
+from roadseg import datasets, demo_scenes, distribute, export, inference, trainer, vgg
 from roadseg.config import TrainConfig
 from roadseg.errors import UserError
 
@@ -75,6 +76,24 @@ def test_two_devices_start_as_one_device_and_replicas_stay_identical(scenes, vgg
     # hold slightly different numbers of labelled pixels: equal to ~1e-5, not exactly)
     np.testing.assert_allclose(two[0], one[0], atol=1e-3)
     assert two[1, 0] < two[0, 0]   # it learns
+    for name, (first, second) in copies.items():
+        np.testing.assert_array_equal(first, second, err_msg=name)
+
+
+def test_two_devices_with_ref_variables_as_in_the_course_vgg(scenes, tmp_path, monkeypatch):
+    """The course's vgg.zip (TF 1.0) holds ref variables (VariableV2), read through their
+    snapshots: a replica's import maps those instead of the resource handles."""
+    with monkeypatch.context() as m:
+        m.setattr(tf1, "get_variable", functools.partial(tf1.get_variable, use_resource=False))
+        ref_vgg = vgg.build_vgg_savedmodel(str(tmp_path / "vgg_ref"), source="random", width=1 / 16)
+    graph_def = distribute._vgg_meta_graph(ref_vgg).graph_def
+    assert {n.op for n in graph_def.node if n.op.startswith("Var")} == {"VariableV2"}
+    cfg = TrainConfig.from_dict(OPTIONS).validate()
+    samples = datasets.find_dataset(str(scenes)).splits["train"]
+    init = str(tmp_path / "init.ckpt")
+    one, _, _ = _graph_run(cfg, samples, ref_vgg, 1, init)
+    two, copies, _ = _graph_run(cfg, samples, ref_vgg, 2, init, devices=2)
+    np.testing.assert_allclose(two[0], one[0], atol=1e-3)
     for name, (first, second) in copies.items():
         np.testing.assert_array_equal(first, second, err_msg=name)
 

@@ -335,7 +335,9 @@ def train_one_epoch(sess, g, ckpt, cfg, progress, stop, spe, writer):
     start = time.time() - progress.seconds
     with tqdm(total=spe, initial=progress.epoch_step, unit="step",
               desc=f"epoch {epoch + 1}/{cfg.epochs}") as bar:
-        while not stop.signal:
+        # Exactly the epoch's steps: a run that ends in OutOfRangeError would make every
+        # worker of a multi-worker run re-fetch its collective step ids, a race.
+        while not stop.signal and progress.epoch_step < spe:
             rate = learning_rate(progress.step, total, cfg.lr, cfg.lr_schedule, warmup)
             try:
                 _, value, data_value = sess.run([g.train_op, g.loss, g.data_loss],

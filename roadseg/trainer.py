@@ -190,10 +190,13 @@ def build_training_graph(sess, cfg, samples, vgg_path, dist=None):
             loaded.extend(tf1.global_variables())
             return vgg_out
 
-        logits, data_loss, l2 = build_tower(cfg, images, labels, keep_prob, encoder)
-        loss = tf.add(data_loss, l2, name="total_loss")
+        logits, _, l2 = build_tower(cfg, images, None, keep_prob, encoder)
         progress = progress_variables()
-        train_op = tf1.train.AdamOptimizer(lr).minimize(loss, global_step=progress[0]["step"])
+        # the loss and the Adam step of the course API: fcn.data_loss + every L2 term
+        _, train_op, loss = fcn.optimize(logits, labels, lr, scheme.num_classes,
+                                         cfg.class_weights or None, global_step=progress[0]["step"],
+                                         **_loss_options(cfg))
+        data_loss = loss - l2
     else:
         with strategy.scope():
             vgg16 = distribute.MirroredVGG(strategy, vgg_path)
@@ -222,9 +225,10 @@ def build_tower(cfg, images, labels, keep_prob, encoder):
     """One replica's network and loss: ``(logits, data loss, L2)``.
 
     ``encoder(images, keep_prob)`` gives VGG16's layers 3, 4 and 7; the FCN-8s decoder goes
-    on top; the data loss is ``fcn.data_loss`` (None without ``labels``) and the L2 term sums
-    the terms of *this* decoder only (``fcn.layers`` adds them to one graph collection,
-    which holds every replica's)."""
+    on top; the data loss is ``fcn.data_loss`` (None without ``labels``: the one-device graph
+    takes it from ``fcn.optimize``, which adds the same terms) and the L2 term sums the
+    terms of *this* decoder only (``fcn.layers`` adds them to one graph collection, which
+    holds every replica's)."""
     scheme = get_scheme(cfg.scheme)
     l3, l4, l7 = encoder(images, keep_prob)
     terms = tf1.get_collection_ref(tf1.GraphKeys.REGULARIZATION_LOSSES)
@@ -235,9 +239,13 @@ def build_tower(cfg, images, labels, keep_prob, encoder):
     if labels is None:
         return logits, None, l2
     data_loss = fcn.data_loss(logits, labels, scheme.num_classes, cfg.class_weights or None,
-                              cfg.dice_weight, loss=cfg.loss, focal_gamma=cfg.focal_gamma,
-                              ohem_fraction=cfg.ohem_fraction)
+                              **_loss_options(cfg))
     return logits, data_loss, l2
+
+
+def _loss_options(cfg):
+    return dict(loss=cfg.loss, focal_gamma=cfg.focal_gamma, ohem_fraction=cfg.ohem_fraction,
+                dice_weight=cfg.dice_weight)
 
 
 # ============================================================================ the run

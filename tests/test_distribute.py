@@ -225,7 +225,7 @@ def test_two_workers_on_loopback_keep_identical_weights(scenes, vgg_dir, tmp_pat
                                       str(outs[i])], _free_ports(2), tmp_path, "w")
     _wait(procs, 240, tmp_path, "w")
     assert [p.returncode for p in procs] == [0, 0], (tmp_path / "w1.err").read_text()[-2000:]
-    first, second = (dict(np.load(out)) for out in outs)
+    first, second = (dict(np.load(out, allow_pickle=False)) for out in outs)
     assert first["losses"][-1] < first["losses"][0]
     assert first.keys() == second.keys() and len(first) > 20
     for name in first:   # bit-identical: the all-reduce gives every worker the same sums

@@ -4,7 +4,8 @@ Read it top to bottom; ``train`` is the whole run in named steps:
 
     resolve_config        defaults < recipe file < flags (< the run's own settings on --resume)
     prepare_samples       the train / validation split, --skip-bad, class weights
-    build_training_graph  tf.data -> VGG16 -> FCN-8s -> loss -> Adam, and the validation head
+    build_training_graph  tf.data -> VGG16 -> FCN-8s -> loss -> Adam, and the validation head,
+                          on one device or replicated over several (``roadseg.distribute``)
     Checkpointer          latest and best checkpoints, with where training stands (Progress)
     train_one_epoch       the steps of one epoch
     validate              mIoU on the validation images through the inference head

@@ -137,6 +137,39 @@ def train(spec):
     return dict(common.rates(timing, batch), unit="images/s")
 
 
+def train_devices(spec):
+    """One Adam step per call of ``trainer.build_training_graph`` -- the product's training
+    graph -- on ``devices`` logical CPU devices (MirroredStrategy; 1 = the one-device graph),
+    global batch ``batch``; also the gradient bytes per step (the all-reduce volume)."""
+    import tensorflow as tf
+
+    from roadseg import distribute, trainer
+    from roadseg.config import TrainConfig
+    tf1 = tf.compat.v1
+    samples = _demo_samples(os.path.join(spec["work"], "demo_256x512"), 16, common.IMAGE_SHAPE)
+    cfg = TrainConfig.from_dict(dict(scheme=common.SCHEME, image_shape=list(common.IMAGE_SHAPE),
+                                     batch_size=spec["batch"], devices=spec["devices"])).validate()
+    graph = tf.Graph()
+    with graph.as_default():
+        dist = distribute.Distribution(cfg).start()
+        with dist.session(graph) as sess:
+            g = trainer.build_training_graph(sess, cfg, samples, spec["vgg"], dist)
+            grad_bytes = sum(v.shape.num_elements() * v.dtype.size for v in tf1.trainable_variables())
+            sess.run(g.data_init)
+            feeds = {g.keep_prob: cfg.keep_prob, g.lr: cfg.lr}
+
+            def step():
+                try:
+                    sess.run(g.train_op, feeds)
+                except tf.errors.OutOfRangeError:   # an epoch is 4 steps: start the next
+                    sess.run(g.data_init)
+                    sess.run(g.train_op, feeds)
+
+            timing = common.time_steps(step, spec["warmup"], spec["iters"])
+    return dict(common.rates(timing, spec["batch"]), unit="images/s", grad_bytes=grad_bytes,
+                replicas=dist.replicas)
+
+
 def input_pipeline(spec):
     """``input_pipeline.make_dataset`` images/s at 256x512 with augmentation, from full-size
     2048x1024 PNGs (decode + resize + augment) or from its in-memory cache after epoch 1."""
@@ -153,18 +186,18 @@ def input_pipeline(spec):
 
 
 def video(spec):
-    """``outputs.process_video`` end to end on a generated 1280x720 clip, and the same
+    """``video.process_video`` end to end on a generated 1280x720 clip, and the same
     predictor on the same (already decoded) frames just before and just after it:
     model-only frames/s from the median batch."""
     import imageio_ffmpeg
     import numpy as np
     import ours
 
-    from roadseg import outputs
+    from roadseg import video as video_module
     scheme, batch, n = _scheme(), spec["batch"], spec["frames"]
     predictor = ours.new_predictor(spec["vgg"], scheme, _config(spec), spec.get("variant", "product"))
     with tempfile.TemporaryDirectory() as tmp:
-        clip = outputs.make_test_video(os.path.join(tmp, "clip.mp4"), n, size=(1280, 720), fps=25)
+        clip = video_module.make_test_video(os.path.join(tmp, "clip.mp4"), n, size=(1280, 720), fps=25)
         reader = imageio_ffmpeg.read_frames(clip)
         meta = next(reader)
         frames = np.stack([np.frombuffer(f, np.uint8).reshape(720, 1280, 3) for f in reader])
@@ -181,8 +214,8 @@ def video(spec):
             return out
 
         per_frame = model_pass()  # the model alone just before and just after the video
-        stats = outputs.process_video(clip, os.path.join(tmp, "out.mp4"), predictor.predict,
-                                      scheme.colors, batch_size=batch)
+        stats = video_module.process_video(clip, os.path.join(tmp, "out.mp4"), predictor.predict,
+                                           scheme, batch_size=batch)
         per_frame += model_pass()
     predictor.close()
     return dict(rate=stats["frames_per_second"], unit="frames/s",
@@ -224,7 +257,8 @@ def peer_train(spec):
 
 
 CASES = dict(prepare=prepare, gemm=gemm, flops=flops, infer=infer, check_variants=check_variants, train=train,
-             pipeline=input_pipeline, video=video, peer_infer=peer_infer, peer_train=peer_train)
+             train_devices=train_devices, pipeline=input_pipeline, video=video, peer_infer=peer_infer,
+             peer_train=peer_train)
 
 
 def main(argv):

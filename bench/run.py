@@ -55,6 +55,10 @@ def main_plan(quick):
     if not quick:
         plan += [("peer_infer_b1", dict(case="peer_infer", batch=1, warmup=2, iters=8)),
                  ("peer_train_b8", dict(case="peer_train", batch=8, warmup=2, iters=3))]
+    plan += [   # the overhead of replicating over 2 logical devices on the same 2 cores
+        ("devices1_b4", dict(case="train_devices", devices=1, batch=4, warmup=q(2, 1), iters=q(3, 2))),
+        ("devices2_b4", dict(case="train_devices", devices=2, batch=4, warmup=q(2, 1), iters=q(3, 2))),
+    ]
     plan += [
         ("pipeline_png", dict(case="pipeline", images=q(16, 8), batch=8, cache=False, warmup=1,
                               iters=q(6, 2))),
@@ -210,6 +214,7 @@ def build_rows(results):
         if peer_key in results:
             rows.append(_model_row(results, peer_key, f"  Keras 3 peer "
                                    f"{'predict' if kind == 'infer' else 'fit'} batch {batch}", per_image))
+    rows += device_rows(results, flops.get("train_b4"))
     consumer = next((k for k in ("train_b8", "train_b4") if _ok(results, k)), None)
     for key, label in (("pipeline_png", "input pipeline from 2048x1024 PNGs"),
                        ("pipeline_cache", "input pipeline from its cache")):
@@ -234,6 +239,29 @@ def build_rows(results):
                      f"{r['peak_rss_mb']:.0f}",
                      f"{ratio:.0%} of model-only {r['model_only']:.3g} frames/s",
                      _verdict(ratio, TARGETS["video"], "{:.0%}")])
+    return rows
+
+
+def device_rows(results, per_image):
+    """``trainer.build_training_graph`` on 1 and on 2 logical CPU devices (MirroredStrategy)
+    at batch 4: on the same 2 cores the second device adds no compute, so the ratio is the
+    cost of replication (two half-batch towers, the gradient sum, the second copy of the
+    weights), not a speed-up."""
+    rows = []
+    for key, label in (("devices1_b4", "train_devices 1 device batch 4"),
+                       ("devices2_b4", "train_devices 2 logical devices b4")):
+        if key not in results:
+            continue
+        compare = ""
+        if key == "devices2_b4" and _ok(results, key) and _ok(results, "devices1_b4"):
+            one, two = results["devices1_b4"], results[key]
+            two["over_one_device"] = ratio = two["rate"] / one["rate"]
+            compare = f"{ratio:.2f}x the 1-device graph"
+            if "cpu_rate" in one and "cpu_rate" in two:
+                two["cpu_over_one_device"] = cpu = two["cpu_rate"] / one["cpu_rate"]
+                compare += f" ({cpu:.2f}x by CPU time)"
+            compare += f"; gradients {two['grad_bytes'] / 2 ** 20:.0f} MiB per step all-reduced"
+        rows.append(_model_row(results, key, label, per_image, compare))
     return rows
 
 

@@ -12,10 +12,12 @@ One module per concept:
 ``roadseg.losses``            per-pixel losses and the soft Dice term
 ``roadseg.config``            ``TrainConfig``: every training option, once
 ``roadseg.trainer``           training runs in named steps
+``roadseg.distribute``        several devices / hosts: tf.distribute strategies
 ``roadseg.checkpoints``       latest / best checkpoints and where training stands
 ``roadseg.memory``            the memory a training step needs
 ``roadseg.inference``         the one inference head; predictors for runs and exports
 ``roadseg.export``            a run as a self-contained SavedModel
+``roadseg.batch_predict``     batch inference on Apache Beam (``batch-predict``)
 ``roadseg.metrics``           confusion matrix, IoU, evaluation of a predictor
 ``roadseg.cityscapes_eval``   Cityscapes labelIds export and the official evaluator
 ``roadseg.overlays``          class maps as colours, overlays, PNGs

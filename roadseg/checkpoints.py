@@ -104,8 +104,10 @@ def find_checkpoints(ckpt_dir, log=print):
 class Checkpointer:
     """Saves and restores a run's latest checkpoints, its best one, and its ``Progress``."""
 
-    def __init__(self, sess, run_dir, model_variables, progress_vars, keep, lr, log=print):
+    def __init__(self, sess, run_dir, model_variables, progress_vars, keep, lr, log=print,
+                 writes=True):
         self.sess, self.run_dir, self.lr, self.log = sess, run_dir, lr, log
+        self.writes = writes   # False: a worker that is not the chief only checks and restores
         self.variables, self.feeds, self.assign = progress_vars
         self.dir = os.path.join(run_dir, "checkpoints")
         # Relative paths in the ``checkpoint`` index: a run folder can be moved or copied.
@@ -150,6 +152,8 @@ class Checkpointer:
         if not self.sess.run(self.finite):
             raise self.stopped(f"weights became NaN or Inf at step {progress.step}",
                                progress.epochs_done)
+        if not self.writes:
+            return
         self.sess.run(self.assign, {self.feeds[k]: getattr(progress, k) for k in self.feeds
                                     if k != "step"})
         targets = [(self.saver, self.dir)]

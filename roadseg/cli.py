@@ -72,8 +72,9 @@ def cmd_train(a):
     """Exit 0 when finished; 130 when SIGINT (Ctrl-C) or SIGTERM stopped it after saving."""
     result = trainer.train(runs_dir=a.runs, run=a.run, resume=a.resume, recipe=a.config,
                            **config.given_options(a))
-    print(f"{result['status']}: {result['steps']} steps, best val mIoU "
-          f"{result['best_miou']:.4f} -- run folder {result['run_dir']}")
+    done = (f"best val mIoU {result['best_miou']:.4f}" if not result.get("worker") else
+            f"worker {result['worker']} (the chief validates and saves)")
+    print(f"{result['status']}: {result['steps']} steps, {done} -- run folder {result['run_dir']}")
     return 0 if result["status"] == "finished" else 130
 
 
@@ -181,6 +182,19 @@ def cmd_predict(a):
     print(f"{len(paths)} overlays and class maps in {out}")
 
 
+def cmd_batch_predict(a):
+    # Imported here, not at the top: Apache Beam is an optional dependency (pip install
+    # roadseg[beam]) that only this command needs, and importing it costs seconds.
+    try:
+        from roadseg import batch_predict
+    except ImportError as err:
+        raise UserError(f"batch-predict needs Apache Beam ({err}); pip install apache-beam "
+                        f"(or: pip install -e .[beam])") from None
+    n = batch_predict.batch_predict(a.model, a.inputs, a.out, a.runner, a.beam_args,
+                                    batch_size=a.batch_size)
+    print(f"{n} overlays and class maps in {a.out}")
+
+
 def cmd_video(a):
     _at_least_one(a, "batch_size", "max_frames")
     with inference.load_predictor(a.model) as predictor:
@@ -262,6 +276,16 @@ def build_parser():
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--runs", default=DEFAULT_RUNS, help=argparse.SUPPRESS)
 
+    sp = add("batch-predict", cmd_batch_predict, "predict on Apache Beam (RunInference): overlays "
+             "and class maps of many images (files, folders, globs, gs://...); offline in this "
+             "process by default, or on --runner DataflowRunner/FlinkRunner/SparkRunner; other "
+             "options (--project=..., --region=...) go to Beam")
+    sp.add_argument("--model", required=True, help="runs/<name> folder or exported model")
+    sp.add_argument("inputs", nargs="+")
+    sp.add_argument("--out", required=True, help="new output folder (any Beam filesystem)")
+    sp.add_argument("--runner", help="Beam runner (default: FnApiRunner in this process, offline)")
+    sp.add_argument("--batch-size", type=int, default=4)
+
     sp = add("video", cmd_video, "overlay every frame of a video, write an H.264 mp4")
     sp.add_argument("--model", required=True)
     sp.add_argument("input")
@@ -301,7 +325,11 @@ def _subclasses(cls):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "batch-predict":   # only Beam takes options we do not know
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.beam_args = unknown
     try:
         return args.func(args) or 0
     except UserError as err:

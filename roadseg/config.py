@@ -155,6 +155,13 @@ class TrainConfig:
                                      help="no augmentation at all"))])
     seed: int = option(0, "seed of the decoder's initial weights, shuffling and augmentation",
                        check=_count, type=int)
+    # --- where: devices and hosts (roadseg.distribute)
+    devices: int = option(1, "train on N GPUs, or N logical CPU devices without a GPU "
+                          "(MirroredStrategy; the batch is split over them)", check=_positive_int,
+                          type=int)
+    workers: int = option(1, "train on W hosts together, each named in TF_CONFIG "
+                          "(MultiWorkerMirroredStrategy; see docs/scaling.md)", check=_positive_int,
+                          type=int)
     # --- bookkeeping
     val_split: Optional[str] = option(None, VAL_SPLIT_HELP)
     eval_every: int = option(1, "validate every N epochs (the last epoch always)",
@@ -219,6 +226,11 @@ class TrainConfig:
                 value = getattr(self, f.name)
                 raise UserError(f"option {f.name} ({_flags(f)[0][0]}) = {json.dumps(value)} is not "
                                 f"valid: it must be {problem}")
+        replicas = self.devices * self.workers
+        if self.batch_size % replicas:
+            raise UserError(f"--batch-size {self.batch_size} does not split over {replicas} replicas "
+                            f"(--devices {self.devices} x --workers {self.workers}); use a multiple "
+                            f"of {replicas}")
         return self
 
 

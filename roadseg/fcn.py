@@ -183,6 +183,17 @@ def layers(vgg_layer3_out, vgg_layer4_out, vgg_layer7_out, num_classes,
 
 
 # --------------------------------------------------------------------------- loss and optimizer
+def data_loss(nn_last_layer, correct_label, num_classes, class_weights=None, dice_weight=0.0,
+              **loss_options):
+    """The pixel loss (``losses.pixel_loss``) plus ``dice_weight`` x the soft Dice loss:
+    ``optimize``'s loss without the L2 terms."""
+    loss = losses.pixel_loss(nn_last_layer, correct_label, num_classes, class_weights,
+                             **loss_options)
+    if dice_weight:
+        loss = loss + dice_weight * losses.dice_loss(nn_last_layer, correct_label, num_classes)
+    return loss
+
+
 def optimize(nn_last_layer, correct_label, learning_rate, num_classes, class_weights=None,
              global_step=None, dice_weight=0.0, **loss_options):
     """Loss and Adam training op.
@@ -198,10 +209,8 @@ def optimize(nn_last_layer, correct_label, learning_rate, num_classes, class_wei
         ``REGULARIZATION_LOSSES`` (the course seed dropped them)
     """
     logits = tf.reshape(nn_last_layer, (-1, num_classes), name="logits")
-    loss = losses.pixel_loss(nn_last_layer, correct_label, num_classes, class_weights,
-                             **loss_options)
-    if dice_weight:
-        loss = loss + dice_weight * losses.dice_loss(nn_last_layer, correct_label, num_classes)
+    loss = data_loss(nn_last_layer, correct_label, num_classes, class_weights, dice_weight,
+                     **loss_options)
     reg = tf1.get_collection(tf1.GraphKeys.REGULARIZATION_LOSSES)
     if reg:
         loss = tf.add(loss, tf.add_n(reg), name="total_loss")

@@ -4,7 +4,8 @@ Read it top to bottom; ``train`` is the whole run in named steps:
 
     resolve_config        defaults < recipe file < flags (< the run's own settings on --resume)
     prepare_samples       the train / validation split, --skip-bad, class weights
-    build_training_graph  tf.data -> VGG16 -> FCN-8s -> loss -> Adam, and the validation head
+    build_training_graph  tf.data -> VGG16 -> FCN-8s -> loss -> Adam, and the validation head,
+                          on one device or replicated over several (``roadseg.distribute``)
     Checkpointer          latest and best checkpoints, with where training stands (Progress)
     train_one_epoch       the steps of one epoch
     validate              mIoU on the validation images through the inference head
@@ -33,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from roadseg import datasets, fcn, inference, input_pipeline, metrics, run_folders, vgg
+from roadseg import datasets, distribute, fcn, inference, input_pipeline, metrics, run_folders, vgg
 from roadseg.checkpoints import Checkpointer, Progress, find_checkpoints, progress_variables
 from roadseg.config import TrainConfig
 from roadseg.errors import UserError
@@ -163,9 +164,10 @@ class TrainingGraph(NamedTuple):
     progress: tuple               # progress_variables(): (variables, feeds, assign)
 
 
-def build_training_graph(sess, cfg, samples, vgg_path):
-    """Build the training graph of ``cfg`` in ``sess.graph``; VGG16 is restored by its loader,
-    every variable added on top is initialised."""
+def build_training_graph(sess, cfg, samples, vgg_path, dist=None):
+    """Build the training graph of ``cfg`` in ``sess.graph``: on one device, or replicated by
+    ``dist.strategy`` (``roadseg.distribute``).  VGG16's weights are restored, every variable
+    added on top is initialised."""
     scheme = get_scheme(cfg.scheme)
     tf1.set_random_seed(cfg.seed)
     epoch = tf1.placeholder_with_default(tf.constant(0, tf.int64), [], name="epoch")
@@ -179,25 +181,72 @@ def build_training_graph(sess, cfg, samples, vgg_path):
     labels = tf1.placeholder_with_default(y, [None, None, None], name="label_feed")
     keep_prob = tf1.placeholder_with_default(1.0, [], name="keep_prob_feed")
     lr = tf1.placeholder(tf.float32, [], name="learning_rate")
-    _, _, l3, l4, l7 = fcn.load_vgg(sess, vgg_path, input_map={
-        "image_input:0": images, "keep_prob:0": keep_prob})
-    loaded = tf1.global_variables()   # VGG16's, restored by its loader
-    logits = fcn.layers(l3, l4, l7, scheme.num_classes, **inference.decoder_kwargs(cfg.to_dict()))
-    progress = progress_variables()
-    loss_options = dict(loss=cfg.loss, focal_gamma=cfg.focal_gamma,
-                        ohem_fraction=cfg.ohem_fraction, dice_weight=cfg.dice_weight)
-    _, train_op, loss = fcn.optimize(logits, labels, lr, scheme.num_classes,
-                                     cfg.class_weights or None,
-                                     global_step=progress[0]["step"], **loss_options)
-    regularization = tf1.get_collection(tf1.GraphKeys.REGULARIZATION_LOSSES)
-    data_loss = loss - tf.add_n(regularization) if regularization else loss
+    strategy = dist.strategy if dist else None
+    if strategy is None:
+        loaded = []   # VGG16's variables, restored by its loader
+
+        def encoder(images, keep_prob):
+            vgg_out = fcn.load_vgg(sess, vgg_path, input_map={
+                "image_input:0": images, "keep_prob:0": keep_prob})[2:]
+            loaded.extend(tf1.global_variables())
+            return vgg_out
+
+        logits, _, l2 = build_tower(cfg, images, None, keep_prob, encoder)
+        progress = progress_variables()
+        # the loss and the Adam step of the course API: fcn.data_loss + every L2 term
+        _, train_op, loss = fcn.optimize(logits, labels, lr, scheme.num_classes,
+                                         cfg.class_weights or None, global_step=progress[0]["step"],
+                                         **_loss_options(cfg))
+        data_loss = loss - l2
+    else:
+        with strategy.scope():
+            vgg16 = distribute.MirroredVGG(strategy, vgg_path)
+            progress = progress_variables()
+            loss, data_loss, train_op = distribute.replicated_step(
+                strategy, images, labels, lr, progress[0]["step"],
+                lambda images, labels: build_tower(cfg, images, labels, keep_prob, vgg16.apply))
+            # validation: one more tower on the first replica's copy of the weights
+            with tf.device(distribute.eval_device(strategy)), \
+                    tf1.variable_scope(tf1.get_variable_scope(), reuse=True):
+                logits, _, _ = build_tower(cfg, images, None, keep_prob, vgg16.apply)
     raw = tf1.placeholder(tf.uint8, [None, None, None, 3], name="raw_images")
     out_size = tf1.placeholder_with_default(tf.shape(logits)[1:3], [2], name="out_size")
     classes, _ = inference.segmentation_head(logits, out_size)
-    fcn.initialize_new_variables(sess, loaded)
+    if strategy is None:
+        fcn.initialize_new_variables(sess, loaded)
+    else:
+        sess.run(tf1.global_variables_initializer())
+        vgg16.restore(sess)
     return TrainingGraph(iterator.initializer, epoch, skip, images, keep_prob, lr, logits, loss,
                          data_loss, train_op, raw, inference.resize_to_network(raw, cfg.image_shape),
                          out_size, classes, progress)
+
+
+def build_tower(cfg, images, labels, keep_prob, encoder):
+    """One replica's network and loss: ``(logits, data loss, L2)``.
+
+    ``encoder(images, keep_prob)`` gives VGG16's layers 3, 4 and 7; the FCN-8s decoder goes
+    on top; the data loss is ``fcn.data_loss`` (None without ``labels``: the one-device graph
+    takes it from ``fcn.optimize``, which adds the same terms) and the L2 term sums the
+    terms of *this* decoder only (``fcn.layers`` adds them to one graph collection, which
+    holds every replica's)."""
+    scheme = get_scheme(cfg.scheme)
+    l3, l4, l7 = encoder(images, keep_prob)
+    terms = tf1.get_collection_ref(tf1.GraphKeys.REGULARIZATION_LOSSES)
+    before = len(terms)
+    logits = fcn.layers(l3, l4, l7, scheme.num_classes, **inference.decoder_kwargs(cfg.to_dict()))
+    own = terms[before:]
+    l2 = tf.add_n(own) if own else tf.constant(0.0)
+    if labels is None:
+        return logits, None, l2
+    data_loss = fcn.data_loss(logits, labels, scheme.num_classes, cfg.class_weights or None,
+                              **_loss_options(cfg))
+    return logits, data_loss, l2
+
+
+def _loss_options(cfg):
+    return dict(loss=cfg.loss, focal_gamma=cfg.focal_gamma, ohem_fraction=cfg.ohem_fraction,
+                dice_weight=cfg.dice_weight)
 
 
 # ============================================================================ the run
@@ -207,41 +256,53 @@ def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False,
 
     ``options`` are ``TrainConfig`` fields; ``recipe`` a config file they override.
     Returns a dict with ``run_dir``, ``status`` ('finished' or 'interrupted: SIGINT'...),
-    ``history``, ``best_miou`` and ``steps``.
+    ``history``, ``best_miou``, ``steps`` and ``worker`` (0: the chief, or the only process).
     """
     given = {**options, **{k: v for k, v in (("data", data_dir), ("vgg", vgg_path)) if v is not None}}
     cfg, run_dir, vgg_info = resolve_config(given, recipe, runs_dir, run, resume)
     check_training_memory(cfg.image_shape, cfg.batch_size, vgg_info.get("width", 1.0), log)
     samples, cfg = prepare_samples(cfg, log)
-    run_dir = run_dir or _new_run_dir(runs_dir, run)
-    with _remove_if_unsaved(run_dir, not resume), run_folders.run_lock(run_dir):
-        run_folders.write_json(os.path.join(run_dir, run_folders.RUN_CONFIG),
-                               {**cfg.to_dict(), "vgg_info": vgg_info})
+    dist = distribute.Distribution(cfg)   # TF_CONFIG is checked before any folder is made
+    if dist.workers > 1 and run is None:
+        raise UserError("--workers needs --run NAME (the same on every host): the chief writes "
+                        "runs/NAME, the others read it on --resume")
+    run_dir = run_dir or (_new_run_dir(runs_dir, run) if dist.is_chief else os.path.join(runs_dir, run))
+    with _run_folder(run_dir, not resume, dist.is_chief):
+        if dist.is_chief:
+            run_folders.write_json(os.path.join(run_dir, run_folders.RUN_CONFIG),
+                                   {**cfg.to_dict(), "vgg_info": vgg_info})
         spe = math.ceil(len(samples.train) / cfg.batch_size)
         log(f"run {run_dir}: {samples.layout} data, {len(samples.train)} train / "
             f"{len(samples.val)} val images, scheme {cfg.scheme}, {cfg.image_shape[0]}x"
             f"{cfg.image_shape[1]}, {cfg.epochs} epochs of {spe} steps")
         graph = tf.Graph()
-        with graph.as_default(), tf1.Session(graph=graph) as sess, _StopFlag() as stop:
-            g = build_training_graph(sess, cfg, samples.train, cfg.vgg)
+        with graph.as_default(), dist.start().session(graph) as sess, _StopFlag() as stop:
+            if dist.strategy:
+                log(f"training on {dist.describe()}")
+            g = build_training_graph(sess, cfg, samples.train, cfg.vgg, dist)
             ckpt = Checkpointer(sess, run_dir, inference.model_variables(), g.progress,
-                                cfg.keep_checkpoints, cfg.lr, log)
-            progress, restored = ckpt.restore() if resume else (Progress(), None)
-            if restored:
-                log(f"resumed from {restored} (epoch {progress.epochs_done + 1}, "
-                    f"step {progress.step})")
-            history = _epochs(run_dir, cfg, samples, sess, g, ckpt, progress, stop, spe, log)
+                                cfg.keep_checkpoints, cfg.lr, log, writes=dist.is_chief)
+            with distribute.one_line_errors(dist, ckpt):
+                progress, restored = ckpt.restore() if resume else (Progress(), None)
+                if restored:
+                    log(f"resumed from {restored} (epoch {progress.epochs_done + 1}, "
+                        f"step {progress.step})")
+                if dist.workers > 1:
+                    distribute.check_agreement(sess, dist, g, len(samples.train), run_dir)
+                history = _epochs(run_dir, cfg, samples, sess, g, ckpt, progress, stop, spe, log,
+                                  dist.is_chief)
     status = f"interrupted: {stop.signal}" if stop.signal else "finished"
     return dict(run_dir=run_dir, status=status, history=history, best_miou=progress.best_miou,
-                steps=progress.step)
+                steps=progress.step, worker=dist.worker)
 
 
-def _epochs(run_dir, cfg, samples, sess, g, ckpt, progress, stop, spe, log):
-    """Finish a pending epoch's bookkeeping, then train the remaining epochs."""
-    history = [h for h in _read_history(run_dir) if h["epoch"] <= progress.epochs_done]
-    writer = tf1.summary.FileWriter(os.path.join(run_dir, "tb"))
+def _epochs(run_dir, cfg, samples, sess, g, ckpt, progress, stop, spe, log, chief=True):
+    """Finish a pending epoch's bookkeeping, then train the remaining epochs.  Only the
+    chief (worker 0, or the only process) validates and writes history and TensorBoard."""
+    history = [h for h in _read_history(run_dir) if h["epoch"] <= progress.epochs_done] if chief else []
+    writer = tf1.summary.FileWriter(os.path.join(run_dir, "tb")) if chief else _NoWriter()
     try:
-        if progress.epochs_done and progress.epoch_step == 0 and (
+        if chief and progress.epochs_done and progress.epoch_step == 0 and (
                 not history or history[-1]["epoch"] < progress.epochs_done):
             log(f"epoch {progress.epochs_done} ended before its validation was recorded: "
                 f"recording it now")
@@ -254,7 +315,8 @@ def _epochs(run_dir, cfg, samples, sess, g, ckpt, progress, stop, spe, log):
                 log(f"{stop.signal} received: checkpoint saved at step {progress.step}; "
                     f"resume with --resume")
                 break
-            close_epoch(run_dir, cfg, samples.val, sess, g, ckpt, progress, history, writer, log)
+            if chief:
+                close_epoch(run_dir, cfg, samples.val, sess, g, ckpt, progress, history, writer, log)
     finally:
         writer.close()
     return history
@@ -282,7 +344,9 @@ def train_one_epoch(sess, g, ckpt, cfg, progress, stop, spe, writer):
     start = time.time() - progress.seconds
     with tqdm(total=spe, initial=progress.epoch_step, unit="step",
               desc=f"epoch {epoch + 1}/{cfg.epochs}") as bar:
-        while not stop.signal:
+        # Exactly the epoch's steps: a run that ends in OutOfRangeError would make every
+        # worker of a multi-worker run re-fetch its collective step ids, a race.
+        while not stop.signal and progress.epoch_step < spe:
             rate = learning_rate(progress.step, total, cfg.lr, cfg.lr_schedule, warmup)
             try:
                 _, value, data_value = sess.run([g.train_op, g.loss, g.data_loss],
@@ -363,6 +427,27 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+class _NoWriter:
+    """The TensorBoard writer of a worker that is not the chief: writes nothing."""
+
+    def add_summary(self, *args):
+        pass
+
+    def close(self):
+        pass
+
+
+@contextlib.contextmanager
+def _run_folder(run_dir, new_run, chief):
+    """The chief (or the only process) owns the run folder: locked while it trains, removed
+    when an error comes before its first checkpoint.  Other workers only read it."""
+    if not chief:
+        yield
+        return
+    with _remove_if_unsaved(run_dir, new_run), run_folders.run_lock(run_dir):
+        yield
 
 
 @contextlib.contextmanager

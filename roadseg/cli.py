@@ -101,12 +101,15 @@ def cmd_evaluate(a):
     samples = [s for s in found.splits[a.split] if s.label]
     if not samples:
         raise UserError(f"split '{a.split}' of {a.data} has no labels to evaluate against")
-    with inference.load_predictor(a.model) as predictor:
+    with inference.load_predictor(a.model, tta=a.tta) as predictor:
         result = metrics.evaluate(predictor.predict, samples, predictor.scheme,
                                    batch_size=a.batch_size)
         names = predictor.scheme.class_names
         print(metrics.format_table(result, names))
-        out = a.out or os.path.join(a.model, f"evaluation-{a.split}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        if a.tta != "none":
+            print(f"test-time augmentation: {a.tta}")
+        tta, stamp = ("" if a.tta == "none" else f"-tta-{a.tta}"), time.strftime("%Y%m%d-%H%M%S")
+        out = a.out or os.path.join(a.model, f"evaluation-{a.split}{tta}-{stamp}.json")
         metrics.save_json(result, names, out)
         print(f"saved {out}")
         if a.cityscapes_out:
@@ -141,7 +144,7 @@ def _image_paths(inputs):
 
 def cmd_predict(a):
     paths = _image_paths(a.inputs)
-    with inference.load_predictor(a.model) as predictor:
+    with inference.load_predictor(a.model, tta=a.tta) as predictor:
         if a.out and os.path.exists(a.out):
             raise UserError(f"{a.out} already exists; choose a new --out folder (nothing is overwritten)")
         out = a.out or run_folders.new_run_dir(a.runs, "predict-" + time.strftime("%Y%m%d-%H%M%S"))
@@ -152,7 +155,7 @@ def cmd_predict(a):
 
 
 def cmd_video(a):
-    with inference.load_predictor(a.model) as predictor:
+    with inference.load_predictor(a.model, tta=a.tta) as predictor:
         stats = video.process_video(a.input, a.output, predictor.predict, predictor.scheme,
                                       batch_size=a.batch_size, max_frames=a.max_frames)
     print(f"{a.output}: {stats['frames']} frames at {stats['fps']:.2f} fps, "
@@ -171,6 +174,12 @@ def cmd_demo(a):
 
 
 # ----------------------------------------------------------------------------- parser
+def add_tta(sp):
+    sp.add_argument("--tta", default="none", choices=inference.TTA_MODES,
+                    help="test-time augmentation: 'flip' averages the class probabilities of each "
+                    "image and its mirror image (twice the compute; default none)")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="segment.py", description="FCN-8 road-scene segmentation "
                                 "(road, vehicles, pedestrians, traffic lights) on VGG16.")
@@ -217,6 +226,7 @@ def build_parser():
     sp.add_argument("--model", required=True, help="runs/<name> folder or exported model")
     sp.add_argument("--data", required=True)
     sp.add_argument("--split", default="val")
+    add_tta(sp)
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--out", help="JSON path (default: in the model folder)")
     sp.add_argument("--cityscapes-out", help="also write Cityscapes labelIds PNGs here for "
@@ -227,6 +237,7 @@ def build_parser():
     sp = add("predict", cmd_predict, "overlays and class maps for images or folders")
     sp.add_argument("--model", required=True)
     sp.add_argument("inputs", nargs="+")
+    add_tta(sp)
     sp.add_argument("--out", help="new output folder (default: runs/predict-<timestamp>)")
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--runs", default=DEFAULT_RUNS, help=argparse.SUPPRESS)
@@ -237,6 +248,7 @@ def build_parser():
     sp.add_argument("output")
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--max-frames", type=int)
+    add_tta(sp)
 
     sp = add("export", cmd_export, "write a self-contained inference SavedModel of a run")
     sp.add_argument("--model", required=True, help="runs/<name> folder")

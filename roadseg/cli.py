@@ -106,7 +106,8 @@ def cmd_evaluate(a):
     """Checks everything first; prints and writes only when every step has worked: the JSON
     and the --cityscapes-out folder are written under temporary names, renamed at the end."""
     _at_least_one(a, "batch_size")
-    out = a.out or os.path.join(a.model, f"evaluation-{a.split}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    tta, stamp = ("" if a.tta == "none" else f"-tta-{a.tta}"), time.strftime("%Y%m%d-%H%M%S")
+    out = a.out or os.path.join(a.model, f"evaluation-{a.split}{tta}-{stamp}.json")
     _check_evaluate_outputs(a, out)
     found = datasets.find_dataset(a.data)   # data problems too, before the model is loaded
     if a.split not in found.splits:
@@ -121,7 +122,7 @@ def cmd_evaluate(a):
         raise UserError(f"--official needs Cityscapes gtFine *_gtFine_labelIds.png ground truth, "
                         f"but {a.data} has e.g. {other}; leave --official out")
     official = None
-    with inference.load_predictor(a.model) as predictor:
+    with inference.load_predictor(a.model, tta=a.tta) as predictor:
         result = metrics.evaluate(predictor.predict, samples, predictor.scheme,
                                    batch_size=a.batch_size)
         names = predictor.scheme.class_names
@@ -136,6 +137,8 @@ def cmd_evaluate(a):
                 official = cityscapes_eval.run_official_evaluator(gt, predictions_dir)
             metrics.save_json(result, names, out)
     print(metrics.format_table(result, names))
+    if a.tta != "none":
+        print(f"test-time augmentation: {a.tta}")
     print(f"saved {out}")
     if a.cityscapes_out:
         print(f"Cityscapes labelIds predictions in {a.cityscapes_out}")
@@ -176,7 +179,7 @@ def cmd_predict(a):
             n += 1
         out += f"-{n}" if n else ""
     run_folders.check_can_create(out, "--out folder")
-    with inference.load_predictor(a.model) as predictor, run_folders.staged_dir(out) as tmp:
+    with inference.load_predictor(a.model, tta=a.tta) as predictor, run_folders.staged_dir(out) as tmp:
         overlays.write_overlays(tmp, paths, predictor.predict, predictor.scheme,
                                 batch_size=a.batch_size)
     print(f"{len(paths)} overlays and class maps in {out}")
@@ -197,7 +200,7 @@ def cmd_batch_predict(a):
 
 def cmd_video(a):
     _at_least_one(a, "batch_size", "max_frames")
-    with inference.load_predictor(a.model) as predictor:
+    with inference.load_predictor(a.model, tta=a.tta) as predictor:
         stats = video.process_video(a.input, a.output, predictor.predict, predictor.scheme,
                                       batch_size=a.batch_size, max_frames=a.max_frames)
     print(f"{a.output}: {stats['frames']} frames at {stats['fps']:.2f} fps, "
@@ -216,6 +219,12 @@ def cmd_demo(a):
 
 
 # ----------------------------------------------------------------------------- parser
+def add_tta(sp):
+    sp.add_argument("--tta", default="none", choices=inference.TTA_MODES,
+                    help="test-time augmentation: 'flip' averages the class probabilities of each "
+                    "image and its mirror image (twice the compute; default none)")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="segment.py", description="FCN-8 road-scene segmentation "
                                 "(road, vehicles, pedestrians, traffic lights) on VGG16.")
@@ -262,6 +271,7 @@ def build_parser():
     sp.add_argument("--model", required=True, help="runs/<name> folder or exported model")
     sp.add_argument("--data", required=True)
     sp.add_argument("--split", default="val")
+    add_tta(sp)
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--out", help="JSON path (default: in the model folder)")
     sp.add_argument("--cityscapes-out", help="also write Cityscapes labelIds PNGs here for "
@@ -272,6 +282,7 @@ def build_parser():
     sp = add("predict", cmd_predict, "overlays and class maps for images or folders")
     sp.add_argument("--model", required=True)
     sp.add_argument("inputs", nargs="+")
+    add_tta(sp)
     sp.add_argument("--out", help="new output folder (default: runs/predict-<timestamp>)")
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--runs", default=DEFAULT_RUNS, help=argparse.SUPPRESS)
@@ -292,6 +303,7 @@ def build_parser():
     sp.add_argument("output")
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--max-frames", type=int)
+    add_tta(sp)
 
     sp = add("export", cmd_export, "write a self-contained inference SavedModel of a run")
     sp.add_argument("--model", required=True, help="runs/<name> folder")

@@ -6,6 +6,8 @@ maps at their own image size.  ``load_predictor`` opens either a run folder or a
 (``roadseg.export``) and returns one ``Predictor`` with
 ``predict(images uint8 [N,H,W,3]) -> class maps uint8 [N,H,W]``.
 ``predict_batch`` / ``same_size_batches`` feed any such ``predict_fn`` image by image.
+``tta="flip"`` (test-time flip) averages the class probabilities of each image and of its
+mirror image, mirrored back, before the argmax (``flip_averaged``).
 """
 import os
 
@@ -29,6 +31,7 @@ tf1 = tf.compat.v1
 SERVE_TAG = "serve"
 SIGNATURE = "predict"
 EXPORT_INFO = "export_info.json"
+TTA_MODES = ("none", "flip")
 
 
 def decoder_kwargs(config):
@@ -103,13 +106,30 @@ def same_size_batches(pairs, batch_size):
         yield items, np.stack(images)
 
 
-class Predictor:
-    """``predict(images uint8 [N,H,W,3] RGB) -> class maps uint8 [N,H,W]`` at the input size."""
+def flip_averaged(proba_fn, images):
+    """Test-time flip: ``(proba_fn(images) + mirror(proba_fn(mirror(images)))) / 2``.
 
-    def __init__(self, graph, sess, images, classes, probs, scheme, image_shape, source):
+    ``proba_fn``: uint8 images ``[N,H,W,3]`` -> class probabilities ``[N,H,W,C]``.  Exactly
+    mirror-symmetric: for the mirror image the two (deterministic) calls swap and IEEE
+    addition commutes, so a mirrored input gets the mirrored probabilities bit for bit.
+    """
+    plain = proba_fn(images)
+    mirrored = proba_fn(np.ascontiguousarray(images[:, :, ::-1]))[:, :, ::-1]
+    return (plain + mirrored) * np.float32(0.5)
+
+
+class Predictor:
+    """``predict(images uint8 [N,H,W,3] RGB) -> class maps uint8 [N,H,W]`` at the input size;
+    ``tta="flip"``: from the probabilities averaged with the mirror image's (``flip_averaged``)."""
+
+    def __init__(self, graph, sess, images, classes, probs, scheme, image_shape, source,
+                 tta="none"):
+        if tta not in TTA_MODES:
+            raise UserError(f"unknown test-time augmentation {tta!r}; use one of {', '.join(TTA_MODES)}")
         self.graph, self.sess = graph, sess
         self._images, self._classes, self._probs = images, classes, probs
         self.scheme, self.image_shape, self.source = scheme, tuple(image_shape), source
+        self.tta = tta
 
     def predict(self, images):
         images = np.asarray(images)
@@ -118,10 +138,18 @@ class Predictor:
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise UserError(f"predict expects uint8 RGB images [N,H,W,3], got {images.dtype} "
                             f"{images.shape}")
+        if self.tta == "flip":
+            return np.argmax(self.predict_proba(images), axis=-1).astype(np.uint8)
         return self.sess.run(self._classes, {self._images: images})
 
     def predict_proba(self, images):
-        return self.sess.run(self._probs, {self._images: np.asarray(images)})
+        images = np.asarray(images)
+        if self.tta == "flip":
+            return flip_averaged(self._plain_proba, images)
+        return self._plain_proba(images)
+
+    def _plain_proba(self, images):
+        return self.sess.run(self._probs, {self._images: images})
 
     __call__ = predict
 
@@ -135,8 +163,9 @@ class Predictor:
         self.close()
 
 
-def load_predictor(path, which="best"):
-    """Open an exported model (``export``) or a run folder (``runs/<name>``) for inference.
+def load_predictor(path, which="best", tta="none"):
+    """Open an exported model (``export``) or a run folder (``runs/<name>``) for inference;
+    ``tta``: "none" or "flip" (``Predictor``).
 
     A missing, damaged or incomplete model is one ``UserError`` line naming the file."""
     if not os.path.isdir(path):
@@ -159,7 +188,7 @@ def load_predictor(path, which="best"):
                 images, classes, probs = build_inference(sess, config["vgg"], scheme.num_classes,
                                                          shape, **decoder_kwargs(config))
                 restore_checkpoint(tf1.train.Saver(model_variables()), sess, ckpt)
-        return Predictor(graph, sess, images, classes, probs, scheme, shape, path)
+        return Predictor(graph, sess, images, classes, probs, scheme, shape, path, tta=tta)
     except BaseException:
         sess.close()
         raise

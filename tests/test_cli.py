@@ -194,6 +194,25 @@ def test_predict_images_and_folders(trained_run, demo_root, tmp_path, capsys):
     assert "already exists" in error_lines(capsys)[0]
 
 
+def test_tta_flip_in_evaluate_and_predict(trained_run, demo_root, tmp_path, capsys):
+    assert run_cli("evaluate", "--model", trained_run, "--data", demo_root, "--tta", "flip",
+                   "--out", tmp_path / "flip.json") == 0
+    assert "test-time augmentation: flip" in capsys.readouterr().out
+    flip = json.loads((tmp_path / "flip.json").read_text())
+    assert flip["pixels"] == np.array(flip["confusion_matrix"]).sum() > 0
+    # an image and its mirror image get mirrored class maps, through the whole CLI
+    one = sorted(Path(demo_root, "leftImg8bit", "val", "demo").glob("*.png"))[0]
+    image = np.asarray(Image.open(one))
+    (tmp_path / "in").mkdir()
+    Image.fromarray(image).save(tmp_path / "in" / "a.png")
+    Image.fromarray(np.ascontiguousarray(image[:, ::-1])).save(tmp_path / "in" / "b.png")
+    assert run_cli("predict", "--model", trained_run, tmp_path / "in", "--tta", "flip",
+                   "--out", tmp_path / "p") == 0
+    maps = read_classes(tmp_path / "p")
+    np.testing.assert_array_equal(maps["b_classes.png"], maps["a_classes.png"][:, ::-1])
+    assert run_cli("predict", "--model", trained_run, one, "--tta", "rotate") == 2
+
+
 def test_video(trained_run, tmp_path):
     clip = video.make_test_video(tmp_path / "in.mp4", 6, size=(128, 64))
     assert run_cli("video", "--model", trained_run, clip, tmp_path / "out.mp4") == 0

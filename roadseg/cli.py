@@ -42,6 +42,7 @@ from roadseg import (  # noqa: E402
     inference,
     metrics,
     overlays,
+    precision,
     run_folders,
     trainer,
     vgg,
@@ -101,7 +102,7 @@ def cmd_evaluate(a):
     samples = [s for s in found.splits[a.split] if s.label]
     if not samples:
         raise UserError(f"split '{a.split}' of {a.data} has no labels to evaluate against")
-    with inference.load_predictor(a.model) as predictor:
+    with _predictor(a) as predictor:
         result = metrics.evaluate(predictor.predict, samples, predictor.scheme,
                                    batch_size=a.batch_size)
         names = predictor.scheme.class_names
@@ -124,6 +125,11 @@ def cmd_evaluate(a):
             print(f"  {'mean IoU':<15} {official['mean_iou']:.4f}")
 
 
+def _predictor(a):
+    """The model of ``--model`` at ``--precision``."""
+    return inference.load_predictor(a.model, precision=a.precision, log=print)
+
+
 def _image_paths(inputs):
     exts = (".png", ".jpg", ".jpeg", ".bmp")
     paths = []
@@ -141,7 +147,7 @@ def _image_paths(inputs):
 
 def cmd_predict(a):
     paths = _image_paths(a.inputs)
-    with inference.load_predictor(a.model) as predictor:
+    with _predictor(a) as predictor:
         if a.out and os.path.exists(a.out):
             raise UserError(f"{a.out} already exists; choose a new --out folder (nothing is overwritten)")
         out = a.out or run_folders.new_run_dir(a.runs, "predict-" + time.strftime("%Y%m%d-%H%M%S"))
@@ -152,7 +158,7 @@ def cmd_predict(a):
 
 
 def cmd_video(a):
-    with inference.load_predictor(a.model) as predictor:
+    with _predictor(a) as predictor:
         stats = video.process_video(a.input, a.output, predictor.predict, predictor.scheme,
                                       batch_size=a.batch_size, max_frames=a.max_frames)
     print(f"{a.output}: {stats['frames']} frames at {stats['fps']:.2f} fps, "
@@ -166,11 +172,17 @@ def cmd_export(a):
 
 def cmd_demo(a):
     """Exit 0 when finished; 130 when Ctrl-C stopped the training (after saving it)."""
-    result = demo.run_demo(quick=a.quick, runs_dir=a.runs)
+    result = demo.run_demo(quick=a.quick, runs_dir=a.runs, precision=a.precision)
     return 0 if result["status"] == "finished" else 130
 
 
 # ----------------------------------------------------------------------------- parser
+def add_precision(sp, what="of the model's arithmetic"):
+    sp.add_argument("--precision", choices=precision.PRECISIONS, help=f"precision {what}: "
+                    "bf16 (oneDNN bfloat16, for AVX512_BF16/AMX CPUs) or fp16 (GPU) mixed "
+                    "precision; not for .tflite models (default fp32)")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="segment.py", description="FCN-8 road-scene segmentation "
                                 "(road, vehicles, pedestrians, traffic lights) on VGG16.")
@@ -219,6 +231,7 @@ def build_parser():
     sp.add_argument("--split", default="val")
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--out", help="JSON path (default: in the model folder)")
+    add_precision(sp)
     sp.add_argument("--cityscapes-out", help="also write Cityscapes labelIds PNGs here for "
                     "csEvalPixelLevelSemanticLabeling")
     sp.add_argument("--official", action="store_true", help="then score them with the official "
@@ -228,6 +241,7 @@ def build_parser():
     sp.add_argument("--model", required=True)
     sp.add_argument("inputs", nargs="+")
     sp.add_argument("--out", help="new output folder (default: runs/predict-<timestamp>)")
+    add_precision(sp)
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--runs", default=DEFAULT_RUNS, help=argparse.SUPPRESS)
 
@@ -237,6 +251,7 @@ def build_parser():
     sp.add_argument("output")
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--max-frames", type=int)
+    add_precision(sp)
 
     sp = add("export", cmd_export, "write a self-contained inference SavedModel of a run")
     sp.add_argument("--model", required=True, help="runs/<name> folder")
@@ -246,6 +261,7 @@ def build_parser():
              "evaluation, overlays and a video in runs/")
     sp.add_argument("--quick", action="store_true", help="tiny settings: every step in well "
                     "under a minute, no download (a smoke test; learns little)")
+    add_precision(sp, "of its training and inference")
     sp.add_argument("--runs", default=DEFAULT_RUNS, help=argparse.SUPPRESS)
     return p
 

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from roadseg import fcn
+from roadseg import precision as precision_module
 from roadseg.errors import UserError
 from roadseg.run_folders import read_run_config, run_checkpoint
 from roadseg.schemes import get_scheme
@@ -129,12 +130,13 @@ class Predictor:
         self.close()
 
 
-def load_predictor(path, which="best"):
-    """Open an exported model (``export``) or a run folder (``runs/<name>``) for inference."""
+def load_predictor(path, which="best", precision=None, log=None):
+    """Open an exported model (``export``) or a run folder (``runs/<name>``) for inference,
+    computing at ``precision`` (``roadseg.precision``; None = fp32); ``log`` gets its notes."""
     if not os.path.isdir(path):
         raise UserError(f"model {path} does not exist; pass a runs/<name> folder or an exported model")
     graph = tf.Graph()
-    sess = tf1.Session(graph=graph)
+    sess = precision_module.session(precision, graph, log)
     try:
         with graph.as_default():
             if os.path.isfile(os.path.join(path, "saved_model.pb")):

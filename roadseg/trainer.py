@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from roadseg import datasets, fcn, inference, input_pipeline, metrics, run_folders, vgg
+from roadseg import datasets, fcn, inference, input_pipeline, metrics, precision, run_folders, vgg
 from roadseg.checkpoints import Checkpointer, Progress, find_checkpoints, progress_variables
 from roadseg.config import TrainConfig
 from roadseg.errors import UserError
@@ -188,7 +188,9 @@ def build_training_graph(sess, cfg, samples, vgg_path):
                         ohem_fraction=cfg.ohem_fraction, dice_weight=cfg.dice_weight)
     _, train_op, loss = fcn.optimize(logits, labels, lr, scheme.num_classes,
                                      cfg.class_weights or None,
-                                     global_step=progress[0]["step"], **loss_options)
+                                     global_step=progress[0]["step"],
+                                     loss_scaling=precision.needs_loss_scaling(cfg.precision),
+                                     **loss_options)
     regularization = tf1.get_collection(tf1.GraphKeys.REGULARIZATION_LOSSES)
     data_loss = loss - tf.add_n(regularization) if regularization else loss
     raw = tf1.placeholder(tf.uint8, [None, None, None, 3], name="raw_images")
@@ -222,7 +224,8 @@ def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False,
             f"{len(samples.val)} val images, scheme {cfg.scheme}, {cfg.image_shape[0]}x"
             f"{cfg.image_shape[1]}, {cfg.epochs} epochs of {spe} steps")
         graph = tf.Graph()
-        with graph.as_default(), tf1.Session(graph=graph) as sess, _StopFlag() as stop:
+        session = precision.session(cfg.precision, graph, log)   # fp32, or a bf16/fp16 rewrite
+        with graph.as_default(), session as sess, _StopFlag() as stop:
             g = build_training_graph(sess, cfg, samples.train, cfg.vgg)
             ckpt = Checkpointer(sess, run_dir, inference.model_variables(), g.progress,
                                 cfg.keep_checkpoints, cfg.lr, log)

@@ -40,6 +40,7 @@ from roadseg import (  # noqa: E402
     demo_scenes,
     export,
     inference,
+    litert,
     metrics,
     overlays,
     precision,
@@ -166,6 +167,14 @@ def cmd_video(a):
 
 
 def cmd_export(a):
+    if a.format == "tflite":
+        litert.export_tflite(a.model, a.out, a.quantize or "none", a.calibration)
+        print(f"exported LiteRT model ({a.quantize or 'none'} quantisation) to "
+              f"{os.path.join(a.out, litert.MODEL_FILE)}")
+        return
+    if a.quantize or a.calibration:
+        raise UserError("--quantize and --calibration are for --format tflite; add it, or leave "
+                        "them out for a SavedModel")
     export.export(a.model, a.out)
     print(f"exported inference SavedModel (tag serve, signature predict) to {a.out}")
 
@@ -253,9 +262,18 @@ def build_parser():
     sp.add_argument("--max-frames", type=int)
     add_precision(sp)
 
-    sp = add("export", cmd_export, "write a self-contained inference SavedModel of a run")
+    sp = add("export", cmd_export, "write a self-contained inference SavedModel of a run, or a "
+             "LiteRT model (model.tflite) for in-car CPUs and int8 accelerators")
     sp.add_argument("--model", required=True, help="runs/<name> folder")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--out", required=True, help="new folder")
+    sp.add_argument("--format", choices=("savedmodel", "tflite"), default="savedmodel",
+                    help="savedmodel (default) or tflite (LiteRT, fixed input size: the run's "
+                    "image shape; predict/video/evaluate take DIR or DIR/model.tflite)")
+    sp.add_argument("--quantize", choices=litert.QUANTIZE, help="tflite: none (default), "
+                    "float16 weights, or int8 post-training quantisation")
+    sp.add_argument("--calibration", metavar="DATA_DIR", help="int8: the representative "
+                    f"images' dataset (up to {litert.CALIBRATION_IMAGES} of its training images; "
+                    "default: the run's training data)")
 
     sp = add("demo", cmd_demo, "the embedded default end to end: demo data, VGG, short training, "
              "evaluation, overlays and a video in runs/")

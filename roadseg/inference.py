@@ -113,6 +113,9 @@ class Predictor:
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise UserError(f"predict expects uint8 RGB images [N,H,W,3], got {images.dtype} "
                             f"{images.shape}")
+        return self._class_maps(images)
+
+    def _class_maps(self, images):
         return self.sess.run(self._classes, {self._images: images})
 
     def predict_proba(self, images):
@@ -132,7 +135,18 @@ class Predictor:
 
 def load_predictor(path, which="best", precision=None, log=None):
     """Open an exported model (``export``) or a run folder (``runs/<name>``) for inference,
-    computing at ``precision`` (``roadseg.precision``; None = fp32); ``log`` gets its notes."""
+    computing at ``precision`` (``roadseg.precision``; None = fp32); ``log`` gets its notes.
+    A ``.tflite`` file, or a folder holding ``model.tflite``, opens in LiteRT
+    (``roadseg.litert``), whose precision was fixed when it was exported."""
+    from roadseg import litert  # it builds on this module
+    if litert.model_path(path):
+        if precision is not None:
+            raise UserError(f"--precision does not apply to the LiteRT model {path}: its precision "
+                            f"was fixed at export (--quantize); leave --precision out")
+        return litert.LiteRTPredictor(path)
+    if os.path.isfile(path):
+        raise UserError(f"model {path} is a file, not a .tflite model; pass a runs/<name> folder, "
+                        f"an exported model folder or a .tflite file")
     if not os.path.isdir(path):
         raise UserError(f"model {path} does not exist; pass a runs/<name> folder or an exported model")
     graph = tf.Graph()

@@ -137,31 +137,45 @@ def export_tflite(run_dir, out_dir, quantize="none", calibration=None, which="be
         log(f"int8 calibration on {len(paths)} images of {calibration or config.get('data')}")
     with tf.Graph().as_default(), tf1.Session() as sess:
         x, logits = _network(sess, config, ckpt)
-        converter = tf1.lite.TFLiteConverter.from_session(sess, [x], [logits])
-        if quantize != "none":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantize == "float16":
-            converter.target_spec.supported_types = [tf.float16]
-        if quantize == "int8":
-            converter.representative_dataset = _representative(paths, config["image_shape"])
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        model = converter.convert()
-    info = dict(format="tflite", quantize=quantize, scheme=scheme.name,
-                class_names=list(scheme.class_names), image_shape=list(config["image_shape"]),
-                checkpoint=os.path.basename(ckpt), run=os.path.abspath(run_dir),
+        model = convert(sess, x, logits, quantize, paths)
+    info = model_info(scheme, config["image_shape"], quantize, checkpoint=os.path.basename(ckpt),
+                      run=os.path.abspath(run_dir))
+    if paths:
+        info["calibration"] = dict(data=os.path.abspath(calibration or config["data"]),
+                                   images=len(paths))
+    write_model_folder(out_dir, model, info)
+    return out_dir
+
+
+def convert(sess, x, logits, quantize="none", calibration_paths=None):
+    """The LiteRT flatbuffer of ``x -> logits`` in ``sess`` (variables become constants);
+    int8 calibrates on ``calibration_paths`` (resized to ``x``'s size)."""
+    converter = tf1.lite.TFLiteConverter.from_session(sess, [x], [logits])
+    if quantize != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if quantize == "int8":
+        converter.representative_dataset = _representative(calibration_paths,
+                                                            [int(d) for d in x.shape[1:3]])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter.convert()
+
+
+def model_info(scheme, image_shape, quantize, **extra):
+    """The ``export_info.json`` of a LiteRT model: what its input and output are."""
+    return dict(format="tflite", quantize=quantize, scheme=scheme.name,
+                class_names=list(scheme.class_names), image_shape=list(image_shape), **extra,
                 input="images: float32 [1, H, W, 3] RGB 0..255, resized to image_shape by "
                       "roadseg.inference.resize_to_network",
                 output="logits: float32 [1, H, W, classes] at image_shape; class maps by "
                        "roadseg.inference.segmentation_head (bilinear to the image size, argmax)")
-    if paths:
-        info["calibration"] = dict(data=os.path.abspath(calibration or config["data"]),
-                                   images=len(paths))
-    _write_folder(out_dir, {MODEL_FILE: model, inference.EXPORT_INFO: json.dumps(info, indent=2)})
-    return out_dir
 
 
-def _write_folder(out_dir, files):
-    """Write ``files`` into a temporary folder beside ``out_dir``, renamed when complete."""
+def write_model_folder(out_dir, model, info):
+    """``out_dir/model.tflite`` and ``export_info.json``, written into a temporary folder
+    beside ``out_dir`` that is renamed when complete."""
+    files = {MODEL_FILE: model, inference.EXPORT_INFO: json.dumps(info, indent=2)}
     tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(out_dir)))
     umask = os.umask(0)
     os.umask(umask)

@@ -200,11 +200,20 @@ def model_path(path):
     return None
 
 
+def cores():
+    """The cores this process may run on (its CPU affinity; all of them when unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def interpreter(path, threads=None):
-    """A LiteRT interpreter on ``path`` (XNNPACK; ``threads`` default: one per core)."""
+    """A LiteRT interpreter on ``path`` (XNNPACK; ``threads`` default: one per core this
+    process may use -- more would only make XNNPACK's spinning threads wait for each other)."""
     from ai_edge_litert.interpreter import Interpreter
     try:
-        interp = Interpreter(model_path=path, num_threads=threads or os.cpu_count())
+        interp = Interpreter(model_path=path, num_threads=threads or cores())
         interp.allocate_tensors()
     except (ValueError, RuntimeError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]

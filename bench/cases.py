@@ -255,7 +255,8 @@ def litert(spec):
 def quality(spec):
     """mIoU of a trained run on a labelled split at every precision the product offers: the
     TensorFlow predictor at fp32 and bf16, and its LiteRT exports (none, int8 calibrated on
-    the run's training images); plus the share of pixels whose class equals fp32's."""
+    the run's training images); plus the share of pixels whose class equals fp32's (on every
+    image of the split, or the first ``agreement_images``)."""
     import numpy as np
 
     from roadseg import datasets, inference, metrics
@@ -263,7 +264,7 @@ def quality(spec):
     splits = datasets.find_dataset(spec["data"]).splits
     split = spec.get("split", "test") if spec.get("split", "test") in splits else "val"
     samples = [s for s in splits[split] if s.label]
-    images = [datasets.load_image(s.image) for s in samples[:spec.get("agreement_images", 32)]]
+    images = [datasets.load_image(s.image) for s in samples[:spec.get("agreement_images")]]
     out, reference = {}, None
     with tempfile.TemporaryDirectory(dir=spec["work"]) as tmp:
         models = [("fp32", spec["run"], None), ("bf16", spec["run"], "bf16")]

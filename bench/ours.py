@@ -198,7 +198,7 @@ def litert_model(vgg, scheme, quantize, calibration_paths, out_dir):
         x = tf1.placeholder(tf.float32, [1, H, W, 3], name="images")
         fcn.load_vgg(sess, vgg, input_map={"image_input:0": x, "keep_prob:0": tf.constant(1.0)})
         loaded = set(tf1.global_variables())
-        logits = fcn.layers(*litert.encoder_layers(sess.graph), scheme.num_classes,
+        logits = fcn.layers(*litert.encoder_layers(sess, x), scheme.num_classes,
                             **head.decoder_kwargs({}))
         init_new_variables(sess, loaded)
         model = litert.convert(sess, x, logits, quantize, calibration_paths)

@@ -249,7 +249,7 @@ def litert(spec):
             data = np.random.default_rng(0).integers(0, 256, (batch, *common.IMAGE_SHAPE, 3), np.uint8)
             timing = common.time_steps(lambda: predictor.predict(data), spec["warmup"], spec["iters"])
     return dict(common.rates(timing, batch), unit="images/s", convert_seconds=round(convert_s, 1),
-                model_mb=round(size_mb, 1))
+                model_mb=round(size_mb, 1), threads=spec.get("threads") or litert_module.cores())
 
 
 def quality(spec):

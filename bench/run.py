@@ -298,8 +298,11 @@ def precision_rows(results):
             r["fp32_reference"] = ref
             compare = f"{speedup:.2f}x {ref} ({_f(cpu, '{:.2f}x')} by CPU time)"
             if key == "litert_int8" and _ok(results, "infer_b8"):
-                r["speedup_vs_tf_fp32"] = r["rate"] / results["infer_b8"]["rate"]
-                compare += f", {r['speedup_vs_tf_fp32']:.2f}x infer_b8"
+                tf32 = results["infer_b8"]
+                r["speedup_vs_tf_fp32"] = r["rate"] / tf32["rate"]
+                r["cpu_speedup_vs_tf_fp32"] = tf_cpu = (r.get("cpu_rate", 0) / tf32["cpu_rate"]
+                                                        if tf32.get("cpu_rate") else None)
+                compare += f", {r['speedup_vs_tf_fp32']:.2f}x infer_b8 ({_f(tf_cpu, '{:.2f}x')})"
             if qname and qname in quality:
                 fp32 = quality["litert_fp32" if key == "litert_int8" else "fp32"]
                 r["miou_delta"] = quality[qname]["mean_iou"] - fp32["mean_iou"]

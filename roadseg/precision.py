@@ -113,9 +113,12 @@ def session(precision="fp32", graph=None, log=None):
     """A ``tf.compat.v1.Session`` on ``graph`` computing at ``precision``; ``log`` gets the
     precision (unless fp32) and its notes."""
     import tensorflow as tf
+    config = session_config(precision)   # a precision this machine cannot run raises here
     if log and check(precision) != "fp32":
         log(f"precision: {describe(precision)}")
-    return tf.compat.v1.Session(graph=graph, config=session_config(precision, log=log))
+        for line in notes(precision):
+            log(line)
+    return tf.compat.v1.Session(graph=graph, config=config)
 
 
 def needs_loss_scaling(precision):

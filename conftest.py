@@ -40,6 +40,20 @@ def demo_root(tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, demo_root, vgg_dir):
+    """A run folder trained (fp32) for 20 epochs on ``demo_root`` at 128x256 with the
+    width-1/16 VGG: class maps with every class in them, for comparing inference paths."""
+    from roadseg import trainer
+    runs = tmp_path_factory.mktemp("small_run")
+    result = trainer.train(demo_root, vgg_dir, runs_dir=str(runs), run="small", epochs=20, seed=0,
+                           lr=2e-3, keep_prob=1.0, skip_scales=None, l2_scale=1e-5,
+                           augment=False, image_shape=[128, 256], batch_size=4,
+                           log=lambda *a: None)
+    assert result["status"] == "finished"
+    return result["run_dir"]
+
+
 # ---- the course's tests (project_tests.py) take the functions under test as parameters:
 # these fixtures give them the project's ----
 

@@ -22,7 +22,8 @@ common.quiet_tensorflow()
 
 
 def _config(spec):
-    return common.session_config(spec.get("intra"), spec.get("inter"), spec.get("xla", False))
+    return common.session_config(spec.get("intra"), spec.get("inter"), spec.get("xla", False),
+                                 spec.get("precision", "fp32"))
 
 
 def _scheme():
@@ -54,20 +55,23 @@ def prepare(spec):
 
 
 def gemm(spec):
-    """fp32 GEMM: a chain of ``reps`` n x n matmuls in one session.run (sequential)."""
+    """GEMM: a chain of ``reps`` n x n matmuls in one session.run (sequential); fp32, or
+    ``dtype="bfloat16"`` (bf16 operands and products, as oneDNN runs them on AVX512_BF16/AMX)."""
     import numpy as np
     import tensorflow as tf
     tf1 = tf.compat.v1
     n, reps = spec.get("n", 4096), spec.get("reps", 4)
+    dtype = tf.as_dtype(spec.get("dtype", "float32"))
     with tf.Graph().as_default(), tf1.Session(config=_config(spec)) as sess:
         rng = np.random.default_rng(0)
         a = tf1.Variable(rng.standard_normal((n, n), np.float32))  # variables: not folded away
         b = tf1.Variable(rng.standard_normal((n, n), np.float32) / np.float32(np.sqrt(n)))
         sess.run(tf1.global_variables_initializer())
+        a, b = tf.cast(a, dtype), tf.cast(b, dtype)
         x = a
         for _ in range(reps):  # each product needs the previous one: no overlap
             x = tf.matmul(x, b)
-        out = tf.reduce_sum(x[:1, :1])
+        out = tf.reduce_sum(tf.cast(x[:1, :1], tf.float32))
         timing = common.time_steps(lambda: sess.run(out), spec["warmup"], spec["iters"])
     return dict(common.rates(timing, 2 * n ** 3 * reps / 1e9), unit="GFLOP/s")
 
@@ -256,9 +260,63 @@ def peer_train(spec):
     return dict(common.rates(timer.timing(warmup), batch), unit="images/s")
 
 
+def litert(spec):
+    """``litert.LiteRTPredictor`` end to end (resize, LiteRT network, head) on random uint8
+    256x512 images, one per interpreter call; ``quantize`` none / float16 / int8 (int8
+    calibrated on ``calibration`` demo scenes at 256x512)."""
+    import numpy as np
+    import ours
+
+    from roadseg import litert as litert_module
+    batch, quantize = spec["batch"], spec.get("quantize", "none")
+    paths = None
+    if quantize == "int8":
+        samples = _demo_samples(os.path.join(spec["work"], "demo_256x512"), 16, common.IMAGE_SHAPE)
+        paths = [s.image for s in samples[:spec.get("calibration", 8)]]
+    with tempfile.TemporaryDirectory(dir=spec["work"]) as tmp:
+        start = time.perf_counter()
+        folder = ours.litert_model(spec["vgg"], _scheme(), quantize, paths, os.path.join(tmp, "m"))
+        convert_s = time.perf_counter() - start
+        size_mb = os.path.getsize(os.path.join(folder, litert_module.MODEL_FILE)) / 2 ** 20
+        with litert_module.LiteRTPredictor(folder, threads=spec.get("threads")) as predictor:
+            data = np.random.default_rng(0).integers(0, 256, (batch, *common.IMAGE_SHAPE, 3), np.uint8)
+            timing = common.time_steps(lambda: predictor.predict(data), spec["warmup"], spec["iters"])
+    return dict(common.rates(timing, batch), unit="images/s", convert_seconds=round(convert_s, 1),
+                model_mb=round(size_mb, 1), threads=spec.get("threads") or litert_module.cores())
+
+
+def quality(spec):
+    """mIoU of a trained run on a labelled split at every precision the product offers: the
+    TensorFlow predictor at fp32 and bf16, and its LiteRT exports (none, int8 calibrated on
+    the run's training images); plus the share of pixels whose class equals fp32's (on every
+    image of the split, or the first ``agreement_images``)."""
+    import numpy as np
+
+    from roadseg import datasets, inference, metrics
+    from roadseg import litert as litert_module
+    splits = datasets.find_dataset(spec["data"]).splits
+    split = spec.get("split", "test") if spec.get("split", "test") in splits else "val"
+    samples = [s for s in splits[split] if s.label]
+    images = [datasets.load_image(s.image) for s in samples[:spec.get("agreement_images")]]
+    out, reference = {}, None
+    with tempfile.TemporaryDirectory(dir=spec["work"]) as tmp:
+        models = [("fp32", spec["run"], None), ("bf16", spec["run"], "bf16")]
+        for quantize in ("none", "int8"):
+            folder = litert_module.export_tflite(spec["run"], os.path.join(tmp, quantize), quantize)
+            models.append((f"litert_{'fp32' if quantize == 'none' else quantize}", folder, None))
+        for name, model, precision in models:
+            with inference.load_predictor(model, precision=precision) as predictor:
+                scores = metrics.evaluate(predictor.predict, samples, predictor.scheme, progress=False)
+                maps = np.concatenate([predictor.predict(im) for im in images], axis=None)
+            reference = maps if reference is None else reference
+            out[name] = dict(mean_iou=float(scores["mean_iou"]),
+                             agreement_with_fp32=float(np.mean(maps == reference)))
+    return dict(out, images=len(samples), split=split, run=spec["run"], data=spec["data"])
+
+
 CASES = dict(prepare=prepare, gemm=gemm, flops=flops, infer=infer, check_variants=check_variants, train=train,
              train_devices=train_devices, pipeline=input_pipeline, video=video, peer_infer=peer_infer,
-             peer_train=peer_train)
+             peer_train=peer_train, litert=litert, quality=quality)
 
 
 def main(argv):

@@ -15,7 +15,14 @@ halves but the CPU time does not change.  Every step time is kept in the JSON.
 import os
 import resource
 import statistics
+import sys
 import time
+
+# Measure the roadseg of this checkout (a clone or worktree), not whichever one ``pip -e``
+# installed: the repository root goes first on sys.path of run.py and of every case.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if sys.path[:1] != [ROOT]:
+    sys.path.insert(0, ROOT)
 
 IMAGE_SHAPE = (256, 512)
 SCHEME = "cityscapes19"         # 19 classes, as the Cityscapes benchmark
@@ -53,10 +60,13 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def session_config(intra=None, inter=None, xla=False):
-    """A ``ConfigProto``: thread pools (None = TensorFlow's default, one per core) and
-    XLA auto-clustering (``global_jit_level = ON_1``)."""
+def session_config(intra=None, inter=None, xla=False, precision="fp32"):
+    """A ``ConfigProto``: thread pools (None = TensorFlow's default, one per core),
+    XLA auto-clustering (``global_jit_level = ON_1``) and the product's ``--precision``
+    rewrite (``roadseg.precision.session_config``)."""
     import tensorflow as tf
+
+    from roadseg import precision as precision_module
     config = tf.compat.v1.ConfigProto()
     if intra is not None:
         config.intra_op_parallelism_threads = intra
@@ -64,7 +74,7 @@ def session_config(intra=None, inter=None, xla=False):
         config.inter_op_parallelism_threads = inter
     if xla:
         config.graph_options.optimizer_options.global_jit_level = tf.compat.v1.OptimizerOptions.ON_1
-    return config
+    return precision_module.session_config(precision, config)
 
 
 def count_flops(graph):

@@ -188,6 +188,24 @@ def _folded_graph(weights, affine, num_classes, fc6="conv"):
     return images, classes, logits
 
 
+def litert_model(vgg, scheme, quantize, calibration_paths, out_dir):
+    """The product's LiteRT network (``litert.encoder_layers`` + ``fcn.layers``) on VGG at
+    ``vgg`` with a freshly initialised decoder (seed 0), converted as ``segment.py export
+    --format tflite`` does, in the new folder ``out_dir``."""
+    from roadseg import litert
+    with tf.Graph().as_default(), tf1.Session() as sess:
+        tf1.set_random_seed(0)
+        x = tf1.placeholder(tf.float32, [1, H, W, 3], name="images")
+        fcn.load_vgg(sess, vgg, input_map={"image_input:0": x, "keep_prob:0": tf.constant(1.0)})
+        loaded = set(tf1.global_variables())
+        logits = fcn.layers(*litert.encoder_layers(sess, x), scheme.num_classes,
+                            **head.decoder_kwargs({}))
+        init_new_variables(sess, loaded)
+        model = litert.convert(sess, x, logits, quantize, calibration_paths)
+    litert.write_model_folder(out_dir, model, litert.model_info(scheme, common.IMAGE_SHAPE, quantize))
+    return out_dir
+
+
 # --------------------------------------------------------------------------- training
 def training(sess, vgg, num_classes, batch, feed="pipeline", samples=None, seed=0, fc6="conv"):
     """Build ``train.py``'s training graph; return ``step()`` running one Adam step.

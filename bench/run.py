@@ -30,7 +30,7 @@ import common  # bench/ is on sys.path as the script's folder; roadseg is instal
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 RESULTS = os.path.join(HERE, "results")
-TARGETS = dict(infer=0.85, train=0.80, pipeline=5.0, video=0.90, peer=1.0)
+TARGETS = dict(infer=0.85, train=0.80, pipeline=5.0, video=0.90, peer=1.0, bf16=1.6, int8=2.0)
 
 
 # --------------------------------------------------------------------------- plans
@@ -66,7 +66,29 @@ def main_plan(quick):
                                 iters=q(40, 10))),
         ("video", dict(case="video", frames=q(32, 12), batch=4, warmup=1)),
     ]
-    return [(key, spec, {}) for key, spec in plan]
+    return [(key, spec, {}) for key, spec in plan + precision_plan(quick)]
+
+
+def precision_plan(quick, quality=None):
+    """The precision rows: bf16 GEMM, bf16 inference / training (oneDNN auto mixed precision)
+    against the fp32 rows of the same run, LiteRT fp32 and int8; ``quality`` = (run, data)
+    adds the mIoU of each on that run's test split."""
+    train_batch = 4 if quick else 8
+    plan = [
+        ("gemm_bf16", dict(case="gemm", n=4096, reps=4 if quick else 8, dtype="bfloat16", warmup=1,
+                           iters=2 if quick else 5)),
+        ("bf16_infer_b8", dict(case="infer", batch=8, precision="bf16", warmup=2,
+                               iters=2 if quick else 4)),
+        (f"bf16_train_b{train_batch}", dict(case="train", batch=train_batch, precision="bf16",
+                                            warmup=2, iters=2 if quick else 3)),
+        ("litert_fp32", dict(case="litert", quantize="none", batch=8, warmup=1, iters=2 if quick else 3)),
+        ("litert_int8", dict(case="litert", quantize="int8", batch=8, warmup=1, iters=2 if quick else 3,
+                             calibration=8)),
+    ]
+    if quality:
+        plan.append(("quality", dict(case="quality", run=os.path.abspath(quality[0]),
+                                     data=os.path.abspath(quality[1]), split="test")))
+    return plan
 
 
 def lever_plan(quick):
@@ -137,7 +159,9 @@ def machine():
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                   if line.startswith("model name")), platform.processor())
     flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    from roadseg import precision
     return dict(cpu=model, cores=os.cpu_count(), avx512="avx512f" in flags,
+                cpu_features=precision.cpu_features(),
                 memory_gib=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1),
                 python=platform.python_version(), tensorflow=metadata.version("tensorflow"),
                 keras=metadata.version("keras"), numpy=metadata.version("numpy"),
@@ -239,6 +263,65 @@ def build_rows(results):
                      f"{r['peak_rss_mb']:.0f}",
                      f"{ratio:.0%} of model-only {r['model_only']:.3g} frames/s",
                      _verdict(ratio, TARGETS["video"], "{:.0%}")])
+    return rows + precision_rows(results)
+
+
+PRECISION_ROWS = (  # key, label, reference key, quality name, target
+    ("bf16_infer_b8", "bf16 inference batch 8 (oneDNN AMP)", "infer_b8", "bf16", "bf16"),
+    ("bf16_train_b8", "bf16 training batch 8 (oneDNN AMP)", "train_b8", None, "bf16"),
+    ("bf16_train_b4", "bf16 training batch 4 (oneDNN AMP)", "train_b4", None, "bf16"),
+    ("litert_fp32", "LiteRT fp32 (XNNPACK)", "infer_b8", "litert_fp32", None),
+    ("litert_int8", "LiteRT int8 (XNNPACK)", "litert_fp32", "litert_int8", "int8"),
+)
+
+
+def precision_rows(results):
+    """The precision rows; each result gets ``speedup_vs_fp32`` (and by CPU time), against
+    the fp32 row of the same run it replaces, and ``miou_delta`` when ``quality`` ran."""
+    rows = []
+    peak, peak_cpu = _peaks(results)
+    g = results.get("gemm_bf16")
+    if g and "error" not in g and peak:
+        g["speedup_vs_fp32"] = g["rate"] / peak
+        g["cpu_speedup_vs_fp32"] = cpu = g["cpu_rate"] / peak_cpu if peak_cpu else None
+        rows.append(["bf16 GEMM 4096^3 (TF)", f"{g['rate']:.0f} GFLOP/s", f"{g['rate']:.0f}",
+                     f"{g['rate'] / peak:.0%}", _f(cpu, "{:.0%}"), f"{g['peak_rss_mb']:.0f}",
+                     f"{g['rate'] / peak:.2f}x the fp32 GEMM ({_f(cpu, '{:.2f}x')} by CPU time)", ""])
+    flops = results["flops"] if _ok(results, "flops") else {}
+    quality = results["quality"] if _ok(results, "quality") else {}
+    bf16_cpu = bool(set(results.get("_machine", {}).get("cpu_features", ())) & {"avx512_bf16", "amx_bf16"})
+    for key, label, ref, qname, target in PRECISION_ROWS:
+        if key not in results:
+            continue
+        per_image = flops.get(f"train_b{key[-1]}") if "train" in key else flops.get("forward")
+        compare, verdict = "", ""
+        if _ok(results, key) and _ok(results, ref):
+            r, base = results[key], results[ref]
+            r["speedup_vs_fp32"] = speedup = r["rate"] / base["rate"]
+            r["cpu_speedup_vs_fp32"] = cpu = r.get("cpu_rate", 0) / base["cpu_rate"] if \
+                base.get("cpu_rate") else None
+            r["fp32_reference"] = ref
+            compare = f"{speedup:.2f}x {ref} ({_f(cpu, '{:.2f}x')} by CPU time)"
+            if key == "litert_int8" and _ok(results, "infer_b8"):
+                tf32 = results["infer_b8"]
+                r["speedup_vs_tf_fp32"] = r["rate"] / tf32["rate"]
+                r["cpu_speedup_vs_tf_fp32"] = tf_cpu = (r.get("cpu_rate", 0) / tf32["cpu_rate"]
+                                                        if tf32.get("cpu_rate") else None)
+                compare += f", {r['speedup_vs_tf_fp32']:.2f}x infer_b8 ({_f(tf_cpu, '{:.2f}x')})"
+            if qname and qname in quality:
+                fp32 = quality["litert_fp32" if key == "litert_int8" else "fp32"]
+                r["miou_delta"] = quality[qname]["mean_iou"] - fp32["mean_iou"]
+                r["pixels_agree"] = quality[qname]["agreement_with_fp32"]
+                compare += (f"; mIoU {quality[qname]['mean_iou']:.4f} ({r['miou_delta']:+.4f}), "
+                            f"{r['pixels_agree']:.2%} pixels as fp32")
+            if target == "bf16":   # judged by CPU time: wall-clock swings with others' load
+                verdict = (_verdict(cpu or speedup, TARGETS["bf16"], "{:.1f}x", "{:.2f}x by CPU")
+                           if bf16_cpu else "n/a: no AVX512_BF16/AMX")
+            elif target == "int8":
+                verdict = _verdict(cpu or speedup, TARGETS["int8"], "{:.1f}x", "{:.2f}x by CPU")
+        if results[key].get("threads"):
+            label += f", {results[key]['threads']} thread{'s' if results[key]['threads'] > 1 else ''}"
+        rows.append(_model_row(results, key, label, per_image, compare, verdict))
     return rows
 
 
@@ -312,6 +395,9 @@ def main(argv=None):
     parser.add_argument("--levers", action="store_true",
                         help="run the tuning variants instead of the main table")
     parser.add_argument("--only", help="comma-separated case keys to run (e.g. gemm,flops,infer_b8)")
+    parser.add_argument("--quality", nargs=2, metavar=("RUN", "DATA"),
+                        help="also measure the mIoU of RUN (a trained run folder) on DATA's test "
+                        "split at fp32, bf16, LiteRT fp32 and int8 (the precision rows' deltas)")
     parser.add_argument("--vgg-width", type=float, default=1.0,
                         help="VGG channel width; anything but 1 is for trying the suite out only")
     args = parser.parse_args(argv)
@@ -321,9 +407,11 @@ def main(argv=None):
     vgg = os.path.join(work, f"vgg_random_w{args.vgg_width:g}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     plan = lever_plan(args.quick) if args.levers else main_plan(args.quick)
+    if args.quality and not args.levers:
+        plan += [(k, spec, {}) for k, spec in precision_plan(args.quick, args.quality) if k == "quality"]
     if args.only:
         keep = set(args.only.split(","))
-        plan = [p for p in plan if p[0] in keep or p[0] in ("gemm", "flops")]
+        plan = [p for p in plan if p[0] in keep or p[0] in ("gemm", "flops", "quality")]
     load_before = os.getloadavg()
     started = time.perf_counter()
     results = {}
@@ -336,11 +424,15 @@ def main(argv=None):
             print(f"[{time.perf_counter() - started:5.0f}s] {key} ...", flush=True)
             results[key] = dict(run_case(key, spec, env, log), spec=spec)
     load_after = os.getloadavg()
-    rows = lever_rows(results) if args.levers else build_rows(results)
-    table = format_table(rows)
     info = machine()
+    results["_machine"] = info
+    rows = lever_rows(results) if args.levers else build_rows(results)
+    results.pop("_machine")
+    table = format_table(rows)
     width_note = "" if args.vgg_width == 1 else f", VGG WIDTH {args.vgg_width:g} (NOT comparable)"
-    print(f"\n{info['cpu']}, {info['cores']} cores, TF {info['tensorflow']}, Keras {info['keras']}"
+    print(f"\n{info['cpu']}, {info['cores']} cores, CPU features "
+          f"{' '.join(info['cpu_features']) or 'none of note'}, TF {info['tensorflow']}, "
+          f"Keras {info['keras']}"
           f"{width_note}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
           f"{time.perf_counter() - started:.0f}s\n")
     print(table)

@@ -23,8 +23,10 @@ from roadseg import (  # noqa: E402
     demo_scenes,
     export,
     inference,
+    litert,
     metrics,
     overlays,
+    precision,
     run_folders,
     trainer,
     vgg,
@@ -122,7 +124,7 @@ def cmd_evaluate(a):
         raise UserError(f"--official needs Cityscapes gtFine *_gtFine_labelIds.png ground truth, "
                         f"but {a.data} has e.g. {other}; leave --official out")
     official = None
-    with inference.load_predictor(a.model, tta=a.tta) as predictor:
+    with _predictor(a) as predictor:
         result = metrics.evaluate(predictor.predict, samples, predictor.scheme,
                                    batch_size=a.batch_size)
         names = predictor.scheme.class_names
@@ -147,6 +149,11 @@ def cmd_evaluate(a):
         for name, iou in official["class_iou"].items():
             print(f"  {name:<15} {iou:.4f}")
         print(f"  {'mean IoU':<15} {official['mean_iou']:.4f}")
+
+
+def _predictor(a):
+    """The model of ``--model`` at ``--precision``, with ``--tta``."""
+    return inference.load_predictor(a.model, precision=a.precision, log=print, tta=a.tta)
 
 
 def _image_paths(inputs):
@@ -179,7 +186,7 @@ def cmd_predict(a):
             n += 1
         out += f"-{n}" if n else ""
     run_folders.check_can_create(out, "--out folder")
-    with inference.load_predictor(a.model, tta=a.tta) as predictor, run_folders.staged_dir(out) as tmp:
+    with _predictor(a) as predictor, run_folders.staged_dir(out) as tmp:
         overlays.write_overlays(tmp, paths, predictor.predict, predictor.scheme,
                                 batch_size=a.batch_size)
     print(f"{len(paths)} overlays and class maps in {out}")
@@ -200,7 +207,7 @@ def cmd_batch_predict(a):
 
 def cmd_video(a):
     _at_least_one(a, "batch_size", "max_frames")
-    with inference.load_predictor(a.model, tta=a.tta) as predictor:
+    with _predictor(a) as predictor:
         stats = video.process_video(a.input, a.output, predictor.predict, predictor.scheme,
                                       batch_size=a.batch_size, max_frames=a.max_frames)
     print(f"{a.output}: {stats['frames']} frames at {stats['fps']:.2f} fps, "
@@ -208,13 +215,21 @@ def cmd_video(a):
 
 
 def cmd_export(a):
+    if a.format == "tflite":
+        litert.export_tflite(a.model, a.out, a.quantize or "none", a.calibration)
+        print(f"exported LiteRT model ({a.quantize or 'none'} quantisation) to "
+              f"{os.path.join(a.out, litert.MODEL_FILE)}")
+        return
+    if a.quantize or a.calibration:
+        raise UserError("--quantize and --calibration are for --format tflite; add it, or leave "
+                        "them out for a SavedModel")
     export.export(a.model, a.out)
     print(f"exported inference SavedModel (tag serve, signature predict) to {a.out}")
 
 
 def cmd_demo(a):
     """Exit 0 when finished; 130 when Ctrl-C stopped the training (after saving it)."""
-    result = demo.run_demo(quick=a.quick, runs_dir=a.runs)
+    result = demo.run_demo(quick=a.quick, runs_dir=a.runs, precision=a.precision)
     return 0 if result["status"] == "finished" else 130
 
 
@@ -223,6 +238,12 @@ def add_tta(sp):
     sp.add_argument("--tta", default="none", choices=inference.TTA_MODES,
                     help="test-time augmentation: 'flip' averages the class probabilities of each "
                     "image and its mirror image (twice the compute; default none)")
+
+
+def add_precision(sp, what="of the model's arithmetic"):
+    sp.add_argument("--precision", choices=precision.PRECISIONS, help=f"precision {what}: "
+                    "bf16 (oneDNN bfloat16, for AVX512_BF16/AMX CPUs) or fp16 (GPU) mixed "
+                    "precision; not for .tflite models (default fp32)")
 
 
 def build_parser():
@@ -274,6 +295,7 @@ def build_parser():
     add_tta(sp)
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--out", help="JSON path (default: in the model folder)")
+    add_precision(sp)
     sp.add_argument("--cityscapes-out", help="also write Cityscapes labelIds PNGs here for "
                     "csEvalPixelLevelSemanticLabeling")
     sp.add_argument("--official", action="store_true", help="then score them with the official "
@@ -284,6 +306,7 @@ def build_parser():
     sp.add_argument("inputs", nargs="+")
     add_tta(sp)
     sp.add_argument("--out", help="new output folder (default: runs/predict-<timestamp>)")
+    add_precision(sp)
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--runs", default=DEFAULT_RUNS, help=argparse.SUPPRESS)
 
@@ -304,15 +327,26 @@ def build_parser():
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--max-frames", type=int)
     add_tta(sp)
+    add_precision(sp)
 
-    sp = add("export", cmd_export, "write a self-contained inference SavedModel of a run")
+    sp = add("export", cmd_export, "write a self-contained inference SavedModel of a run, or a "
+             "LiteRT model (model.tflite) for in-car CPUs and int8 accelerators")
     sp.add_argument("--model", required=True, help="runs/<name> folder")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--out", required=True, help="new folder")
+    sp.add_argument("--format", choices=("savedmodel", "tflite"), default="savedmodel",
+                    help="savedmodel (default) or tflite (LiteRT, fixed input size: the run's "
+                    "image shape; predict/video/evaluate take DIR or DIR/model.tflite)")
+    sp.add_argument("--quantize", choices=litert.QUANTIZE, help="tflite: none (default), "
+                    "float16 weights, or int8 post-training quantisation")
+    sp.add_argument("--calibration", metavar="DATA_DIR", help="int8: the representative "
+                    f"images' dataset (up to {litert.CALIBRATION_IMAGES} of its training images; "
+                    "default: the run's training data)")
 
     sp = add("demo", cmd_demo, "the embedded default end to end: demo data, VGG, short training, "
              "evaluation, overlays and a video in runs/")
     sp.add_argument("--quick", action="store_true", help="tiny settings: every step in well "
                     "under a minute, no download (a smoke test; learns little)")
+    add_precision(sp, "of its training and inference")
     sp.add_argument("--runs", default=DEFAULT_RUNS, help=argparse.SUPPRESS)
     return p
 

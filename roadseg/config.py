@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from roadseg import precision as _precision
 from roadseg.errors import UserError
 from roadseg.schemes import SCHEMES
 
@@ -95,6 +96,14 @@ def _class_weights(v):
     return None if ok else "true (median frequency), false, or a list of weights >= 0"
 
 
+def _precision_here(v):
+    """One of PRECISIONS that this machine can run (fp16 needs a GPU)."""
+    if v not in _precision.PRECISIONS:
+        return f"one of {', '.join(_precision.PRECISIONS)}"
+    found = _precision.problem(v)
+    return f"fp32 or bf16 here ({found})" if found else None
+
+
 def _width(v):
     return None if v is None else _positive(v)
 
@@ -162,6 +171,11 @@ class TrainConfig:
     workers: int = option(1, "train on W hosts together, each named in TF_CONFIG "
                           "(MultiWorkerMirroredStrategy; see docs/scaling.md)", check=_positive_int,
                           type=int)
+    precision: str = option("fp32", "arithmetic of the training step: bf16 (oneDNN bfloat16 on "
+                            "AVX512_BF16/AMX CPUs) or fp16 (GPU, with loss scaling) mixed "
+                            "precision; variables and checkpoints stay fp32, so a run may be "
+                            "resumed at another precision", check=_precision_here,
+                            choices=_precision.PRECISIONS)
     # --- bookkeeping
     val_split: Optional[str] = option(None, VAL_SPLIT_HELP)
     eval_every: int = option(1, "validate every N epochs (the last epoch always)",

@@ -49,8 +49,10 @@ def recipe(pretrained, quick=False):
     return cfg
 
 
-def run_demo(quick=False, runs_dir="runs", data_root=DATA_ROOT, vgg_source="auto", log=print):
-    """Run the whole job; returns a dict of what was produced (paths and figures)."""
+def run_demo(quick=False, runs_dir="runs", data_root=DATA_ROOT, vgg_source="auto", log=print,
+             precision=None):
+    """Run the whole job (training and inference at ``precision``, default fp32); returns a
+    dict of what was produced (paths and figures)."""
 
     s = SETTINGS["quick" if quick else "default"]
     data_dir = os.path.join(data_root, s["data"])
@@ -62,6 +64,8 @@ def run_demo(quick=False, runs_dir="runs", data_root=DATA_ROOT, vgg_source="auto
     width = recipe(False, quick).width
     vgg_path, pretrained = vgg.obtain_vgg(data_root, vgg_source, width=width)
     options = {k: v for k, v in recipe(pretrained, quick).to_dict().items() if v is not None}
+    if precision:
+        options["precision"] = precision
     run = ("demo-quick-" if quick else "demo-") + time.strftime("%Y%m%d-%H%M%S")
     t0 = time.time()
     result = trainer.train(data_dir, vgg_path, runs_dir=runs_dir, run=run, log=log, **options)
@@ -69,7 +73,7 @@ def run_demo(quick=False, runs_dir="runs", data_root=DATA_ROOT, vgg_source="auto
     if result["status"] != "finished":
         return dict(run_dir=run_dir, status=result["status"])
     val = [x for x in datasets.find_dataset(data_dir).splits["val"] if x.label]
-    with inference.load_predictor(run_dir) as predictor:
+    with inference.load_predictor(run_dir, precision=precision) as predictor:
         names = predictor.scheme.class_names
         scores = metrics.evaluate(predictor.predict, val, predictor.scheme)
         log(metrics.format_table(scores, names))

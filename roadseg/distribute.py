@@ -43,6 +43,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from roadseg import fcn, vgg
+from roadseg import precision as precision_module
 from roadseg.errors import UserError
 
 tf1 = tf.compat.v1
@@ -116,8 +117,15 @@ class Distribution:
         wait_for_workers(self.cluster["worker"], self.worker)
 
 
-    def session(self, graph):
-        return tf1.Session(self.target, graph=graph, config=self.session_config)
+    def session(self, graph, precision="fp32", log=None):
+        """The session: this strategy's target and config, with ``precision``'s graph rewrite
+        (``roadseg.precision``; a precision this machine cannot run raises here)."""
+        config = precision_module.session_config(precision, self.session_config)
+        if log and precision != "fp32":
+            log(f"precision: {precision_module.describe(precision)}")
+            for line in precision_module.notes(precision):
+                log(line)
+        return tf1.Session(self.target, graph=graph, config=config)
 
     def describe(self):
         if self.strategy is None:

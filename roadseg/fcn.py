@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from roadseg import losses, run_folders, vgg
+from roadseg import losses, precision, run_folders, vgg
 from roadseg.errors import UserError
 
 tf1 = tf.compat.v1
@@ -57,9 +57,10 @@ def load_vgg(sess, vgg_path, input_map=None):
 
 def initialize_new_variables(sess, existing):
     """Initialise every global variable of ``sess.graph`` not in ``existing`` -- e.g. all
-    but VGG16's, which its SavedModel loader restored; returns the ones initialised."""
+    but VGG16's, which its SavedModel loader restored -- and the local ones (fp16's loss
+    scale); returns the global ones initialised."""
     new = [v for v in tf1.global_variables() if v not in set(existing)]
-    sess.run(tf1.variables_initializer(new))
+    sess.run(tf1.variables_initializer(new + tf1.local_variables()))
     return new
 
 
@@ -195,7 +196,7 @@ def data_loss(nn_last_layer, correct_label, num_classes, class_weights=None, dic
 
 
 def optimize(nn_last_layer, correct_label, learning_rate, num_classes, class_weights=None,
-             global_step=None, dice_weight=0.0, **loss_options):
+             global_step=None, dice_weight=0.0, loss_scaling=False, **loss_options):
     """Loss and Adam training op.
 
     :param nn_last_layer: logits ``[N, H, W, C]`` from ``layers``
@@ -204,6 +205,7 @@ def optimize(nn_last_layer, correct_label, learning_rate, num_classes, class_wei
     :param learning_rate: float or scalar tensor/placeholder
     :param class_weights: optional per-class loss weights (e.g. median frequency)
     :param dice_weight: if > 0, adds ``dice_weight * dice_loss`` to the pixel loss
+    :param loss_scaling: dynamic loss scaling (fp16 training, ``precision.minimize``)
     :param loss_options: ``loss``, ``focal_gamma``, ``ohem_fraction`` of ``pixel_loss``
     :return: (logits ``[N*H*W, C]``, train_op, loss) -- the loss includes the L2 terms in
         ``REGULARIZATION_LOSSES`` (the course seed dropped them)
@@ -214,7 +216,8 @@ def optimize(nn_last_layer, correct_label, learning_rate, num_classes, class_wei
     reg = tf1.get_collection(tf1.GraphKeys.REGULARIZATION_LOSSES)
     if reg:
         loss = tf.add(loss, tf.add_n(reg), name="total_loss")
-    train_op = tf1.train.AdamOptimizer(learning_rate).minimize(loss, global_step=global_step)
+    train_op = precision.minimize(tf1.train.AdamOptimizer(learning_rate), loss, global_step,
+                                  loss_scaling)
     return logits, train_op, loss
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from roadseg import fcn
+from roadseg import precision as precision_module
 from roadseg.errors import UserError
 from roadseg.run_folders import (
     RUN_CONFIG,
@@ -140,6 +141,9 @@ class Predictor:
                             f"{images.shape}")
         if self.tta == "flip":
             return np.argmax(self.predict_proba(images), axis=-1).astype(np.uint8)
+        return self._class_maps(images)
+
+    def _class_maps(self, images):
         return self.sess.run(self._classes, {self._images: images})
 
     def predict_proba(self, images):
@@ -163,16 +167,26 @@ class Predictor:
         self.close()
 
 
-def load_predictor(path, which="best", tta="none"):
-    """Open an exported model (``export``) or a run folder (``runs/<name>``) for inference;
-    ``tta``: "none" or "flip" (``Predictor``).
-
-    A missing, damaged or incomplete model is one ``UserError`` line naming the file."""
+def load_predictor(path, which="best", precision=None, log=None, tta="none"):
+    """Open an exported model (``export``) or a run folder (``runs/<name>``) for inference,
+    computing at ``precision`` (``roadseg.precision``; None = fp32); ``log`` gets its notes;
+    ``tta``: "none" or "flip" (``Predictor``).  A ``.tflite`` file, or a folder holding
+    ``model.tflite``, opens in LiteRT (``roadseg.litert``), whose precision was fixed when it
+    was exported.  A missing, damaged or incomplete model is one ``UserError`` line naming
+    the file."""
+    from roadseg import litert  # it builds on this module
+    if litert.model_path(path):
+        if precision is not None:
+            raise UserError(f"--precision does not apply to the LiteRT model {path}: its precision "
+                            f"was fixed at export (--quantize); leave --precision out")
+        return litert.LiteRTPredictor(path, tta=tta)
+    if os.path.isfile(path):
+        raise UserError(f"model {path} is a file, not a .tflite model; pass a runs/<name> folder, "
+                        f"an exported model folder or a .tflite file")
     if not os.path.isdir(path):
-        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
-        raise UserError(f"model {path} {what}; pass a runs/<name> folder or an exported model")
+        raise UserError(f"model {path} does not exist; pass a runs/<name> folder or an exported model")
     graph = tf.Graph()
-    sess = tf1.Session(graph=graph)
+    sess = precision_module.session(precision, graph, log)
     try:
         with graph.as_default():
             if os.path.isfile(os.path.join(path, "saved_model.pb")):

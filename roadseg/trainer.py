@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from roadseg import datasets, distribute, fcn, inference, input_pipeline, metrics, run_folders, vgg
+from roadseg import datasets, distribute, fcn, inference, input_pipeline, metrics, precision, run_folders, vgg
 from roadseg.checkpoints import Checkpointer, Progress, find_checkpoints, progress_variables
 from roadseg.config import TrainConfig
 from roadseg.errors import UserError
@@ -196,6 +196,7 @@ def build_training_graph(sess, cfg, samples, vgg_path, dist=None):
         # the loss and the Adam step of the course API: fcn.data_loss + every L2 term
         _, train_op, loss = fcn.optimize(logits, labels, lr, scheme.num_classes,
                                          cfg.class_weights or None, global_step=progress[0]["step"],
+                                         loss_scaling=precision.needs_loss_scaling(cfg.precision),
                                          **_loss_options(cfg))
         data_loss = loss - l2
     else:
@@ -276,7 +277,8 @@ def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False,
             f"{len(samples.val)} val images, scheme {cfg.scheme}, {cfg.image_shape[0]}x"
             f"{cfg.image_shape[1]}, {cfg.epochs} epochs of {spe} steps")
         graph = tf.Graph()
-        with graph.as_default(), dist.start().session(graph) as sess, _StopFlag() as stop:
+        with graph.as_default(), dist.start().session(graph, cfg.precision, log) as sess, \
+                _StopFlag() as stop:
             if dist.strategy:
                 log(f"training on {dist.describe()}")
             g = build_training_graph(sess, cfg, samples.train, cfg.vgg, dist)

@@ -125,52 +125,47 @@ def check_variants(spec):
 
 
 def train(spec):
-    """One Adam step of train.py's graph per call; ``feed`` pipeline / synthetic / feed_dict."""
-    import ours
-    import tensorflow as tf
-    batch, feed = spec["batch"], spec.get("feed", "pipeline")
-    samples = None
-    if feed == "pipeline":
-        samples = _demo_samples(os.path.join(spec["work"], "demo_256x512"), 16, common.IMAGE_SHAPE)
-    graph = tf.Graph()
-    with graph.as_default(), tf.compat.v1.Session(graph=graph, config=_config(spec)) as sess:
-        tf.compat.v1.set_random_seed(0)
-        step = ours.training(sess, spec["vgg"], _scheme().num_classes, batch, feed, samples,
-                             fc6=spec.get("fc6", "conv"))
-        timing = common.time_steps(step, spec["warmup"], spec["iters"])
-    return dict(common.rates(timing, batch), unit="images/s")
-
-
-def train_devices(spec):
     """One Adam step per call of ``trainer.build_training_graph`` -- the product's training
-    graph -- on ``devices`` logical CPU devices (MirroredStrategy; 1 = the one-device graph),
-    global batch ``batch``; also the gradient bytes per step (the all-reduce volume)."""
+    graph, as ``segment.py train`` runs it -- at global batch ``batch`` on ``devices``
+    logical CPU devices (MirroredStrategy; 1 = the one-device graph), in a session with the
+    spec's threads / XLA / precision.  ``feed`` "pipeline": its tf.data input (demo scenes,
+    augmentation, cache), as training runs; "feed_dict": one fixed batch fed from numpy
+    every step, to compare.  Also the gradient bytes per step (the all-reduce volume)."""
+    import numpy as np
     import tensorflow as tf
 
     from roadseg import distribute, trainer
     from roadseg.config import TrainConfig
     tf1 = tf.compat.v1
+    batch, feed = spec["batch"], spec.get("feed", "pipeline")
     samples = _demo_samples(os.path.join(spec["work"], "demo_256x512"), 16, common.IMAGE_SHAPE)
     cfg = TrainConfig.from_dict(dict(scheme=common.SCHEME, image_shape=list(common.IMAGE_SHAPE),
-                                     batch_size=spec["batch"], devices=spec["devices"])).validate()
+                                     batch_size=batch, devices=spec.get("devices", 1))).validate()
     graph = tf.Graph()
     with graph.as_default():
         dist = distribute.Distribution(cfg).start()
-        with dist.session(graph) as sess:
+        config = _config(spec)
+        if dist.session_config is not None:
+            config.MergeFrom(dist.session_config)
+        with tf1.Session(dist.target, graph=graph, config=config) as sess:
             g = trainer.build_training_graph(sess, cfg, samples, spec["vgg"], dist)
             grad_bytes = sum(v.shape.num_elements() * v.dtype.size for v in tf1.trainable_variables())
             sess.run(g.data_init)
             feeds = {g.keep_prob: cfg.keep_prob, g.lr: cfg.lr}
+            if feed == "feed_dict":
+                rng = np.random.default_rng(0)
+                feeds[g.images] = rng.integers(0, 256, (batch, *common.IMAGE_SHAPE, 3)).astype(np.float32)
+                feeds[g.labels] = rng.integers(0, _scheme().num_classes, (batch, *common.IMAGE_SHAPE))
 
             def step():
                 try:
                     sess.run(g.train_op, feeds)
-                except tf.errors.OutOfRangeError:   # an epoch is 4 steps: start the next
+                except tf.errors.OutOfRangeError:   # the epoch of 16 scenes ended: start the next
                     sess.run(g.data_init)
                     sess.run(g.train_op, feeds)
 
             timing = common.time_steps(step, spec["warmup"], spec["iters"])
-    return dict(common.rates(timing, spec["batch"]), unit="images/s", grad_bytes=grad_bytes,
+    return dict(common.rates(timing, batch), unit="images/s", grad_bytes=grad_bytes,
                 replicas=dist.replicas)
 
 
@@ -315,7 +310,7 @@ def quality(spec):
 
 
 CASES = dict(prepare=prepare, gemm=gemm, flops=flops, infer=infer, check_variants=check_variants, train=train,
-             train_devices=train_devices, pipeline=input_pipeline, video=video, peer_infer=peer_infer,
+             pipeline=input_pipeline, video=video, peer_infer=peer_infer,
              peer_train=peer_train, litert=litert, quality=quality)
 
 

@@ -5,16 +5,14 @@
   (``"frozen"``, ``convert_variables_to_constants``), or rebuilt from those constants
   with the cheap linear steps folded into weights (``"folded"``: RGB->BGR into
   conv1_1's kernel, the pool3/pool4 scales into the score convolutions).
-* ``training(sess, vgg, num_classes, batch, feed, samples)`` -- the graph of
-  ``train.py``: a ``tf.data`` iterator mapped into VGG16 through ``input_map``,
-  ``fcn.layers`` and ``fcn.optimize`` (Adam), fed in one of three ways.
+* training is not rebuilt here: ``cases.train`` times ``trainer.build_training_graph``.
 * ``forward_flops`` / ``training_flops`` -- floating-point operations per image,
   counted by TensorFlow's profiler on twins of these graphs with fully static shapes.
 * ``new_predictor(vgg, scheme)`` -- a ``head.Predictor`` straight from a VGG folder
   with a freshly initialised decoder (no training run needed).
 
 VGG's own variables are restored by the SavedModel loader; only the variables added
-on top are initialised here (``vgg.py`` makes re-initialising VGG's fail loudly).
+on top are initialised here.
 """
 import common  # bench/ is on sys.path as the script's folder
 import numpy as np
@@ -26,8 +24,7 @@ from roadseg import vgg as vgg_module
 
 tf1 = tf.compat.v1
 H, W = common.IMAGE_SHAPE
-INFERENCE_VARIANTS = ("product", "frozen", "folded", "patches", "folded_patches")
-FEEDS = ("pipeline", "synthetic", "feed_dict")
+INFERENCE_VARIANTS = ("product", "frozen", "folded")
 LOGITS = "fcn8/logits_4d:0"
 
 
@@ -47,9 +44,6 @@ def inference(sess, vgg, num_classes, variant="product"):
     product         ``head.build_inference``
     frozen          the same graph with its variables turned into constants
     folded          rebuilt from those constants with cheap linear steps folded in
-    patches         ``head.build_inference`` except that fc6 runs as patches x matrix
-                    (``fc6_patches``) on VGG's own variables
-    folded_patches  folded, with fc6 as patches x matrix
 
     The same seed gives every variant the same decoder weights, so all compute the
     same function of the same weights (``cases.check_variants`` checks it).
@@ -57,8 +51,8 @@ def inference(sess, vgg, num_classes, variant="product"):
     if variant not in INFERENCE_VARIANTS:
         raise ValueError(f"inference variant must be one of {INFERENCE_VARIANTS}")
     tf1.set_random_seed(0)
-    if variant in ("product", "patches"):
-        images, classes, _ = _build_inference(sess, vgg, num_classes, fc6=variant)
+    if variant == "product":
+        images, classes, _ = head.build_inference(sess, vgg, num_classes, common.IMAGE_SHAPE)
         init_new_variables(sess, _vgg_variables())
         return images, classes, sess.graph.get_tensor_by_name(LOGITS)
     with tf.Graph().as_default() as scratch, tf1.Session(graph=scratch) as src:
@@ -76,48 +70,7 @@ def inference(sess, vgg, num_classes, variant="product"):
         tf1.import_graph_def(frozen, name="")
         get = sess.graph.get_tensor_by_name
         return get(images.name), get(classes.name), get(LOGITS)
-    return _folded_graph(weights, affine, num_classes,
-                         fc6="patches" if variant == "folded_patches" else "conv")
-
-
-def _build_inference(sess, vgg, num_classes, fc6="product"):
-    """``head.build_inference``; with ``fc6="patches"`` VGG's layers are re-run from
-    its own variables (``vgg_layers``) with fc6 as patches x matrix."""
-    if fc6 == "product":
-        return head.build_inference(sess, vgg, num_classes, common.IMAGE_SHAPE)
-    images = tf1.placeholder(tf.uint8, [None, None, None, 3], name="images")
-    x = tf.image.resize(tf.cast(images, tf.float32), common.IMAGE_SHAPE, method="bilinear")
-    fcn.load_vgg(sess, vgg, input_map={"image_input:0": x})
-    logits = fcn.layers(*vgg_layers(sess.graph), num_classes, **head.decoder_kwargs({}))
-    classes, probs = head.segmentation_head(logits, tf.shape(images)[1:3])
-    return images, classes, probs
-
-
-def fc6_patches(x, kernel):
-    """fc6 as one matrix product (now what ``vgg.py`` builds; kept as a name for the
-    variants that re-run a course VGG16 SavedModel's layers)."""
-    return vgg_module.conv_as_matmul(x, kernel)
-
-
-def vgg_layers(graph, keep_prob=None):
-    """``(layer3_out, layer4_out, layer7_out)`` recomputed from the loaded VGG16's own
-    tensors -- its preprocessed input, kernels and biases (the variables are shared,
-    so training updates them) -- with fc6 as ``fc6_patches``.  The loaded graph's
-    original layers stay in the graph but are never run (nothing fetches them)."""
-    convs = [op for op in graph.get_operations() if op.type == "Conv2D"][:len(vgg_module.VGG16_LAYERS)]
-    x = convs[0].inputs[0]
-    pools = []
-    for (name, _, _, _), conv in zip(vgg_module.VGG16_LAYERS, convs):
-        bias_add = next(c for c in conv.outputs[0].consumers() if c.type == "BiasAdd")
-        kernel, bias = conv.inputs[1], bias_add.inputs[1]
-        y = fc6_patches(x, kernel) if name == "fc6" else tf.nn.conv2d(x, kernel, 1, "SAME")
-        x = tf.nn.relu(tf.nn.bias_add(y, bias))
-        if name in ("fc6", "fc7") and keep_prob is not None:
-            x = tf.nn.dropout(x, rate=1.0 - keep_prob)
-        if name in vgg_module.POOL_AFTER:
-            x = tf.nn.max_pool2d(x, 2, 2, "SAME")
-            pools.append(x)
-    return pools[2], pools[3], x
+    return _folded_graph(weights, affine, num_classes)
 
 
 def _input_affine(sess, images):
@@ -142,7 +95,7 @@ def _vgg_variables():
     return {v for v in tf1.global_variables() if v.op.name.split("/")[0] in names}
 
 
-def _folded_graph(weights, affine, num_classes, fc6="conv"):
+def _folded_graph(weights, affine, num_classes):
     """VGG16 + FCN-8s from constant weights, with the cheap linear steps folded in.
 
     * Preprocessing ``A @ rgb + q`` (RGB->BGR, /std) = ``A @ (rgb - m)`` with
@@ -161,8 +114,8 @@ def _folded_graph(weights, affine, num_classes, fc6="conv"):
         kernel, bias = weights[f"{name}/weights"], weights[f"{name}/biases"]
         if name == "conv1_1":
             kernel = np.einsum("hwjo,ji->hwio", kernel, a).astype(np.float32)
-        if name == "fc6" and fc6 == "patches":
-            y = fc6_patches(x, tf.constant(kernel))
+        if name == "fc6":   # as vgg.py builds it: patches x one matrix
+            y = vgg_module.conv_as_matmul(x, tf.constant(kernel))
         else:
             y = tf.nn.conv2d(x, tf.constant(kernel), 1, "SAME")
         x = tf.nn.relu(tf.nn.bias_add(y, bias))
@@ -204,53 +157,6 @@ def litert_model(vgg, scheme, quantize, calibration_paths, out_dir):
         model = litert.convert(sess, x, logits, quantize, calibration_paths)
     litert.write_model_folder(out_dir, model, litert.model_info(scheme, common.IMAGE_SHAPE, quantize))
     return out_dir
-
-
-# --------------------------------------------------------------------------- training
-def training(sess, vgg, num_classes, batch, feed="pipeline", samples=None, seed=0, fc6="conv"):
-    """Build ``train.py``'s training graph; return ``step()`` running one Adam step.
-
-    feed="pipeline":  ``input_pipeline.make_dataset(samples, augment, cache in memory, repeat)``
-                      through an iterator, exactly as ``train.py`` (no ``feed_dict`` for data)
-    feed="synthetic": one fixed batch repeated by ``tf.data`` (no decoding, no augmentation)
-    feed="feed_dict": that batch fed from numpy through ``feed_dict`` every step
-    fc6="patches":    VGG re-run from its own variables with fc6 as ``fc6_patches``
-    """
-    from roadseg import input_pipeline
-    from roadseg.schemes import get_scheme
-
-    if feed not in FEEDS:
-        raise ValueError(f"feed must be one of {FEEDS}")
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (batch, H, W, 3)).astype(np.float32)
-    labels = rng.integers(0, num_classes, (batch, H, W)).astype(np.int32)
-    if feed == "pipeline":
-        ds = input_pipeline.make_dataset(samples, get_scheme(common.SCHEME), common.IMAGE_SHAPE, batch,
-                                   shuffle=True, augment=True, seed=seed, cache=True, repeat=True)
-    else:
-        ds = tf.data.Dataset.from_tensors((images, labels)).repeat()
-    iterator = tf1.data.make_initializable_iterator(ds)
-    x, y = iterator.get_next()
-    image_input = tf1.placeholder_with_default(x, [None, None, None, 3], name="image_feed")
-    label_input = tf1.placeholder_with_default(y, [None, None, None], name="label_feed")
-    keep_prob = tf1.placeholder_with_default(1.0, [], name="keep_prob_feed")
-    lr = tf1.placeholder(tf.float32, [], name="learning_rate")
-    _, _, l3, l4, l7 = fcn.load_vgg(sess, vgg, input_map={
-        "image_input:0": image_input, "keep_prob:0": keep_prob})
-    if fc6 == "patches":
-        l3, l4, l7 = vgg_layers(sess.graph, keep_prob)
-    loaded = set(tf1.global_variables())
-    logits = fcn.layers(l3, l4, l7, num_classes, **head.decoder_kwargs({}))
-    _, train_op, loss = fcn.optimize(logits, label_input, lr, num_classes)
-    init_new_variables(sess, loaded)
-    sess.run(iterator.initializer)
-    feeds = {keep_prob: 0.5, lr: 1e-4}
-    if feed == "feed_dict":
-        feeds.update({image_input: images, label_input: labels})
-
-    def step():
-        sess.run([train_op, loss], feeds)
-    return step
 
 
 # --------------------------------------------------------------------------- FLOPs

@@ -56,8 +56,7 @@ def main_plan(quick):
         plan += [("peer_infer_b1", dict(case="peer_infer", batch=1, warmup=2, iters=8)),
                  ("peer_train_b8", dict(case="peer_train", batch=8, warmup=2, iters=3))]
     plan += [   # the overhead of replicating over 2 logical devices on the same 2 cores
-        ("devices1_b4", dict(case="train_devices", devices=1, batch=4, warmup=q(2, 1), iters=q(3, 2))),
-        ("devices2_b4", dict(case="train_devices", devices=2, batch=4, warmup=q(2, 1), iters=q(3, 2))),
+        ("devices2_b4", dict(case="train", devices=2, batch=4, warmup=q(2, 1), iters=q(4, 2))),
     ]
     plan += [
         ("pipeline_png", dict(case="pipeline", images=q(16, 8), batch=8, cache=False, warmup=1,
@@ -113,13 +112,9 @@ def lever_plan(quick):
     plan += [
         ("infer_frozen", dict(infer, variant="frozen"), {}),
         ("infer_folded", dict(infer, variant="folded"), {}),
-        ("infer_fc6_patches", dict(infer, variant="patches"), {}),
-        ("infer_folded_fc6_patches", dict(infer, variant="folded_patches"), {}),
-        ("train_fc6_patches", dict(train, fc6="patches"), {}),
         ("infer_b1", dict(infer, batch=1, iters=q(6, 3)), {}),
         ("infer_b4", dict(infer, batch=4), {}),
         ("infer_b16", dict(infer, batch=16, iters=2), {}),
-        ("train_synthetic", dict(train, feed="synthetic"), {}),
         ("train_feed_dict", dict(train, feed="feed_dict"), {}),
         ("peer_infer_b8", dict(case="peer_infer", batch=8, warmup=1, iters=q(3, 2)), {}),
         ("peer_infer_b8_nojit", dict(case="peer_infer", batch=8, warmup=1, iters=q(3, 2),
@@ -331,13 +326,12 @@ def device_rows(results, per_image):
     cost of replication (two half-batch towers, the gradient sum, the second copy of the
     weights), not a speed-up."""
     rows = []
-    for key, label in (("devices1_b4", "train_devices 1 device batch 4"),
-                       ("devices2_b4", "train_devices 2 logical devices b4")):
+    for key, label in (("devices2_b4", "training 2 logical devices b4"),):
         if key not in results:
             continue
         compare = ""
-        if key == "devices2_b4" and _ok(results, key) and _ok(results, "devices1_b4"):
-            one, two = results["devices1_b4"], results[key]
+        if _ok(results, key) and _ok(results, "train_b4"):
+            one, two = results["train_b4"], results[key]
             two["over_one_device"] = ratio = two["rate"] / one["rate"]
             compare = f"{ratio:.2f}x the 1-device graph"
             if "cpu_rate" in one and "cpu_rate" in two:

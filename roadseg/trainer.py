@@ -151,6 +151,7 @@ class TrainingGraph(NamedTuple):
     epoch: tf.Tensor              # placeholder: the epoch, part of the data seed
     skip: tf.Tensor               # placeholder: batches of the epoch already done
     images: tf.Tensor             # float images fed to VGG16 (the batch, or fed)
+    labels: tf.Tensor             # their class ids (the batch, or fed)
     keep_prob: tf.Tensor
     lr: tf.Tensor
     logits: tf.Tensor             # [N, H, W, C]
@@ -218,7 +219,7 @@ def build_training_graph(sess, cfg, samples, vgg_path, dist=None):
     else:
         sess.run(tf1.global_variables_initializer())
         vgg16.restore(sess)
-    return TrainingGraph(iterator.initializer, epoch, skip, images, keep_prob, lr, logits, loss,
+    return TrainingGraph(iterator.initializer, epoch, skip, images, labels, keep_prob, lr, logits, loss,
                          data_loss, train_op, raw, inference.resize_to_network(raw, cfg.image_shape),
                          out_size, classes, progress)
 

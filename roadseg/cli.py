@@ -256,6 +256,12 @@ def build_parser():
         sp.set_defaults(func=func, command_parser=sp)
         return sp
 
+    for commands in (_data_commands, _train_command, _model_commands, _export_and_demo_commands):
+        commands(add)
+    return p
+
+
+def _data_commands(add):
     sp = add("make-demo-data", cmd_make_demo_data, "write procedurally drawn street scenes "
              "(Cityscapes layout) to DIR")
     sp.add_argument("dir")
@@ -278,6 +284,8 @@ def build_parser():
     sp.add_argument("--out", help="build into this new folder instead")
     sp.add_argument("--seed", type=int, default=0)
 
+
+def _train_command(add):
     sp = add("train", cmd_train, "train FCN-8s; a run folder runs/<name> holds checkpoints, "
              "history and TensorBoard logs. Ctrl-C or SIGTERM saves a checkpoint and exits "
              "with code 130 (continue with --resume)")
@@ -288,6 +296,9 @@ def build_parser():
     sp.add_argument("--resume", action="store_true", help="continue --run (or the latest run)")
     sp.add_argument("--runs", default=DEFAULT_RUNS, help=argparse.SUPPRESS)
 
+
+def _model_commands(add):
+    """The commands that run a trained model: evaluate, predict, batch-predict, video."""
     sp = add("evaluate", cmd_evaluate, "per-class IoU, mIoU, pixel accuracy on a split (table + JSON)")
     sp.add_argument("--model", required=True, help="runs/<name> folder or exported model")
     sp.add_argument("--data", required=True)
@@ -329,6 +340,8 @@ def build_parser():
     add_tta(sp)
     add_precision(sp)
 
+
+def _export_and_demo_commands(add):
     sp = add("export", cmd_export, "write a self-contained inference SavedModel of a run, or a "
              "LiteRT model (model.tflite) for in-car CPUs and int8 accelerators")
     sp.add_argument("--model", required=True, help="runs/<name> folder")
@@ -348,7 +361,6 @@ def build_parser():
                     "under a minute, no download (a smoke test; learns little)")
     add_precision(sp, "of its training and inference")
     sp.add_argument("--runs", default=DEFAULT_RUNS, help=argparse.SUPPRESS)
-    return p
 
 
 def command_options(parser):

@@ -104,6 +104,20 @@ def _check_evaluate_outputs(a, out):
         raise UserError("--official needs --cityscapes-out DIR (a new folder for the labelIds PNGs)")
 
 
+def _evaluation_samples(a, found):
+    """The labelled samples of ``--split``.  ``val`` on a dataset without a 'val' split (CamVid)
+    is the validation the run trained with (its config's val_split, e.g. a held-out sequence)."""
+    run_config = os.path.join(a.model, "config.json")
+    if a.split not in found.splits and a.split == "val" and os.path.isfile(run_config):
+        val_split = run_folders.read_json(run_config, "pass --split test").get("val_split")
+        _, _, val = datasets.training_splits(a.data, val_split, log=print)
+        return val
+    if a.split not in found.splits:
+        raise UserError(f"{a.data} has no '{a.split}' split (it has {', '.join(found.splits)}); "
+                        f"pass --split")
+    return [s for s in found.splits[a.split] if s.label]
+
+
 def cmd_evaluate(a):
     """Checks everything first; prints and writes only when every step has worked: the JSON
     and the --cityscapes-out folder are written under temporary names, renamed at the end."""
@@ -112,10 +126,7 @@ def cmd_evaluate(a):
     out = a.out or os.path.join(a.model, f"evaluation-{a.split}{tta}-{stamp}.json")
     _check_evaluate_outputs(a, out)
     found = datasets.find_dataset(a.data)   # data problems too, before the model is loaded
-    if a.split not in found.splits:
-        raise UserError(f"{a.data} has no '{a.split}' split (it has {', '.join(found.splits)}); "
-                        f"pass --split")
-    samples = [s for s in found.splits[a.split] if s.label]
+    samples = _evaluation_samples(a, found)
     if not samples:
         raise UserError(f"split '{a.split}' of {a.data} has no labels to evaluate against")
     gt = [s.label for s in samples]

@@ -180,6 +180,26 @@ def test_evaluate_prints_a_table_and_writes_json(trained_run, demo_root, tmp_pat
     assert len(lines) == 1 and "absent" in lines[0] and "does not exist" in lines[0]
 
 
+def test_evaluate_val_is_the_runs_own_validation_when_the_data_has_no_val_split(
+        trained_run, demo_root, tmp_path, capsys):
+    """CamVid has no 'val' split: --split val scores the validation the run trained with."""
+    import shutil
+    data = Path(shutil.copytree(demo_root, tmp_path / "noval"))
+    for kind in ("leftImg8bit", "gtFine"):
+        shutil.rmtree(data / kind / "val")
+    train = datasets.find_dataset(str(data)).splits["train"]
+    assert run_cli("evaluate", "--model", trained_run, "--data", data, "--split", "val",
+                   "--out", tmp_path / "v.json") == 0
+    assert "validation: every 10th training image" in capsys.readouterr().out
+    scores = json.loads((tmp_path / "v.json").read_text())
+    labelled = sum(int((datasets.load_label(s, get_scheme("road4")) != IGNORE).sum())
+                   for s in train[::10])
+    assert len(train) == 10 and scores["pixels"] == labelled > 0   # frame 0 of 10
+    assert run_cli("evaluate", "--model", trained_run, "--data", data, "--split", "dev") == 2
+    line = error_lines(capsys)[0]
+    assert "no 'dev' split" in line and "pass --split" in line
+
+
 def test_predict_images_and_folders(trained_run, demo_root, tmp_path, capsys):
     val = Path(demo_root) / "leftImg8bit" / "val" / "demo"
     one = sorted(Path(demo_root, "leftImg8bit", "train", "demo").glob("*.png"))[0]

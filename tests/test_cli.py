@@ -303,3 +303,41 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch, capsys):
     assert 0 <= scores["mean_iou"] <= 1
     assert "NOT pretrained" in capsys.readouterr().out     # random VGG: said loudly
     assert seconds < 60
+
+
+# ----------------------------------------------------------------------------- real data
+def test_camvid11_from_check_data_to_predict_on_real_camvid(shared_data, vgg_dir, tmp_path,
+                                                            monkeypatch, capsys):
+    """CamVid's 11 classes through the commands a user runs (one short epoch at 96x128)."""
+    camvid = shared_data / "camvid"
+    scheme = get_scheme("camvid11")
+    assert run_cli("check-data", camvid, "--scheme", "camvid11") == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in scheme.class_names)
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("train", "--data", camvid, "--vgg", vgg_dir, "--scheme", "camvid11",
+                   "--image-shape", 96, 128, "--epochs", 1, "--batch-size", 8,
+                   "--run", "c11") == 0
+    out = capsys.readouterr().out
+    assert "the whole sequence 0006R0 held out (101 frames; 266 left to train on)" in out
+    run = tmp_path / "runs" / "c11"
+    history = json.loads((run / "history.json").read_text())
+    assert list(history[-1]["iou"]) == list(scheme.class_names) and history[-1]["step"] == 34
+    # the run's own validation, again through evaluate: the same frames, the same weights
+    assert run_cli("evaluate", "--model", run, "--data", camvid, "--out", tmp_path / "v.json") == 0
+    val = json.loads((tmp_path / "v.json").read_text())
+    assert val["mean_iou"] == pytest.approx(history[-1]["miou"], abs=1e-3)
+    assert run_cli("evaluate", "--model", run, "--data", camvid, "--split", "test",
+                   "--out", tmp_path / "t.json") == 0
+    test = json.loads((tmp_path / "t.json").read_text())
+    cm = np.array(test["confusion_matrix"])
+    labelled = sum(int((datasets.load_label(s, scheme) != IGNORE).sum())
+                   for s in datasets.find_dataset(str(camvid)).splits["test"])
+    assert cm.shape == (11, 11) and cm.sum() == test["pixels"] == labelled > 0.9 * 233 * 240 * 180
+    image = datasets.find_dataset(str(camvid)).splits["test"][0].image
+    assert run_cli("predict", "--model", run, image, "--out", tmp_path / "p") == 0
+    (classes,) = read_classes(tmp_path / "p").values()
+    assert classes.shape == (180, 240) and classes.max() < 11
+    overlay = np.asarray(Image.open(next(p for p in (tmp_path / "p").glob("*.png")
+                                         if not p.name.endswith("_classes.png"))))
+    assert overlay.shape == (180, 240, 3)

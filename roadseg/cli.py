@@ -57,13 +57,9 @@ def cmd_get_vgg(a):
                             "always goes to <data>/vgg")
         if not os.path.lexists(a.out):
             run_folders.check_can_create(a.out, "--out folder")
-        try:   # built in a temporary folder next to --out, which is removed on any error
+        # built in a temporary folder next to --out, which is removed on any error
+        with run_folders.write_errors_as_user_error(a.out):
             vgg.build_vgg_savedmodel(a.out, source=a.source, width=a.width or 1.0, seed=a.seed)
-        except run_folders.WRITE_ERRORS as err:
-            if not run_folders.is_write_error(err):
-                raise
-            raise UserError(f"could not write {a.out} ({run_folders.os_reason(err)}); "
-                            f"{run_folders.WRITE_FIX}") from None
         path, pretrained = a.out, bool(vgg.read_vgg_info(a.out).get("pretrained"))
     else:
         path, pretrained = vgg.obtain_vgg(a.data, source=a.source, width=a.width)
@@ -107,9 +103,9 @@ def _check_evaluate_outputs(a, out):
 def _evaluation_samples(a, found):
     """The labelled samples of ``--split``.  ``val`` on a dataset without a 'val' split (CamVid)
     is the validation the run trained with (its config's val_split, e.g. a held-out sequence)."""
-    run_config = os.path.join(a.model, "config.json")
+    run_config = os.path.join(a.model, run_folders.RUN_CONFIG)
     if a.split not in found.splits and a.split == "val" and os.path.isfile(run_config):
-        val_split = run_folders.read_json(run_config, "pass --split test").get("val_split")
+        val_split = run_folders.read_run_config(a.model).get("val_split")
         _, _, val = datasets.training_splits(a.data, val_split, log=print)
         return val
     if a.split not in found.splits:

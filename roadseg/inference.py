@@ -215,9 +215,7 @@ def _load_export(sess, path):
         raise UserError(f"{path} is a SavedModel but not one exported by this project "
                         f"(no {EXPORT_INFO}); export a run with 'segment.py export'")
     fix = "export the run again ('segment.py export')"
-    info = read_json(info_path, fix)
-    if "scheme" not in info or "image_shape" not in info:
-        raise UserError(f"{info_path} is damaged: it has no scheme or image_shape; {fix}")
+    info = read_json(info_path, fix, required=("scheme", "image_shape"))
     if not os.path.isfile(os.path.join(path, "variables", "variables.index")):
         raise UserError(f"exported model {path} is incomplete: variables/variables.index is "
                         f"missing; {fix}")

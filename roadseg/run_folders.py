@@ -5,6 +5,8 @@
   before anything is computed
 * ``staged_file(path)`` / ``staged_dir(path)`` -> write under a hidden temporary name next
   to ``path``; it gets its final name only when complete, and is removed on any error
+* ``write_errors_as_user_error(path)`` -> a full or read-only disk while writing ``path`` is
+  one UserError line
 * ``write_json(path, value)``      -> JSON under a temporary name, renamed when complete
 * ``publish(tmp_path, out_path)``  -> a finished temporary file gets its final name,
   never replacing a file
@@ -126,6 +128,18 @@ def check_can_create(path, option):
 
 
 @contextlib.contextmanager
+def write_errors_as_user_error(out_path):
+    """A full or read-only disk (or another ``is_write_error``) while ``out_path`` is being
+    written becomes one UserError line naming it; every other error passes unchanged."""
+    try:
+        yield
+    except WRITE_ERRORS as err:
+        if not is_write_error(err):
+            raise
+        raise UserError(f"could not write {out_path} ({os_reason(err)}); {WRITE_FIX}") from None
+
+
+@contextlib.contextmanager
 def staged_file(out_path):
     """Yield a hidden temporary path next to ``out_path``; when the block ends without an
     error it gets the final name (``publish``, never replacing a file), on any error it is
@@ -134,12 +148,9 @@ def staged_file(out_path):
     folder = make_dirs(os.path.dirname(os.path.abspath(out_path)))
     tmp_path = os.path.join(folder, f".{os.path.basename(out_path)}.{uuid.uuid4().hex[:8]}.part")
     try:
-        yield tmp_path
-        publish(tmp_path, out_path)
-    except WRITE_ERRORS as err:
-        if not is_write_error(err):
-            raise
-        raise UserError(f"could not write {out_path} ({os_reason(err)}); {WRITE_FIX}") from None
+        with write_errors_as_user_error(out_path):
+            yield tmp_path
+            publish(tmp_path, out_path)
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp_path)
@@ -154,23 +165,21 @@ def staged_dir(out_dir, create=True, replace_empty=False):
     parent = make_dirs(os.path.dirname(os.path.abspath(out_dir)))
     tmp_dir = os.path.join(parent, f".{os.path.basename(out_dir)}.{uuid.uuid4().hex[:8]}.part")
     try:
-        if create:
-            os.mkdir(tmp_dir)
-        yield tmp_dir
-        if replace_empty and os.path.isdir(out_dir) and not os.listdir(out_dir):
-            os.rmdir(out_dir)
-        if os.path.lexists(out_dir):    # rename() would replace an empty folder
-            raise UserError(f"{out_dir} appeared while it was being written; choose another name")
-        os.rename(tmp_dir, out_dir)
+        with write_errors_as_user_error(out_dir):
+            if create:
+                os.mkdir(tmp_dir)
+            yield tmp_dir
+            if replace_empty and os.path.isdir(out_dir) and not os.listdir(out_dir):
+                os.rmdir(out_dir)
+            if os.path.lexists(out_dir):    # rename() would replace an empty folder
+                raise UserError(f"{out_dir} appeared while it was being written; choose another "
+                                f"name")
+            os.rename(tmp_dir, out_dir)
     except UserError as err:   # name files by the folder they were meant for, not the hidden one
         if tmp_dir not in str(err):
             raise
         raise UserError(err.base.replace(tmp_dir, out_dir), err.option,
                         err.hint.replace(tmp_dir, out_dir), err.otherwise) from None
-    except WRITE_ERRORS as err:
-        if not is_write_error(err):
-            raise
-        raise UserError(f"could not write {out_dir} ({os_reason(err)}); {WRITE_FIX}") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
@@ -232,9 +241,10 @@ def publish(tmp_path, out_path):
         os.rename(tmp_path, out_path)
 
 
-def read_json(path, fix, kind=dict):
-    """The JSON value in ``path`` (of type ``kind``); unreadable, not JSON or of another type
-    is one UserError line ending in ``fix``."""
+def read_json(path, fix, kind=dict, required=()):
+    """The JSON value in ``path`` (of type ``kind``, holding the keys ``required``);
+    unreadable, not JSON, of another type or without a required key is one UserError line
+    ending in ``fix``."""
     try:
         with open(path) as f:
             value = json.load(f)
@@ -245,6 +255,9 @@ def read_json(path, fix, kind=dict):
     if not isinstance(value, kind):
         raise UserError(f"{path} is damaged: it holds a JSON {type(value).__name__}, not "
                         f"{'an object' if kind is dict else kind.__name__}; {fix}")
+    missing = [key for key in required if key not in value]
+    if missing:
+        raise UserError(f"{path} is damaged: it has no {', '.join(missing)}; {fix}")
     return value
 
 
@@ -254,11 +267,7 @@ def read_run_config(run_dir):
         raise UserError(f"{run_dir} is not a training run (no {RUN_CONFIG}); pass a runs/<name> "
                         f"folder made by 'segment.py train'")
     fix = "restore it from a backup, or train a new run ('segment.py train')"
-    config = read_json(path, fix)
-    missing = [key for key in CONFIG_KEYS if key not in config]
-    if missing:
-        raise UserError(f"{path} is damaged: it has no {', '.join(missing)}; {fix}")
-    return config
+    return read_json(path, fix, required=CONFIG_KEYS)
 
 
 def _checkpoint_from_files(folder):

@@ -321,6 +321,16 @@ def _break(kind, run, exp, vgg_copy):
     if kind == "config.json a list":
         (run / "config.json").write_text("[1, 2]")
         return ["--model", run], [f"{run / 'config.json'} is damaged", "not an object"]
+    if kind == "config.json without scheme":
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "scheme"}))
+        return ["--model", run], [f"{run / 'config.json'} is damaged: it has no scheme;"]
+    if kind == "export_info.json without image_shape":
+        info = json.loads((exp / "export_info.json").read_text())
+        del info["image_shape"]
+        (exp / "export_info.json").write_text(json.dumps(info))
+        return ["--model", exp], [f"{exp / 'export_info.json'} is damaged: it has no image_shape;",
+                                  "export the run again"]
     if kind == "export without variables":
         shutil.rmtree(exp / "variables")
         return ["--model", exp], [f"exported model {exp} is incomplete", "export the run again"]
@@ -340,7 +350,8 @@ def _break(kind, run, exp, vgg_copy):
 
 DAMAGED = [(command, kind) for kind in ("truncated best checkpoint", "config.json not JSON")
            for command in ("predict", "evaluate", "export")]
-DAMAGED += [("export", "config.json a list"), ("predict", "VGG saved_model.pb corrupt"),
+DAMAGED += [("export", "config.json a list"), ("evaluate", "config.json without scheme"),
+            ("predict", "export_info.json without image_shape"), ("predict", "VGG saved_model.pb corrupt"),
             ("export", "VGG saved_model.pb corrupt")]
 DAMAGED += [("predict", kind) for kind in ("export without variables", "export_info.json not JSON",
                                            "export saved_model.pb corrupt")]

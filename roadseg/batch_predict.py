@@ -235,4 +235,12 @@ def _export_info(model):
         raise UserError(f"model {model} is neither a run folder nor an export of this project (no "
                         f"{EXPORT_INFO}); pass runs/<name> or a 'segment.py export' folder")
     with FileSystems.open(info_path, compression_type="uncompressed") as f:
-        return json.loads(f.read().decode("utf-8"))
+        text = f.read().decode("utf-8", "replace")
+    try:
+        info = json.loads(text)
+    except ValueError as err:
+        info = err
+    if not isinstance(info, dict) or "scheme" not in info:
+        raise UserError(f"{info_path} is damaged (not a JSON object with a scheme); export the run "
+                        f"again ('segment.py export')")
+    return info

@@ -1,6 +1,7 @@
 """``segment.py batch-predict``: Apache Beam RunInference (in-process FnApiRunner, offline)
 writes what ``segment.py predict`` writes, byte for byte."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,8 +60,11 @@ def test_batch_predict_refuses_before_running(setup, tmp_path, capsys):
              ([str(tmp_path / "nope.png"), "--out", str(tmp_path / "o1")], "does not exist"),
              ([image, str(twin / Path(image).name), "--out", str(tmp_path / "o2")], "would both be saved"),
              ([str(tmp_path / "empty*.png"), "--out", str(tmp_path / "o3")], "does not exist")]
-    for args, message in cases:
-        assert cli_main(["batch-predict", "--model", setup["export"], *args]) == 2
+    damaged = Path(shutil.copytree(setup["export"], tmp_path / "damaged"))
+    (damaged / "export_info.json").write_text("{not json")
+    for args, message in cases + [([image, "--out", str(tmp_path / "o4")], "is damaged")]:
+        model = damaged if message == "is damaged" else setup["export"]
+        assert cli_main(["batch-predict", "--model", str(model), *args]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

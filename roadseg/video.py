@@ -194,8 +194,9 @@ def _overlapped(source, transform, sink, on_item=lambda item: None):
                 return
         put_until_stopped(inbox, _END, stop)
 
-    reader = threading.Thread(target=run, args=(read,), daemon=True)
-    writer = threading.Thread(target=run, args=(sink, _drain(outbox, stop)), daemon=True)
+    reader = threading.Thread(target=run, args=(read,), name="video-reader", daemon=True)
+    writer = threading.Thread(target=run, args=(sink, _drain(outbox, stop)), name="video-writer",
+                              daemon=True)
     reader.start()
     writer.start()
     try:

@@ -33,7 +33,6 @@ import os
 import re
 import sys
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -585,31 +584,58 @@ def median_frequency_weights(counts):
 # Downloading Cityscapes
 # ---------------------------------------------------------------------------------
 CITYSCAPES_PACKAGES = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")
+CITYSCAPES_SITE = "https://www.cityscapes-dataset.com"
 
 
 def get_cityscapes(dest, packages=CITYSCAPES_PACKAGES):
     """Download Cityscapes ``packages`` into ``dest`` and unzip them there.
 
-    Uses ``cityscapesscripts.download.downloader`` with your account
-    (https://www.cityscapes-dataset.com/register/): set CITYSCAPES_USERNAME and
-    CITYSCAPES_PASSWORD, or keep the downloader's own credentials file, or run it
-    in a terminal to be asked.  Zips already in ``dest`` are not downloaded again
-    and files already extracted are left untouched.  Returns ``dest``.
+    Needs your account (https://www.cityscapes-dataset.com/register/): set
+    CITYSCAPES_USERNAME and CITYSCAPES_PASSWORD, or keep cityscapesscripts' own
+    credentials file, or run it in a terminal to be asked.  Zips already in ``dest`` are
+    not downloaded again and files already extracted are left untouched.  Returns ``dest``.
+
+    The zips come through the project's one downloader (``acquire.download``: https only,
+    retried, checked against the md5 the site publishes, renamed into place only when
+    complete), with the cookies of a logged-in session.  What cannot go through it: the
+    login (a form POST keeping a session, which pooch's GET-only downloader has no notion
+    of) and the package list and md5 sums (pages behind that login, read with the session).
+    cityscapesscripts' ``download_packages`` is not used: it writes straight to the final
+    name, so a cut download or a wrong md5 leaves a broken zip that looks downloaded.
     """
-    from cityscapesscripts.download import downloader  # the download only: it needs requests
+    from roadseg import acquire  # the download only: it imports TensorFlow (run_folders)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     todo = [name for name in packages if not (dest / name).is_file()]
     if todo:
+        from cityscapesscripts.download import downloader  # the download only: it needs requests
         session = _cityscapes_session(downloader)
-        try:
-            downloader.download_packages(session=session, package_names=todo,
-                                         destination_path=str(dest))
-        except Exception as err:  # the downloader raises bare Exceptions
-            raise UserError(f"Cityscapes download into '{dest}' failed: {err}") from None
+        for name, (url, md5) in _cityscapes_packages(session, todo).items():
+            acquire.download(url, str(dest / name), md5=md5, cookies=session.cookies)
     for name in packages:
-        _unzip(dest / name, dest)
+        acquire.extract_missing(str(dest / name), str(dest))
     return str(dest)
+
+
+def _cityscapes_packages(session, names):
+    """``{name: (url, md5)}`` of the packages ``names``, read with a logged-in session."""
+    import requests  # the download only
+
+    def page(path):
+        r = session.get(f"{CITYSCAPES_SITE}{path}", allow_redirects=False, timeout=30)
+        r.raise_for_status()
+        return r
+    try:
+        ids = {p["name"]: p["packageID"] for p in page("/downloads/?list").json()}
+        unknown = [name for name in names if name not in ids]
+        if unknown:
+            raise UserError(f"Cityscapes has no package {', '.join(unknown)} that your account can "
+                            f"download; known: {', '.join(sorted(ids))}")
+        return {name: (f"{CITYSCAPES_SITE}/file-handling/?packageID={ids[name]}",
+                       page(f"/md5-sum/?packageID={ids[name]}").text.split()[0]) for name in names}
+    except (requests.RequestException, ValueError, KeyError, TypeError, IndexError) as err:
+        raise UserError(f"cannot read the Cityscapes package list ({err}); check the network "
+                        f"and your account") from None
 
 
 def _cityscapes_session(downloader):
@@ -626,7 +652,7 @@ def _cityscapes_session(downloader):
         if not (user and password):
             return downloader.login()  # reads the stored file or prompts
         session = requests.Session()
-        url = "https://www.cityscapes-dataset.com/login"
+        url = f"{CITYSCAPES_SITE}/login"
         session.get(url, allow_redirects=False).raise_for_status()
         r = session.post(url, data={"username": user, "password": password, "submit": "Login"},
                          allow_redirects=False)
@@ -638,16 +664,3 @@ def _cityscapes_session(downloader):
     if r.status_code != 302:  # a successful login redirects
         raise UserError("Cityscapes login failed: bad CITYSCAPES_USERNAME / CITYSCAPES_PASSWORD")
     return session
-
-
-def _unzip(zip_path, dest):
-    """Extract ``zip_path`` into ``dest``, leaving files that already exist alone."""
-    try:
-        with zipfile.ZipFile(zip_path) as zf:
-            members = [m for m in zf.infolist()
-                       if not m.is_dir() and not (dest / m.filename).exists()]
-            for m in tqdm(members, desc=f"unzipping {zip_path.name}", unit="file"):
-                zf.extract(m, dest)
-    except zipfile.BadZipFile:
-        raise UserError(f"'{zip_path}' is not a valid zip file; delete it and download "
-                        f"again") from None

@@ -29,34 +29,27 @@ own current value (``keep_restored_values``): a no-op once the loader has restor
 The course's ``vgg.zip`` gets the same patch when ``maybe_download_pretrained_vgg`` finds
 or extracts it, so its pretrained weights survive that call too.
 
-Downloads are https only, retried, written to a temporary file and renamed when
-complete; zips are checked before anything is extracted.
+Downloading and unzipping are ``roadseg.acquire``'s (https only, retried, verified, renamed
+into place when complete; zips checked before anything is extracted).
 """
-import hashlib
-import http.client
 import json
 import math
 import os
 import shutil
-import ssl
-import stat
 import sys
 import tempfile
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
-import zipfile
-import zlib
-from pathlib import PureWindowsPath
 
 import numpy as np
+import pooch
 import tensorflow as tf
 from tensorflow.core.framework import variable_pb2
 from tensorflow.core.protobuf import saved_model_pb2
-from tqdm.auto import tqdm
 
+from roadseg import acquire
+from roadseg.acquire import DownloadError, download, safe_extract_zip
 from roadseg.errors import UserError
+from roadseg.run_folders import staged_dir
 
 COURSE_VGG_URL = "https://s3-us-west-1.amazonaws.com/udacity-selfdrivingcar/vgg.zip"
 # Keras' ImageNet VGG16 weights (with the dense layers) and the md5 hash Keras
@@ -77,8 +70,6 @@ IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)   # Keras' "caffe" preprocessing
 # weights this keeps activations near unit scale, which training from scratch needs
 # (with caffe's 0..255 range the initial logits are ~20 and the first steps diverge).
 IMAGENET_STD_BGR = (57.375, 57.12, 58.395)
-RETRY_BACKOFF_S = 1.0        # wait before the 2nd download attempt; doubles after
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 DATA_ROOT = "data"           # where VGG16 folders live unless told otherwise
 PROBE_TIMEOUT_S = 3          # obtain_vgg: how long a download host may take to answer
 FALLBACK_WIDTH = 0.25        # obtain_vgg: channel width of the random-weight fallback
@@ -97,169 +88,6 @@ VGG16_LAYERS = (
     ("fc6", "fc1", 4096, 7), ("fc7", "fc2", 4096, 1),
 )
 POOL_AFTER = ("conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3")
-
-
-class DownloadError(UserError):
-    """The network let a download down (no connection, timeout, HTTP error, cut short)."""
-
-
-class _ShortRead(Exception):
-    """The connection ended before all announced bytes arrived."""
-
-
-_RETRYABLE = (urllib.error.URLError, TimeoutError, ConnectionError,
-              http.client.HTTPException, ssl.SSLError, _ShortRead)
-
-
-# ----------------------------------------------------------------------------- downloads
-
-def _check_url(url):
-    """Allow https, and plain http only for this computer (local test servers)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS):
-        return
-    raise UserError(f"refusing to download {url}: only https:// addresses are allowed "
-                    "(plain http only from 127.0.0.1/localhost); use the https address")
-
-
-def _file_hash(path, algorithm):
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fetch(url, part, timeout, expected_size, label):
-    """One attempt: stream url into part (truncating it) with a progress bar."""
-    request = urllib.request.Request(url, headers={"User-Agent": "fcn8-segmentation"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        _check_url(response.geturl())            # no redirect from https down to http
-        length = response.headers.get("Content-Length")
-        total = int(length) if length is not None else expected_size
-        if expected_size is not None and total != expected_size:
-            raise UserError(f"{url} offers {total} bytes, expected {expected_size}: the file "
-                            "on the server is not the expected one; check the address")
-        done = 0
-        with open(part, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
-                                         unit_divisor=1024, desc=label) as bar:
-            while True:
-                chunk = response.read(1 << 20)
-                if not chunk:
-                    break
-                f.write(chunk)
-                done += len(chunk)
-                bar.update(len(chunk))
-    if total is not None and done != total:
-        raise _ShortRead(f"connection closed after {done} of {total} bytes")
-
-
-def download(url, dest, sha256=None, timeout=30, retries=3, expected_size=None, *, md5=None):
-    """Download url to dest with a progress bar; return dest.
-
-    The data goes to a temporary file next to dest, renamed to dest only once it is
-    complete (Content-Length / expected_size) and matches sha256 (or md5) when given.
-    Connection errors, timeouts, server errors and short reads are retried
-    ``retries`` times in all, waiting RETRY_BACKOFF_S, then twice as long, ...
-    Raises UserError (DownloadError for network failures); never overwrites dest.
-    """
-    _check_url(url)
-    retries = max(1, retries)
-    if os.path.exists(dest):
-        raise UserError(f"{dest} already exists; not downloading {url} over it "
-                        "(delete or move it first)")
-    folder = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(folder, exist_ok=True)
-    fd, part = tempfile.mkstemp(dir=folder, prefix=os.path.basename(dest) + ".", suffix=".part")
-    os.close(fd)
-    try:
-        for attempt in range(1, retries + 1):
-            try:
-                _fetch(url, part, timeout, expected_size, os.path.basename(dest))
-                break
-            except urllib.error.HTTPError as err:
-                problem = f"HTTP {err.code} {err.reason}"
-                if err.code < 500:               # 4xx: asking again will not help
-                    raise DownloadError(f"could not download {url}: {problem}; "
-                                        "check the address") from err
-            except _RETRYABLE as err:
-                problem = str(getattr(err, "reason", None) or err or type(err).__name__)
-            if attempt < retries:
-                wait = RETRY_BACKOFF_S * 2 ** (attempt - 1)
-                tqdm.write(f"download of {url} failed ({problem}); retrying in {wait:g} s")
-                time.sleep(wait)
-        else:
-            raise DownloadError(f"could not download {url}: {problem} (tried {retries} times); "
-                                "check your internet connection and retry, or download it "
-                                f"by hand to {dest}")
-        for algorithm, wanted in (("sha256", sha256), ("md5", md5)):
-            got = _file_hash(part, algorithm) if wanted else None
-            if got != (wanted and wanted.lower()):
-                raise UserError(f"downloaded {url}, but its {algorithm} is {got}, expected "
-                                f"{wanted}; nothing was saved: retry, and if it persists "
-                                "check the address and hash")
-        if os.path.exists(dest):
-            raise UserError(f"{dest} appeared while downloading; not overwriting it")
-        os.replace(part, dest)
-    finally:
-        if os.path.exists(part):
-            os.remove(part)
-    return dest
-
-
-# ----------------------------------------------------------------------------- zips
-
-def _top_level_names(zip_path, archive):
-    """First path component of every entry; UserError on any entry that could
-    land outside the target folder (absolute, drive letter, '..', symlink)."""
-    tops = set()
-    for info in archive.infolist():
-        name = info.filename.replace("\\", "/")
-        is_link = stat.S_ISLNK(info.external_attr >> 16)
-        if (is_link or name.startswith("/") or PureWindowsPath(info.filename).drive
-                or ".." in name.split("/")):
-            raise UserError(f"{zip_path} holds an unsafe entry {info.filename!r} (a symlink or a "
-                            "path outside the target folder); nothing was extracted: delete "
-                            "the file and download it from a trusted source")
-        tops.add(name.split("/")[0])
-    tops.discard("")
-    return sorted(tops)
-
-
-def safe_extract_zip(zip_path, target_dir):
-    """Extract zip_path so its entries end up inside target_dir (created if needed).
-
-    The archive is checked first (CRCs, and that no entry escapes target_dir), then
-    extracted into a temporary folder inside target_dir and its top-level entries
-    renamed into place.  Entries that already exist are refused, never overwritten.
-    """
-    fix = f"delete {zip_path} and download it again"
-    try:
-        archive = zipfile.ZipFile(zip_path)
-    except FileNotFoundError:
-        raise UserError(f"zip file {zip_path} does not exist") from None
-    except zipfile.BadZipFile as err:
-        raise UserError(f"{zip_path} is not a complete zip file ({err}); {fix}") from None
-    with archive:
-        try:
-            bad_entry = archive.testzip()
-        except (zipfile.BadZipFile, zlib.error, EOFError) as err:
-            raise UserError(f"{zip_path} is damaged ({err}); {fix}") from None
-        if bad_entry is not None:
-            raise UserError(f"{zip_path} is damaged ({bad_entry} fails its CRC check); {fix}")
-        tops = _top_level_names(zip_path, archive)
-        os.makedirs(target_dir, exist_ok=True)
-        for top in tops:
-            if os.path.lexists(os.path.join(target_dir, top)):
-                raise UserError(f"{os.path.join(target_dir, top)} already exists; not extracting "
-                                f"{zip_path} over it (move it away first)")
-        staging = tempfile.mkdtemp(dir=target_dir, prefix=".extract-")
-        try:
-            archive.extractall(staging)
-            for top in tops:
-                os.rename(os.path.join(staging, top), os.path.join(target_dir, top))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- model folders
@@ -536,7 +364,7 @@ def _keras_imagenet_vgg16():
     cache = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
     path = os.path.join(cache, os.path.basename(KERAS_VGG16_URL))
     if os.path.exists(path):
-        if _file_hash(path, "md5") != KERAS_VGG16_MD5:
+        if pooch.file_hash(path, alg="md5") != KERAS_VGG16_MD5:
             raise UserError(f"{path} is not Keras' VGG16 weights file (its md5 differs from "
                             f"{KERAS_VGG16_MD5}); delete it and retry")
     else:
@@ -603,13 +431,9 @@ def _vgg16_graph(weights, normalize_std=False):
 
 
 def _save_savedmodel(out_dir, weights, info):
-    """Write weights as a SavedModel (tag vgg16) plus INFO_FILE, via a temporary
-    folder next to out_dir that is renamed when complete."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
-    try:
-        model_dir = os.path.join(staging, "model")
+    """Write weights as a SavedModel (tag vgg16) plus INFO_FILE, via a hidden folder next
+    to out_dir that gets its name when complete (run_folders.staged_dir)."""
+    with staged_dir(out_dir, create=False) as model_dir:
         graph = tf.Graph()
         with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
             feeds = _vgg16_graph(weights, normalize_std=info.get("input_norm") == "mean/std")
@@ -621,11 +445,6 @@ def _save_savedmodel(out_dir, weights, info):
         with open(os.path.join(model_dir, INFO_FILE), "w") as f:
             json.dump(info, f, indent=2)
         check_vgg_dir(model_dir)
-        if os.path.exists(out_dir):
-            raise UserError(f"{out_dir} appeared while building; not overwriting it")
-        os.rename(model_dir, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def build_vgg_savedmodel(out_dir, source="random", width=1.0, seed=0, keras_model=None):
@@ -696,18 +515,9 @@ def _built(data_dir, source, width):
     return path, pretrained
 
 
-def _reachable(url, timeout=PROBE_TIMEOUT_S):
-    """True when the server of ``url`` answers within ``timeout`` seconds (proxies honoured),
-    so that a machine without network moves on in seconds instead of retrying downloads."""
-    parts = urllib.parse.urlsplit(url)
-    try:
-        request = urllib.request.Request(f"{parts.scheme}://{parts.netloc}/", method="HEAD")
-        urllib.request.urlopen(request, timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return True   # the server answered, if only with an error status
-    except (OSError, ValueError):
-        return False
-    return True
+def _reachable(url):
+    """Does the host of url answer within PROBE_TIMEOUT_S (``acquire.reachable``)."""
+    return acquire.reachable(url, PROBE_TIMEOUT_S)
 
 
 def _download_pretrained(data_dir):

@@ -521,6 +521,67 @@ def test_get_cityscapes_unzips_existing_packages_without_login(tmp_path, monkeyp
     assert (dest / "README").read_text() == "mine"
 
 
+@pytest.mark.parametrize("entry", ["../evil.txt", "gtFine/../../evil.txt", "/tmp/evil.txt", "symlink"])
+def test_get_cityscapes_unzip_refuses_unsafe_entries(entry, tmp_path, monkeypatch):
+    """The datasets' unzip is acquire.extract_missing: zip-slip and symlink entries are refused
+    before anything is written (zipfile alone would write '../evil.txt' as 'evil.txt')."""
+    import stat
+    import zipfile
+    dest = tmp_path / "cs"
+    dest.mkdir()
+    with zipfile.ZipFile(dest / "gtFine_trainvaltest.zip", "w") as zf:
+        zf.writestr("gtFine/train/a/x_gtFine_labelIds.png", b"ok")
+        if entry == "symlink":
+            info = zipfile.ZipInfo("gtFine/link")
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, "/etc/passwd")
+        else:
+            zf.writestr(entry, b"evil")
+    monkeypatch.setattr(datasets, "_cityscapes_session", lambda d: pytest.fail("login attempted"))
+    with pytest.raises(UserError, match=r"gtFine_trainvaltest.zip holds an unsafe entry"):
+        datasets.get_cityscapes(dest, packages=("gtFine_trainvaltest.zip",))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["cs", "gtFine_trainvaltest.zip"]
+
+
+def test_get_cityscapes_downloads_through_the_one_downloader(tmp_path, monkeypatch):
+    """Package list and md5 read with the logged-in session, the zip fetched by
+    acquire.download with its cookies (https, md5 checked), then unzipped; a zip whose md5
+    differs is not kept under its name."""
+    import hashlib
+    import io
+    import json
+    import zipfile
+
+    import requests
+    from local_server import https_server
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("gtFine/train/a/x_gtFine_labelIds.png", b"label")
+    package = buffer.getvalue()
+    listing = [{"name": "gtFine_trainvaltest.zip", "packageID": "1", "size": "1KB"},
+               {"name": "leftImg8bit_trainvaltest.zip", "packageID": "3", "size": "1KB"}]
+    routes = {"/downloads/?list": ("ok", json.dumps(listing).encode()),
+              "/md5-sum/?packageID=1": ("ok", hashlib.md5(package).hexdigest().encode() + b"  gt.zip"),
+              "/file-handling/?packageID=1": ("ok", package),
+              "/md5-sum/?packageID=3": ("ok", b"0" * 32 + b"  left.zip"),
+              "/file-handling/?packageID=3": ("ok", b"not the package")}
+    dest = tmp_path / "cs"
+    with https_server(str(tmp_path), routes) as server:
+        session = requests.Session()
+        session.cookies.set("PHPSESSID", "logged-in")
+        monkeypatch.setattr(datasets, "CITYSCAPES_SITE", server.url)
+        monkeypatch.setattr(datasets, "_cityscapes_session", lambda d: session)
+        assert datasets.get_cityscapes(dest, packages=("gtFine_trainvaltest.zip",)) == str(dest)
+        assert (dest / "gtFine/train/a/x_gtFine_labelIds.png").read_bytes() == b"label"
+        assert (dest / "gtFine_trainvaltest.zip").read_bytes() == package
+        assert server.cookies["/file-handling/?packageID=1"] == ["PHPSESSID=logged-in"]
+        with pytest.raises(UserError, match="md5 is [0-9a-f]{32}, expected 0{32}; nothing was saved"):
+            datasets.get_cityscapes(dest)
+        assert server.hits["/file-handling/?packageID=1"] == 1   # already there: not fetched again
+        assert server.hits["/file-handling/?packageID=3"] == 1   # a wrong md5 is not retried
+    assert sorted(p.name for p in dest.iterdir()) == ["gtFine", "gtFine_trainvaltest.zip"]
+
+
 # ---------------------------------------------------------------------------------
 # Real data (../shared/data)
 # ---------------------------------------------------------------------------------

@@ -1,20 +1,18 @@
-"""Tests for vgg.py: the Keras converter, the SavedModel interface, downloads and
-zip extraction against a local HTTP server (offline), and obtain_vgg's choices."""
+"""Tests for vgg.py and acquire.py: the Keras converter, the SavedModel interface, downloads
+and zip extraction against a local https server (offline), and obtain_vgg's choices."""
 import hashlib
-import http.server
 import io
 import os
 import shutil
 import socket
-import threading
 import zipfile
-from collections import Counter
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from local_server import https_server
 
-from roadseg import vgg
+from roadseg import acquire, vgg
 from roadseg.errors import UserError
 
 WIDTH = 1 / 16
@@ -133,31 +131,6 @@ def _zip_bytes(entries):
     return buffer.getvalue()
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        server = self.server
-        server.hits[self.path] += 1
-        if self.path not in server.routes:
-            self.send_error(404)
-            return
-        kind, body = server.routes[self.path]
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if kind == "ok":
-            self.wfile.write(body)
-        elif kind == "drop":                         # half the body, then hang up
-            self.wfile.write(body[:len(body) // 2])
-            self.close_connection = True
-        elif kind == "stall":                        # a little, then silence
-            self.wfile.write(body[:10])
-            self.wfile.flush()
-            server.release.wait(5)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def good_zip(vgg_dir):
     """The course layout: a zip with a top-level vgg/ folder holding the model."""
@@ -166,37 +139,30 @@ def good_zip(vgg_dir):
 
 
 @pytest.fixture(scope="module")
-def server(good_zip):
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.hits, httpd.release = Counter(), threading.Event()
-    httpd.routes = {
+def server(good_zip, tmp_path_factory):
+    routes = {
         "/vgg.zip": ("ok", good_zip),
         "/truncated.zip": ("ok", good_zip[:len(good_zip) // 2]),
         "/evil.zip": ("ok", _zip_bytes({"vgg/saved_model.pb": b"x", "../evil.txt": b"x"})),
         "/drop.zip": ("drop", good_zip),
         "/stall.zip": ("stall", good_zip),
     }
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield httpd
-    httpd.release.set()
-    httpd.shutdown()
-    httpd.server_close()
+    with https_server(str(tmp_path_factory.mktemp("tls")), routes) as httpd:
+        yield httpd
 
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(vgg, "RETRY_BACKOFF_S", 0.01)
+    monkeypatch.setattr(acquire, "RETRY_BACKOFF_S", 0.01)
 
 
 @pytest.fixture
 def closed_url():
-    """An http URL on 127.0.0.1 where nothing listens (connection refused)."""
+    """An https URL on 127.0.0.1 where nothing listens (connection refused)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/file"
+    return f"https://127.0.0.1:{port}/file"
 
 
 # ----------------------------------------------------------------------------- download
@@ -204,44 +170,53 @@ def closed_url():
 def test_download_writes_complete_verified_file(server, good_zip, tmp_path):
     dest = tmp_path / "vgg.zip"
     sha = hashlib.sha256(good_zip).hexdigest()
-    assert vgg.download(server.url + "/vgg.zip", str(dest), sha256=sha,
+    assert acquire.download(server.url + "/vgg.zip", str(dest), sha256=sha,
                         expected_size=len(good_zip)) == str(dest)
     assert dest.read_bytes() == good_zip
     assert os.listdir(tmp_path) == ["vgg.zip"]
     with pytest.raises(UserError, match="already exists"):
-        vgg.download(server.url + "/vgg.zip", str(dest))
+        acquire.download(server.url + "/vgg.zip", str(dest))
     assert dest.read_bytes() == good_zip
 
 
 def test_download_wrong_sha256_keeps_nothing(server, tmp_path):
     with pytest.raises(UserError, match="sha256 is [0-9a-f]{64}, expected 00"):
-        vgg.download(server.url + "/vgg.zip", str(tmp_path / "vgg.zip"), sha256="00" * 32)
+        acquire.download(server.url + "/vgg.zip", str(tmp_path / "vgg.zip"), sha256="00" * 32)
     assert os.listdir(tmp_path) == []
 
 
 def test_download_retries_dropped_connection_then_fails_cleanly(server, tmp_path, fast_retries):
     before = server.hits["/drop.zip"]
-    with pytest.raises(vgg.DownloadError,
+    with pytest.raises(acquire.DownloadError,
                        match=r"drop.zip.*closed after \d+ of \d+ bytes.*3 times"):
-        vgg.download(server.url + "/drop.zip", str(tmp_path / "vgg.zip"), retries=3)
+        acquire.download(server.url + "/drop.zip", str(tmp_path / "vgg.zip"), retries=3)
     assert server.hits["/drop.zip"] - before == 3
     assert os.listdir(tmp_path) == []
 
 
 def test_download_times_out_and_404_is_not_retried(server, tmp_path, fast_retries):
-    with pytest.raises(vgg.DownloadError, match="timed out.*2 times"):
-        vgg.download(server.url + "/stall.zip", str(tmp_path / "a.zip"), timeout=0.3, retries=2)
-    with pytest.raises(vgg.DownloadError, match="HTTP 404"):
-        vgg.download(server.url + "/missing.zip", str(tmp_path / "b.zip"))
+    with pytest.raises(acquire.DownloadError, match="timed out.*2 times"):
+        acquire.download(server.url + "/stall.zip", str(tmp_path / "a.zip"), timeout=0.3, retries=2)
+    with pytest.raises(acquire.DownloadError, match="HTTP 404"):
+        acquire.download(server.url + "/missing.zip", str(tmp_path / "b.zip"))
     assert server.hits["/missing.zip"] == 1
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("url", ["http://example.com/vgg.zip", "ftp://127.0.0.1/vgg.zip",
-                                 "file:///etc/passwd"])
+@pytest.mark.parametrize("url", ["http://example.com/vgg.zip", "http://127.0.0.1/vgg.zip",
+                                 "ftp://127.0.0.1/vgg.zip", "file:///etc/passwd"])
 def test_download_refuses_insecure_urls(url, tmp_path):
     with pytest.raises(UserError, match="only https"):
-        vgg.download(url, str(tmp_path / "x"))
+        acquire.download(url, str(tmp_path / "x"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_refuses_a_redirect_down_to_http(server, tmp_path):
+    target = server.url.replace("https:", "http:") + "/vgg.zip"
+    server.routes["/to-http.zip"] = ("redirect", target)
+    with pytest.raises(UserError, match=f"refusing to download {target}: only https"):
+        acquire.download(server.url + "/to-http.zip", str(tmp_path / "x.zip"))
+    assert server.hits["/to-http.zip"] == 1
     assert os.listdir(tmp_path) == []
 
 
@@ -295,7 +270,7 @@ def test_safe_extract_refuses_unsafe_entries(entries, tmp_path):
     zip_path = tmp_path / "a.zip"
     zip_path.write_bytes(_zip_bytes(entries))
     with pytest.raises(UserError, match="unsafe entry"):
-        vgg.safe_extract_zip(str(zip_path), str(tmp_path / "target"))
+        acquire.safe_extract_zip(str(zip_path), str(tmp_path / "target"))
     assert _files_below(tmp_path) == ["a.zip"]
 
 
@@ -304,10 +279,10 @@ def test_safe_extract_refuses_to_overwrite(tmp_path):
     zip_path.write_bytes(_zip_bytes({"vgg/new.txt": b"new", "other.txt": b"o"}))
     (tmp_path / "target" / "vgg").mkdir(parents=True)
     with pytest.raises(UserError, match="vgg already exists"):
-        vgg.safe_extract_zip(str(zip_path), str(tmp_path / "target"))
+        acquire.safe_extract_zip(str(zip_path), str(tmp_path / "target"))
     assert os.listdir(tmp_path / "target") == ["vgg"]
     shutil.rmtree(tmp_path / "target" / "vgg")
-    vgg.safe_extract_zip(str(zip_path), str(tmp_path / "target"))
+    acquire.safe_extract_zip(str(zip_path), str(tmp_path / "target"))
     assert _files_below(tmp_path / "target") == ["other.txt", "vgg/new.txt"]
 
 
@@ -388,7 +363,7 @@ def test_obtain_keras_imagenet_folder_choice(vgg_dir, monkeypatch, tmp_path):
 
 def test_keras_weights_with_wrong_md5_are_refused(monkeypatch, server, tmp_path):
     with pytest.raises(UserError, match="md5 is [0-9a-f]{32}, expected"):
-        vgg.download(server.url + "/vgg.zip", str(tmp_path / "w.h5"), md5=vgg.KERAS_VGG16_MD5)
+        acquire.download(server.url + "/vgg.zip", str(tmp_path / "w.h5"), md5=vgg.KERAS_VGG16_MD5)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     (tmp_path / "keras" / "models").mkdir(parents=True)
     (tmp_path / "keras" / "models" / os.path.basename(vgg.KERAS_VGG16_URL)).write_bytes(b"junk")

@@ -7,6 +7,7 @@ One module per concept:
 ``roadseg.schemes``           class schemes: classes, colours, dataset label maps
 ``roadseg.datasets``          dataset layouts on disk, reading images and labels
 ``roadseg.input_pipeline``    tf.data batches: decode, resize, augment
+``roadseg.acquire``           the one downloader (https, pooch) and the checked unzip
 ``roadseg.vgg``               getting VGG16 as the course SavedModel
 ``roadseg.fcn``               the course API: load_vgg, layers, optimize, train_nn
 ``roadseg.losses``            per-pixel losses and the soft Dice term

@@ -186,7 +186,7 @@ def keep_restored_values(model_dir):
     changed = False
     for meta in model.meta_graphs:
         changed = _keep_in_meta_graph(meta) or changed
-    if changed:
+    if changed:   # replaces the file on purpose: run_folders' staged writes never replace one
         fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".saved_model.", suffix=".pb")
         try:
             with os.fdopen(fd, "wb") as f:

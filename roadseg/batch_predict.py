@@ -47,7 +47,7 @@ finally:
     _root.setLevel(_level)
 
 from roadseg import datasets, overlays  # noqa: E402
-from roadseg.errors import UserError  # noqa: E402
+from roadseg.errors import UserError, reason  # noqa: E402
 from roadseg.inference import EXPORT_INFO, SERVE_TAG, SIGNATURE, same_size_batches  # noqa: E402
 from roadseg.schemes import get_scheme  # noqa: E402
 
@@ -140,7 +140,7 @@ def _run(pipeline):
     except Exception as err:   # Beam wraps what its workers raise
         text = str(err)
         if "UserError: " in text:
-            raise UserError(text.split("UserError: ", 1)[1].splitlines()[0]) from None
+            raise UserError(reason(err)) from None
         raise
 
 

@@ -17,8 +17,7 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from roadseg.errors import UserError
-from roadseg.run_folders import os_reason as reason
+from roadseg.errors import UserError, reason
 
 tf1 = tf.compat.v1
 PREFIX = "model.ckpt"

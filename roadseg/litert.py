@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from roadseg import datasets, fcn, inference, vgg
-from roadseg.errors import UserError
+from roadseg.errors import UserError, reason
 from roadseg.run_folders import read_run_config, run_checkpoint
 from roadseg.schemes import get_scheme
 
@@ -242,8 +242,7 @@ def interpreter(path, threads=None):
         interp = Interpreter(model_path=path, num_threads=threads or cores())
         interp.allocate_tensors()
     except (ValueError, RuntimeError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"{path} is not a LiteRT (.tflite) model ({reason}); export one with "
+        raise UserError(f"{path} is not a LiteRT (.tflite) model ({reason(err)}); export one with "
                         f"'segment.py export --format tflite'") from None
     return interp
 

@@ -28,7 +28,7 @@ import uuid
 
 import tensorflow as tf
 
-from roadseg.errors import UserError
+from roadseg.errors import WRITE_REASONS, UserError, reason
 
 RUN_CONFIG = "config.json"
 CONFIG_KEYS = ("scheme", "image_shape", "vgg")   # what every reader of a run needs
@@ -36,23 +36,7 @@ CONFIG_KEYS = ("scheme", "image_shape", "vgg")   # what every reader of a run ne
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM,
                 errno.ENOTDIR, errno.EISDIR}
 WRITE_FIX = "free disk space or choose another place; nothing was written under that name"
-WRITE_REASONS = ("No space left on device", "Read-only file system", "Permission denied",
-                 "Disk quota exceeded")
 WRITE_ERRORS = (OSError, tf.errors.OpError)   # what a failed write raises (then: is_write_error)
-
-
-def os_reason(err):
-    """What went wrong, in a few words: ``strerror`` of an OSError ('No space left on
-    device'), else the last line of the message that says it (tf errors have many)."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    text = getattr(err, "message", None) or str(err)
-    known = [reason for reason in WRITE_REASONS if reason in text]
-    if known:   # TensorFlow buries them under other lines (an out-of-memory hint, say)
-        return known[0]
-    lines = [line.strip() for line in text.splitlines() if line.strip() and
-             not line[:1].isspace() and not line.startswith(("[[", "Node:", "Hint:"))]
-    return lines[-1] if lines else type(err).__name__
 
 
 def is_write_error(err):
@@ -84,7 +68,7 @@ def new_run_dir(runs_dir, name=None):
             n += 1
             candidate = f"{base}-{n}"
         except OSError as err:
-            raise UserError(f"cannot create {path} ({os_reason(err)}); free disk space, fix the "
+            raise UserError(f"cannot create {path} ({reason(err)}); free disk space, fix the "
                             f"permissions of {runs_dir} or use another folder") from None
 
 
@@ -109,7 +93,7 @@ def make_dirs(folder):
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:
-        raise UserError(f"cannot create folder {folder} ({os_reason(err)}); free disk space, fix "
+        raise UserError(f"cannot create folder {folder} ({reason(err)}); free disk space, fix "
                         f"the permissions or choose another place") from None
     return folder
 
@@ -136,7 +120,7 @@ def write_errors_as_user_error(out_path):
     except WRITE_ERRORS as err:
         if not is_write_error(err):
             raise
-        raise UserError(f"could not write {out_path} ({os_reason(err)}); {WRITE_FIX}") from None
+        raise UserError(f"could not write {out_path} ({reason(err)}); {WRITE_FIX}") from None
 
 
 @contextlib.contextmanager
@@ -217,7 +201,7 @@ def write_json(path, value):
             json.dump(value, f, indent=2)
         os.replace(tmp, path)
     except OSError as err:
-        raise UserError(f"could not write {path} ({os_reason(err)}); free disk space or fix the "
+        raise UserError(f"could not write {path} ({reason(err)}); free disk space or fix the "
                         f"permissions (the previous version, if any, is kept)") from None
     finally:
         with contextlib.suppress(OSError):
@@ -251,7 +235,7 @@ def read_json(path, fix, kind=dict, required=()):
     except (ValueError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is damaged: not valid JSON ({err}); {fix}") from None
     except OSError as err:
-        raise UserError(f"cannot read {path} ({os_reason(err)}); {fix}") from None
+        raise UserError(f"cannot read {path} ({reason(err)}); {fix}") from None
     if not isinstance(value, kind):
         raise UserError(f"{path} is damaged: it holds a JSON {type(value).__name__}, not "
                         f"{'an object' if kind is dict else kind.__name__}; {fix}")
@@ -310,4 +294,4 @@ def restore_checkpoint(saver, sess, ckpt):
                    f"checkpoint in {os.path.join(os.path.dirname(folder), 'checkpoints')}")
         else:
             fix = "restore it from a backup, or train again"
-        raise UserError(f"checkpoint {ckpt} is damaged ({os_reason(err)}); {fix}") from None
+        raise UserError(f"checkpoint {ckpt} is damaged ({reason(err)}); {fix}") from None

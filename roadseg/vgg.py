@@ -56,7 +56,7 @@ from tensorflow.core.framework import variable_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 from tqdm.auto import tqdm
 
-from roadseg.errors import UserError
+from roadseg.errors import UserError, reason
 
 COURSE_VGG_URL = "https://s3-us-west-1.amazonaws.com/udacity-selfdrivingcar/vgg.zip"
 # Keras' ImageNet VGG16 weights (with the dense layers) and the md5 hash Keras
@@ -429,10 +429,8 @@ def verify_vgg_savedmodel(path, fix=None):
             for name in COURSE_TENSORS:
                 graph.get_tensor_by_name(name)
     except (OSError, ValueError, KeyError, RuntimeError, tf.errors.OpError) as err:
-        text = getattr(err, "message", None) or str(err)
-        reason = ([line.strip() for line in text.splitlines() if line.strip()] or [""])[-1][:200]
         raise UserError(f"VGG16 model folder {path} does not load as a VGG16 SavedModel with the "
-                        f"course tensors ({reason}); {fix}") from None
+                        f"course tensors ({reason(err)}); {fix}") from None
     return path
 
 

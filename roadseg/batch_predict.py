@@ -49,6 +49,7 @@ finally:
 from roadseg import datasets, overlays  # noqa: E402
 from roadseg.errors import UserError, reason  # noqa: E402
 from roadseg.inference import EXPORT_INFO, SERVE_TAG, SIGNATURE, same_size_batches  # noqa: E402
+from roadseg.run_folders import refuse_existing  # noqa: E402
 from roadseg.schemes import get_scheme  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -86,8 +87,7 @@ class SegmentationModelHandler(ModelHandler):
 # ============================================================================ the command
 def batch_predict(model, inputs, out, runner=None, beam_args=(), batch_size=4, log=print):
     """Segment every image of ``inputs`` into the new folder ``out``; returns the count."""
-    if _exists(out):
-        raise UserError(f"{out} already exists; choose a new --out folder (nothing is overwritten)")
+    refuse_existing(out, "choose a new --out folder", exists=_exists)
     paths = list_images(inputs)
     scratch = None
     try:

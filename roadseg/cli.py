@@ -86,8 +86,7 @@ def _at_least_one(a, *names):
 
 def _check_evaluate_outputs(a, out):
     """Every output of ``evaluate`` is checked before anything is computed."""
-    if os.path.lexists(out):
-        raise UserError(f"{out} already exists; choose another file name (nothing is overwritten)")
+    run_folders.refuse_existing(out, "choose another file name")
     run_folders.check_can_create(out, "--out file")
     if a.cityscapes_out:
         if os.path.lexists(a.cityscapes_out) and not os.path.isdir(a.cityscapes_out):
@@ -185,8 +184,8 @@ def cmd_predict(a):
     _at_least_one(a, "batch_size")
     paths = _image_paths(a.inputs)
     out = a.out
-    if out and os.path.lexists(out):
-        raise UserError(f"{out} already exists; choose a new --out folder (nothing is overwritten)")
+    if out:
+        run_folders.refuse_existing(out, "choose a new --out folder")
     if not out:
         out, n = os.path.join(a.runs, "predict-" + time.strftime("%Y%m%d-%H%M%S")), 0
         while os.path.lexists(out + (f"-{n}" if n else "")):

@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from roadseg import datasets, fcn, inference, vgg
 from roadseg.errors import UserError, reason
-from roadseg.run_folders import read_run_config, run_checkpoint
+from roadseg.run_folders import read_run_config, refuse_existing, run_checkpoint
 from roadseg.schemes import get_scheme
 
 tf1 = tf.compat.v1
@@ -152,8 +152,7 @@ def export_tflite(run_dir, out_dir, quantize="none", calibration=None, which="be
     if calibration and quantize != "int8":
         raise UserError("--calibration is for --quantize int8 only (other models need no "
                         "representative images); leave it out")
-    if os.path.exists(out_dir):
-        raise UserError(f"{out_dir} already exists; choose a new --out folder (nothing is overwritten)")
+    refuse_existing(out_dir, "choose a new --out folder")
     config = read_run_config(run_dir)
     ckpt = run_checkpoint(run_dir, which)
     scheme = get_scheme(config["scheme"])

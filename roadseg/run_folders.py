@@ -1,6 +1,7 @@
 """Run folders, and files written so that nothing a user made is overwritten or half-written.
 
 * ``new_run_dir(runs_dir, name)``  -> a fresh folder under ``runs/`` (never an existing one)
+* ``refuse_existing(path, fix)`` -> the one "already exists, nothing is overwritten" refusal
 * ``check_can_create(path, option)`` -> refuse an output whose place is a file or read-only,
   before anything is computed
 * ``staged_file(path)`` / ``staged_dir(path)`` -> write under a hidden temporary name next
@@ -96,6 +97,15 @@ def make_dirs(folder):
         raise UserError(f"cannot create folder {folder} ({reason(err)}); free disk space, fix "
                         f"the permissions or choose another place") from None
     return folder
+
+
+def refuse_existing(path, fix, kind="", exists=os.path.lexists):
+    """The one refusal of an output that is already there: if ``exists(path)`` (default: any
+    file, folder or link; Beam's filesystems for batch-predict), one UserError line
+    '[<kind> ]<path> already exists; <fix> (nothing is overwritten)'."""
+    if exists(path):
+        what = f"{kind} {path}" if kind else f"{path}"
+        raise UserError(f"{what} already exists; {fix} (nothing is overwritten)")
 
 
 def check_can_create(path, option):

@@ -465,9 +465,9 @@ def _remove_if_unsaved(run_dir, new_run):
 
 
 def _new_run_dir(runs_dir, run):
-    if run is not None and os.path.exists(os.path.join(runs_dir, run)):
-        raise UserError(f"run folder {os.path.join(runs_dir, run)} already exists; pass --resume to "
-                        f"continue it or choose another --run name (nothing is overwritten)")
+    if run is not None:
+        run_folders.refuse_existing(os.path.join(runs_dir, run), "pass --resume to continue it or "
+                                    "choose another --run name", kind="run folder")
     return run_folders.new_run_dir(runs_dir, run)
 
 

@@ -57,6 +57,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tqdm.auto import tqdm
 
 from roadseg.errors import UserError, reason
+from roadseg.run_folders import refuse_existing
 
 COURSE_VGG_URL = "https://s3-us-west-1.amazonaws.com/udacity-selfdrivingcar/vgg.zip"
 # Keras' ImageNet VGG16 weights (with the dense layers) and the md5 hash Keras
@@ -165,9 +166,7 @@ def download(url, dest, sha256=None, timeout=30, retries=3, expected_size=None, 
     """
     _check_url(url)
     retries = max(1, retries)
-    if os.path.exists(dest):
-        raise UserError(f"{dest} already exists; not downloading {url} over it "
-                        "(delete or move it first)")
+    refuse_existing(dest, f"move or delete it before downloading {url}")
     folder = os.path.dirname(os.path.abspath(dest))
     os.makedirs(folder, exist_ok=True)
     fd, part = tempfile.mkstemp(dir=folder, prefix=os.path.basename(dest) + ".", suffix=".part")
@@ -250,9 +249,7 @@ def safe_extract_zip(zip_path, target_dir):
         tops = _top_level_names(zip_path, archive)
         os.makedirs(target_dir, exist_ok=True)
         for top in tops:
-            if os.path.lexists(os.path.join(target_dir, top)):
-                raise UserError(f"{os.path.join(target_dir, top)} already exists; not extracting "
-                                f"{zip_path} over it (move it away first)")
+            refuse_existing(os.path.join(target_dir, top), f"move it away before extracting {zip_path}")
         staging = tempfile.mkdtemp(dir=target_dir, prefix=".extract-")
         try:
             archive.extractall(staging)
@@ -635,9 +632,7 @@ def build_vgg_savedmodel(out_dir, source="random", width=1.0, seed=0, keras_mode
     keras_model: convert this Keras VGG16-layout model instead (source is ignored).
     width multiplies every channel count (64 .. 4096).  out_dir must not exist.
     """
-    if os.path.exists(out_dir):
-        raise UserError(f"{out_dir} already exists; not overwriting it "
-                        "(choose another folder or move it away)")
+    refuse_existing(out_dir, "choose another folder or move it away")
     if keras_model is not None:
         weights = _weights_from_keras(keras_model)
         info = {"source": "keras-model", "width": weights["conv1_1"][1].shape[0] / 64,

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from roadseg.errors import UserError, reason
 from roadseg.inference import predict_batch
 from roadseg.overlays import overlay
-from roadseg.run_folders import WRITE_FIX, check_can_create, staged_file
+from roadseg.run_folders import WRITE_FIX, check_can_create, refuse_existing, staged_file
 
 CRF = 18          # libx264 constant rate factor: 18 is close to visually lossless
 QUEUE_BATCHES = 4  # batches buffered between the reader, the model and the writer
@@ -204,8 +204,7 @@ def _overlapped(source, transform, sink, on_item=lambda item: None):
 def _check_new_mp4(out_path):
     if not out_path.lower().endswith(".mp4"):
         raise UserError(f"output video {out_path} must end in .mp4 (H.264 in an mp4 file)")
-    if os.path.lexists(out_path):
-        raise UserError(f"{out_path} already exists; choose another output name or delete it")
+    refuse_existing(out_path, "choose another output name")
     check_can_create(out_path, "output name")
 
 

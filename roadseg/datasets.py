@@ -29,6 +29,7 @@ nowhere).  ``check_dataset`` reads every file and reports class shares and
 problems; ``class_pixel_counts`` and ``median_frequency_weights`` give class
 statistics for weighting the loss.  ``get_cityscapes`` downloads the real thing.
 """
+import fnmatch
 import os
 import re
 import sys
@@ -43,7 +44,7 @@ from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from PIL import Image
 from tqdm.auto import tqdm
 
-from roadseg.errors import UserError
+from roadseg.errors import UserError, reason
 from roadseg.schemes import CAMVID_LABELS, IGNORE, decode_color_label, get_scheme
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -85,6 +86,7 @@ def find_dataset(root):
     if not root.is_dir():
         raise UserError(f"dataset folder '{root}' does not exist; pass the folder that "
                         f"holds the dataset (or make demo scenes with `segment.py make-demo-data DIR`)")
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in _entries(root))
     for layout, detect, read in _LAYOUTS:
         base = detect(root)
         if base is not None:
@@ -93,7 +95,6 @@ def find_dataset(root):
                 raise UserError(f"{layout} dataset at '{root}' has no split folders; "
                                 f"expected e.g. {_LAYOUT_HINTS[layout]}")
             return Dataset(layout, str(root), splits)
-    found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
     shown = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "") if found else "nothing"
     tried = "; ".join(f"{name} ({hint})" for name, hint in _LAYOUT_HINTS.items())
     raise UserError(f"no known dataset layout at '{root}' (found: {shown}); tried {tried}")
@@ -107,11 +108,27 @@ _LAYOUT_HINTS = {
 }
 
 
+def _entries(folder):
+    """What ``folder`` holds (paths); a folder that cannot be read (chmod 000, say) is one
+    UserError naming it.  ``Path.glob`` skips such folders without a word, and their images
+    or labels were then reported as strays ('images without labels')."""
+    try:
+        with os.scandir(folder) as entries:
+            return [Path(entry.path) for entry in entries]
+    except OSError as err:
+        raise UserError(f"cannot read folder '{folder}' ({reason(err)}); fix its permissions "
+                        f"(chmod -R u+rX '{folder}') or copy the dataset where you may read it") from None
+
+
 def _files(folder, suffixes=IMAGE_SUFFIXES, pattern="*"):
-    """Sorted files in ``folder`` matching ``pattern`` with one of ``suffixes``."""
+    """Sorted files in ``folder`` matching ``pattern`` (a name pattern, or ``*/name``: in
+    its subfolders) with one of ``suffixes``; every folder on the way must be readable."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in suffixes)
+    *sub, name = pattern.split("/")
+    folders = [p for p in _entries(folder) if p.is_dir()] if sub else [folder]
+    return sorted(p for f in folders for p in _entries(f)
+                  if fnmatch.fnmatch(p.name, name) and p.suffix.lower() in suffixes)
 
 
 def _strip(name, ending):
@@ -300,7 +317,8 @@ def _open(path):
         im.load()
         return im
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"cannot decode image '{path}' ({err}); replace the file", *SKIP_BAD) from None
+        raise UserError(f"cannot decode image '{path}' ({reason(err)}); replace the file",
+                        *SKIP_BAD) from None
 
 
 def load_image(path):

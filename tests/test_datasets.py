@@ -3,6 +3,7 @@
 Fixtures are tiny PNGs written into tmp_path by the tests themselves.
 """
 import io
+import os
 import struct
 import sys
 import zlib
@@ -209,6 +210,49 @@ def test_images_without_labels(tmp_path):
     assert "5 images without labels" in msg and "(5 in all)" in msg
     assert msg.count("z_0000") == 3  # up to three examples
     assert "labels without images" not in msg
+
+
+def _unreadable(monkeypatch, folder):
+    """``folder`` as chmod 000 makes it for a user who is not root (tests run as root, where it
+    does not stop reads): listing it raises PermissionError, however it is listed."""
+    import glob
+    import os
+    folder = os.path.abspath(folder)
+
+    def refuse(real):
+        def listing(path=".", *args, **kwargs):
+            if os.path.abspath(os.fspath(path)) == folder:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path, *args, **kwargs)
+        return listing
+    monkeypatch.setattr(os, "scandir", refuse(os.scandir))
+    monkeypatch.setattr(os, "listdir", refuse(os.listdir))
+    monkeypatch.setattr(glob, "_iterdir", refuse(glob._iterdir)) if hasattr(glob, "_iterdir") else None
+
+
+@pytest.mark.parametrize("unreadable", ["gtFine/train/aachen", "gtFine/train", "leftImg8bit/val", "."])
+def test_an_unreadable_folder_is_named_not_reported_as_strays(tmp_path, monkeypatch, unreadable):
+    make_cityscapes(tmp_path)
+    folder = tmp_path / unreadable
+    _unreadable(monkeypatch, folder)
+    with pytest.raises(UserError) as err:
+        datasets.find_dataset(tmp_path)
+    line = str(err.value)
+    assert f"cannot read folder '{folder}' (Permission denied)" in line, line
+    assert "without labels" not in line and "\n" not in line
+
+
+@pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0,
+                    reason="root (as in CI containers) reads a chmod 000 folder anyway")
+def test_a_chmod_000_label_folder_is_named(tmp_path):
+    make_cityscapes(tmp_path)
+    folder = tmp_path / "gtFine" / "train" / "aachen"
+    folder.chmod(0)
+    try:
+        with pytest.raises(UserError, match=f"cannot read folder '{folder}'"):
+            datasets.find_dataset(tmp_path)
+    finally:
+        folder.chmod(0o755)
 
 
 def test_labels_without_images(tmp_path):

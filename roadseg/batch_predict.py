@@ -49,6 +49,7 @@ finally:
 from roadseg import datasets, overlays  # noqa: E402
 from roadseg.errors import UserError, reason  # noqa: E402
 from roadseg.inference import EXPORT_INFO, SERVE_TAG, SIGNATURE, same_size_batches  # noqa: E402
+from roadseg.log import channel  # noqa: E402
 from roadseg.run_folders import refuse_existing  # noqa: E402
 from roadseg.schemes import get_scheme  # noqa: E402
 
@@ -85,8 +86,9 @@ class SegmentationModelHandler(ModelHandler):
 
 
 # ============================================================================ the command
-def batch_predict(model, inputs, out, runner=None, beam_args=(), batch_size=4, log=print):
+def batch_predict(model, inputs, out, runner=None, beam_args=(), batch_size=4, log=None):
     """Segment every image of ``inputs`` into the new folder ``out``; returns the count."""
+    log = channel(log)
     refuse_existing(out, "choose a new --out folder", exists=_exists)
     paths = list_images(inputs)
     scratch = None

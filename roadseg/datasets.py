@@ -33,7 +33,6 @@ import fnmatch
 import os
 import re
 import sys
-import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from roadseg.errors import UserError, reason
+from roadseg.log import channel, logger
 from roadseg.schemes import CAMVID_LABELS, IGNORE, decode_color_label, get_scheme
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -392,8 +392,8 @@ def load_label(sample, scheme):
 
 
 def _warn_unknown(sample, unknown):
-    warnings.warn(f"{unknown} pixels of '{sample.label}' have colours outside the "
-                  f"{sample.dataset} colour table; they are ignored", stacklevel=3)
+    logger.warning(f"{unknown} pixels of '{sample.label}' have colours outside the "
+                   f"{sample.dataset} colour table; they are ignored")
 
 
 def load_pair(sample, scheme):
@@ -515,7 +515,7 @@ def hold_out_sequence(samples, share=VAL_SEQUENCE_SHARE):
     return min(sorted(counts), key=lambda name: abs(counts[name] - share * len(samples)))
 
 
-def training_splits(data_dir, val_split=None, log=print):
+def training_splits(data_dir, val_split=None, log=None):
     """``(dataset, train samples, validation samples)`` for training on ``data_dir``.
 
     ``val_split``: None -> the 'val' split if the dataset has one, else a whole sequence of
@@ -524,6 +524,7 @@ def training_splits(data_dir, val_split=None, log=print):
     'none' -> no validation; 'every-10th' -> every 10th training image; 'sequence:NAME'
     -> the training frames of sequence NAME; any other name -> that split.
     """
+    log = channel(log)
     ds = find_dataset(data_dir)
     train = [s for s in ds.splits.get("train", []) if s.label]
     if not train:

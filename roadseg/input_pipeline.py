@@ -25,13 +25,13 @@ mode) and turns errors raised while decoding back into ``UserError``.
 import hashlib
 import re
 import time
-import warnings
 
 import numpy as np
 import tensorflow as tf
 
 from roadseg import datasets, fcn, inference
 from roadseg.errors import UserError
+from roadseg.log import logger
 from roadseg.schemes import IGNORE
 
 SHUFFLE_BUFFER = 1024       # decoded samples held for shuffling a cached dataset
@@ -136,7 +136,7 @@ def _load(sample, scheme, skip_bad):
     except UserError as err:
         if not skip_bad:
             raise
-        warnings.warn(f"skipping bad sample: {err}")
+        logger.warning(f"skipping bad sample: {err}")
         return np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1), np.uint8), np.bool_(False)
 
 

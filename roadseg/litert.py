@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from roadseg import datasets, fcn, inference, vgg
 from roadseg.errors import UserError, reason
+from roadseg.log import channel as log_channel
 from roadseg.run_folders import read_run_config, refuse_existing, run_checkpoint
 from roadseg.schemes import get_scheme
 
@@ -143,10 +144,11 @@ def _representative(paths, image_shape):
 
 
 # ============================================================================ export
-def export_tflite(run_dir, out_dir, quantize="none", calibration=None, which="best", log=print):
+def export_tflite(run_dir, out_dir, quantize="none", calibration=None, which="best", log=None):
     """Write ``out_dir/model.tflite`` (+ ``export_info.json``) of a run into the new folder
     ``out_dir``; ``calibration``: the int8 representative images' folder (default: the
     run's training data)."""
+    log = log_channel(log)
     if quantize not in QUANTIZE:
         raise UserError(f"--quantize {quantize}: must be one of {', '.join(QUANTIZE)}")
     if calibration and quantize != "int8":

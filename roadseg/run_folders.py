@@ -23,13 +23,13 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 import uuid
 
 import tensorflow as tf
 
 from roadseg.errors import WRITE_REASONS, UserError, reason
+from roadseg.log import logger
 
 RUN_CONFIG = "config.json"
 CONFIG_KEYS = ("scheme", "image_shape", "vgg")   # what every reader of a run needs
@@ -286,8 +286,8 @@ def run_checkpoint(run_dir, which="best"):
         except (ValueError, tf.errors.OpError):   # an index that does not parse
             ckpt = _checkpoint_from_files(folder)
             if ckpt:
-                print(f"warning: {os.path.join(folder, 'checkpoint')} is damaged; using "
-                      f"{ckpt}, found in that folder", file=sys.stderr)
+                logger.warning(f"warning: {os.path.join(folder, 'checkpoint')} is damaged; using "
+                               f"{ckpt}, found in that folder")
         if ckpt:
             return ckpt
     raise UserError(f"{run_dir} has no checkpoint yet; train it first ('segment.py train')")

@@ -40,7 +40,6 @@ import os
 import shutil
 import ssl
 import stat
-import sys
 import tempfile
 import time
 import urllib.error
@@ -57,6 +56,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tqdm.auto import tqdm
 
 from roadseg.errors import UserError, reason
+from roadseg.log import logger
 from roadseg.run_folders import refuse_existing
 
 COURSE_VGG_URL = "https://s3-us-west-1.amazonaws.com/udacity-selfdrivingcar/vgg.zip"
@@ -185,7 +185,7 @@ def download(url, dest, sha256=None, timeout=30, retries=3, expected_size=None, 
                 problem = str(getattr(err, "reason", None) or err or type(err).__name__)
             if attempt < retries:
                 wait = RETRY_BACKOFF_S * 2 ** (attempt - 1)
-                tqdm.write(f"download of {url} failed ({problem}); retrying in {wait:g} s")
+                logger.warning(f"download of {url} failed ({problem}); retrying in {wait:g} s")
                 time.sleep(wait)
         else:
             raise DownloadError(f"could not download {url}: {problem} (tried {retries} times); "
@@ -454,7 +454,7 @@ def _course_vgg(data_dir):
 def _banner(*lines):
     """A warning nobody can miss, on stderr."""
     bar = "!" * 78
-    print("\n".join([bar, *("!!  " + line for line in lines), bar]), file=sys.stderr)
+    logger.warning("\n".join([bar, *("!!  " + line for line in lines), bar]))
 
 
 def _check_width(width):
@@ -661,7 +661,7 @@ def build_vgg_savedmodel(out_dir, source="random", width=1.0, seed=0, keras_mode
                         "layer4_out": int(weights["conv4_3"][1].shape[0]),
                         "layer7_out": int(weights["fc7"][1].shape[0])}
     _save_savedmodel(out_dir, weights, info)
-    print(f"VGG16 SavedModel written to {out_dir}")
+    logger.info(f"VGG16 SavedModel written to {out_dir}")
     return out_dir
 
 
@@ -685,7 +685,7 @@ def _built(data_dir, source, width):
     check_vgg_dir(path)
     pretrained = bool(read_vgg_info(path).get("pretrained"))
     if not pretrained:
-        print(f"Using {path}: random weights, NOT pretrained", file=sys.stderr)
+        logger.warning(f"Using {path}: random weights, NOT pretrained")
     return path, pretrained
 
 
@@ -708,15 +708,14 @@ def _download_pretrained(data_dir):
     host answers or both downloads fail (each reason printed)."""
     for way, url in (("course", COURSE_VGG_URL), ("keras-imagenet", KERAS_VGG16_URL)):
         if not _reachable(url):
-            print(f"{urllib.parse.urlsplit(url).netloc} does not answer: skipping the {way} VGG16",
-                  file=sys.stderr)
+            logger.warning(f"{urllib.parse.urlsplit(url).netloc} does not answer: skipping the {way} VGG16")
             continue
         try:
             if way == "course":
                 return _course_vgg(data_dir), True
             return _built(data_dir, way, 1.0)
         except DownloadError as err:
-            print(f"the {way} VGG16 could not be downloaded: {err}", file=sys.stderr)
+            logger.warning(f"the {way} VGG16 could not be downloaded: {err}")
     return None
 
 

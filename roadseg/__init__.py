@@ -3,7 +3,8 @@
 One module per concept:
 
 ============================  =====================================================
-``roadseg.errors``            ``UserError``: one line naming the file and the fix
+``roadseg.errors``            ``UserError``: one line naming the file and the fix; ``reason``
+``roadseg.log``               messages: the package logger, written through tqdm
 ``roadseg.schemes``           class schemes: classes, colours, dataset label maps
 ``roadseg.datasets``          dataset layouts on disk, reading images and labels
 ``roadseg.input_pipeline``    tf.data batches: decode, resize, augment
@@ -25,7 +26,7 @@ One module per concept:
 ``roadseg.cityscapes_eval``   Cityscapes labelIds export and the official evaluator
 ``roadseg.overlays``          class maps as colours, overlays, PNGs
 ``roadseg.video``             video in and out, overlaid videos
-``roadseg.run_folders``       run folders, safe writes, the run lock
+``roadseg.run_folders``       run folders, safe writes, refusals, the run lock
 ``roadseg.course``            the course's / seed's helper functions (``helper.py``)
 ``roadseg.demo_scenes``       procedurally drawn demo street scenes
 ``roadseg.demo``              the embedded default, end to end

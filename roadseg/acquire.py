@@ -22,7 +22,6 @@ part or a symlink entry is refused with one line.  (pooch's ``Unzip`` processor 
 ``zipfile``'s extraction, which silently rewrites ``../x`` to ``x`` instead of refusing.)
 """
 import os
-import re
 import shutil
 import stat
 import time
@@ -36,8 +35,9 @@ import requests
 import urllib3
 from tqdm.auto import tqdm
 
-from roadseg.errors import UserError
-from roadseg.run_folders import make_dirs, staged_dir, staged_file
+from roadseg.errors import UserError, reason
+from roadseg.log import logger
+from roadseg.run_folders import make_dirs, refuse_existing, staged_dir, staged_file
 
 RETRY_BACKOFF_S = 1.0     # wait before the 2nd download attempt; doubles after
 CHUNK_BYTES = 1 << 20     # pooch's default (1 kB, flushed each time) costs a syscall per kB
@@ -68,8 +68,9 @@ def _check_response(response, *args, **kwargs):
 
 
 def _reason(err):
-    """The innermost cause of a requests error in a few words ('Read timed out.',
-    '[Errno 111] Connection refused', 'connection closed after 5 of 12 bytes')."""
+    """The innermost cause of a requests error, in a few words ('Read timed out.',
+    '[Errno 111] Connection refused', 'connection closed after 5 of 12 bytes'): the cause is
+    found here, its words by ``errors.reason``."""
     while True:
         nested = [e for e in (getattr(err, "reason", None), *err.args)
                   if isinstance(e, BaseException) and e is not err]
@@ -78,9 +79,7 @@ def _reason(err):
         err = nested[0]
     if isinstance(err, urllib3.exceptions.IncompleteRead):   # expected: the bytes still missing
         return f"connection closed after {err.partial} of {err.partial + err.expected} bytes"
-    text = str(err) or type(err).__name__
-    # urllib3 prefixes the connection object or pool: "<...HTTPSConnection object at 0x..>: "
-    return re.sub(r"^(<[^>]*>|\w+ConnectionPool\([^)]*\)): ", "", text)
+    return reason(err)
 
 
 def _fetch(url, part, dest, retries, **get_kwargs):
@@ -106,7 +105,7 @@ def _fetch(url, part, dest, retries, **get_kwargs):
             bar.close()
         if attempt < retries:
             wait = RETRY_BACKOFF_S * 2 ** (attempt - 1)
-            tqdm.write(f"download of {url} failed ({problem}); retrying in {wait:g} s")
+            logger.warning(f"download of {url} failed ({problem}); retrying in {wait:g} s")
             time.sleep(wait)
     raise DownloadError(f"could not download {url}: {problem} (tried {retries} times); check your "
                         f"internet connection and retry, or download it by hand to {dest}")
@@ -139,9 +138,7 @@ def download(url, dest, sha256=None, timeout=30, retries=3, expected_size=None, 
     failures); never overwrites dest, never leaves a partial file under its name.
     """
     check_url(url)
-    if os.path.lexists(dest):
-        raise UserError(f"{dest} already exists; not downloading {url} over it "
-                        "(delete or move it first)")
+    refuse_existing(dest, f"move or delete it before downloading {url}")
     with staged_file(dest) as part:
         _fetch(url, part, dest, max(1, retries), timeout=timeout, cookies=cookies,
                headers={"User-Agent": USER_AGENT}, hooks={"response": [_check_response]})
@@ -229,9 +226,7 @@ def safe_extract_zip(zip_path, target_dir):
         tops = _top_level_names(zip_path, archive)
         make_dirs(target_dir)
         for top in tops:
-            if os.path.lexists(os.path.join(target_dir, top)):
-                raise UserError(f"{os.path.join(target_dir, top)} already exists; not extracting "
-                                f"{zip_path} over it (move it away first)")
+            refuse_existing(os.path.join(target_dir, top), f"move it away before extracting {zip_path}")
         for top in tops:
             members = [info for info in archive.infolist() if _parts(info)[0] == top]
             if len(members) == 1 and len(_parts(members[0])) == 1:   # a file at the top

@@ -47,8 +47,10 @@ finally:
     _root.setLevel(_level)
 
 from roadseg import datasets, overlays  # noqa: E402
-from roadseg.errors import UserError  # noqa: E402
+from roadseg.errors import UserError, reason  # noqa: E402
 from roadseg.inference import EXPORT_INFO, SERVE_TAG, SIGNATURE, same_size_batches  # noqa: E402
+from roadseg.log import channel  # noqa: E402
+from roadseg.run_folders import refuse_existing  # noqa: E402
 from roadseg.schemes import get_scheme  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -84,10 +86,10 @@ class SegmentationModelHandler(ModelHandler):
 
 
 # ============================================================================ the command
-def batch_predict(model, inputs, out, runner=None, beam_args=(), batch_size=4, log=print):
+def batch_predict(model, inputs, out, runner=None, beam_args=(), batch_size=4, log=None):
     """Segment every image of ``inputs`` into the new folder ``out``; returns the count."""
-    if _exists(out):
-        raise UserError(f"{out} already exists; choose a new --out folder (nothing is overwritten)")
+    log = channel(log)
+    refuse_existing(out, "choose a new --out folder", exists=_exists)
     paths = list_images(inputs)
     scratch = None
     try:
@@ -140,7 +142,7 @@ def _run(pipeline):
     except Exception as err:   # Beam wraps what its workers raise
         text = str(err)
         if "UserError: " in text:
-            raise UserError(text.split("UserError: ", 1)[1].splitlines()[0]) from None
+            raise UserError(reason(err)) from None
         raise
 
 

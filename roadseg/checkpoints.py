@@ -17,8 +17,8 @@ import re
 import numpy as np
 import tensorflow as tf
 
-from roadseg.errors import UserError
-from roadseg.run_folders import os_reason as reason
+from roadseg.errors import UserError, reason
+from roadseg.log import channel
 
 tf1 = tf.compat.v1
 PREFIX = "model.ckpt"
@@ -82,11 +82,12 @@ def checkpoint_step(prefix):
     return int(found.group(1)) if found else -1
 
 
-def find_checkpoints(ckpt_dir, log=print):
+def find_checkpoints(ckpt_dir, log=None):
     """Checkpoint prefixes in ``ckpt_dir``, oldest first: those the ``checkpoint`` index
     names or, when the index is missing, empty or damaged, those found as files (said so).
     A readable index wins over stray files: a save that never reached the index is not
     trusted."""
+    log = channel(log)
     try:
         state = tf1.train.get_checkpoint_state(ckpt_dir)
     except Exception as err:  # a damaged index raises text_format's ParseError, among others
@@ -104,9 +105,9 @@ def find_checkpoints(ckpt_dir, log=print):
 class Checkpointer:
     """Saves and restores a run's latest checkpoints, its best one, and its ``Progress``."""
 
-    def __init__(self, sess, run_dir, model_variables, progress_vars, keep, lr, log=print,
+    def __init__(self, sess, run_dir, model_variables, progress_vars, keep, lr, log=None,
                  writes=True):
-        self.sess, self.run_dir, self.lr, self.log = sess, run_dir, lr, log
+        self.sess, self.run_dir, self.lr, self.log = sess, run_dir, lr, channel(log)
         self.writes = writes   # False: a worker that is not the chief only checks and restores
         self.variables, self.feeds, self.assign = progress_vars
         self.dir = os.path.join(run_dir, "checkpoints")

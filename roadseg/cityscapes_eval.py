@@ -32,7 +32,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from roadseg.errors import UserError
+from roadseg.errors import UserError, reason
 from roadseg.metrics import predictions
 from roadseg.schemes import IGNORE
 
@@ -186,8 +186,7 @@ def run_official_evaluator(gt_root_or_files, pred_dir):
             preds = [ev.getPrediction(args, f) for f in gt_files]
             res = ev.evaluateImgLists(preds, gt_files, args)
     except SystemExit:
-        message = out.getvalue().strip().splitlines() or ["unknown error"]
-        raise UserError(f"official Cityscapes evaluator: {message[-1]}") from None
+        raise UserError(f"official Cityscapes evaluator: {reason(out.getvalue())}") from None
 
     evaluated = [l for l in ev.labels if l.id >= 0 and not l.ignoreInEval]
     matrix = np.asarray(res["confMatrix"], np.float64)

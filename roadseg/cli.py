@@ -24,6 +24,7 @@ from roadseg import (  # noqa: E402
     export,
     inference,
     litert,
+    log,
     metrics,
     overlays,
     precision,
@@ -33,6 +34,7 @@ from roadseg import (  # noqa: E402
     video,
 )
 from roadseg.errors import UserError  # noqa: E402
+from roadseg.log import logger  # noqa: E402
 from roadseg.schemes import SCHEMES  # noqa: E402
 
 DEFAULT_RUNS = "runs"
@@ -41,12 +43,12 @@ DEFAULT_RUNS = "runs"
 # ----------------------------------------------------------------------------- commands
 def cmd_make_demo_data(a):
     demo_scenes.make_demo_data(a.dir, n=a.n, seed=a.seed, size=tuple(a.size))
-    print(f"demo scenes written to {a.dir}")
+    logger.info(f"demo scenes written to {a.dir}")
 
 
 def cmd_check_data(a):
     report = datasets.check_dataset(a.dir, a.scheme, skip_bad=a.skip_bad)
-    print(datasets.format_report(report))
+    print(datasets.format_report(report))   # the command's result: stdout, even --quiet
     return 1 if report["problems"] else 0
 
 
@@ -63,7 +65,7 @@ def cmd_get_vgg(a):
         path, pretrained = a.out, bool(vgg.read_vgg_info(a.out).get("pretrained"))
     else:
         path, pretrained = vgg.obtain_vgg(a.data, source=a.source, width=a.width)
-    print(f"VGG16 ready at {path} ({'pretrained' if pretrained else 'NOT pretrained: random weights'})")
+    logger.info(f"VGG16 ready at {path} ({'pretrained' if pretrained else 'NOT pretrained: random weights'})")
 
 
 def cmd_train(a):
@@ -72,7 +74,7 @@ def cmd_train(a):
                            **config.given_options(a))
     done = (f"best val mIoU {result['best_miou']:.4f}" if not result.get("worker") else
             f"worker {result['worker']} (the chief validates and saves)")
-    print(f"{result['status']}: {result['steps']} steps, {done} -- run folder {result['run_dir']}")
+    logger.info(f"{result['status']}: {result['steps']} steps, {done} -- run folder {result['run_dir']}")
     return 0 if result["status"] == "finished" else 130
 
 
@@ -86,8 +88,7 @@ def _at_least_one(a, *names):
 
 def _check_evaluate_outputs(a, out):
     """Every output of ``evaluate`` is checked before anything is computed."""
-    if os.path.lexists(out):
-        raise UserError(f"{out} already exists; choose another file name (nothing is overwritten)")
+    run_folders.refuse_existing(out, "choose another file name")
     run_folders.check_can_create(out, "--out file")
     if a.cityscapes_out:
         if os.path.lexists(a.cityscapes_out) and not os.path.isdir(a.cityscapes_out):
@@ -106,7 +107,7 @@ def _evaluation_samples(a, found):
     run_config = os.path.join(a.model, run_folders.RUN_CONFIG)
     if a.split not in found.splits and a.split == "val" and os.path.isfile(run_config):
         val_split = run_folders.read_run_config(a.model).get("val_split")
-        _, _, val = datasets.training_splits(a.data, val_split, log=print)
+        _, _, val = datasets.training_splits(a.data, val_split)
         return val
     if a.split not in found.splits:
         raise UserError(f"{a.data} has no '{a.split}' split (it has {', '.join(found.splits)}); "
@@ -145,12 +146,12 @@ def cmd_evaluate(a):
             if a.official:
                 official = cityscapes_eval.run_official_evaluator(gt, predictions_dir)
             metrics.save_json(result, names, out)
-    print(metrics.format_table(result, names))
+    print(metrics.format_table(result, names))   # the command's result: stdout, even --quiet
     if a.tta != "none":
-        print(f"test-time augmentation: {a.tta}")
-    print(f"saved {out}")
+        logger.info(f"test-time augmentation: {a.tta}")
+    logger.info(f"saved {out}")
     if a.cityscapes_out:
-        print(f"Cityscapes labelIds predictions in {a.cityscapes_out}")
+        logger.info(f"Cityscapes labelIds predictions in {a.cityscapes_out}")
     if official:
         print("official cityscapesscripts evaluator (19 classes):")
         for name, iou in official["class_iou"].items():
@@ -160,7 +161,7 @@ def cmd_evaluate(a):
 
 def _predictor(a):
     """The model of ``--model`` at ``--precision``, with ``--tta``."""
-    return inference.load_predictor(a.model, precision=a.precision, log=print, tta=a.tta)
+    return inference.load_predictor(a.model, precision=a.precision, log=logger.info, tta=a.tta)
 
 
 def _image_paths(inputs):
@@ -185,8 +186,8 @@ def cmd_predict(a):
     _at_least_one(a, "batch_size")
     paths = _image_paths(a.inputs)
     out = a.out
-    if out and os.path.lexists(out):
-        raise UserError(f"{out} already exists; choose a new --out folder (nothing is overwritten)")
+    if out:
+        run_folders.refuse_existing(out, "choose a new --out folder")
     if not out:
         out, n = os.path.join(a.runs, "predict-" + time.strftime("%Y%m%d-%H%M%S")), 0
         while os.path.lexists(out + (f"-{n}" if n else "")):
@@ -196,7 +197,7 @@ def cmd_predict(a):
     with _predictor(a) as predictor, run_folders.staged_dir(out) as tmp:
         overlays.write_overlays(tmp, paths, predictor.predict, predictor.scheme,
                                 batch_size=a.batch_size)
-    print(f"{len(paths)} overlays and class maps in {out}")
+    logger.info(f"{len(paths)} overlays and class maps in {out}")
 
 
 def cmd_batch_predict(a):
@@ -209,7 +210,7 @@ def cmd_batch_predict(a):
                         f"(or: pip install -e .[beam])") from None
     n = batch_predict.batch_predict(a.model, a.inputs, a.out, a.runner, a.beam_args,
                                     batch_size=a.batch_size)
-    print(f"{n} overlays and class maps in {a.out}")
+    logger.info(f"{n} overlays and class maps in {a.out}")
 
 
 def cmd_video(a):
@@ -217,21 +218,21 @@ def cmd_video(a):
     with _predictor(a) as predictor:
         stats = video.process_video(a.input, a.output, predictor.predict, predictor.scheme,
                                       batch_size=a.batch_size, max_frames=a.max_frames)
-    print(f"{a.output}: {stats['frames']} frames at {stats['fps']:.2f} fps, "
+    logger.info(f"{a.output}: {stats['frames']} frames at {stats['fps']:.2f} fps, "
           f"{stats['frames_per_second']:.2f} frames/s end to end")
 
 
 def cmd_export(a):
     if a.format == "tflite":
         litert.export_tflite(a.model, a.out, a.quantize or "none", a.calibration)
-        print(f"exported LiteRT model ({a.quantize or 'none'} quantisation) to "
+        logger.info(f"exported LiteRT model ({a.quantize or 'none'} quantisation) to "
               f"{os.path.join(a.out, litert.MODEL_FILE)}")
         return
     if a.quantize or a.calibration:
         raise UserError("--quantize and --calibration are for --format tflite; add it, or leave "
                         "them out for a SavedModel")
     export.export(a.model, a.out)
-    print(f"exported inference SavedModel (tag serve, signature predict) to {a.out}")
+    logger.info(f"exported inference SavedModel (tag serve, signature predict) to {a.out}")
 
 
 def cmd_demo(a):
@@ -253,6 +254,14 @@ def add_precision(sp, what="of the model's arithmetic"):
                     "precision; not for .tflite models (default fp32)")
 
 
+def add_verbosity(sp):
+    group = sp.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors (the "
+                       "command's result table, if any, is still printed)")
+    group.add_argument("-v", "--verbose", action="store_true", help="also debug messages, and "
+                       "where in the code an error was raised")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="segment.py", description="FCN-8 road-scene segmentation "
                                 "(road, vehicles, pedestrians, traffic lights) on VGG16.")
@@ -261,6 +270,7 @@ def build_parser():
     def add(name, func, help):
         sp = sub.add_parser(name, help=help, description=help)
         sp.set_defaults(func=func, command_parser=sp)
+        add_verbosity(sp)
         return sp
 
     for commands in (_data_commands, _train_command, _model_commands, _export_and_demo_commands):
@@ -395,15 +405,17 @@ def main(argv=None):
     if unknown and args.command != "batch-predict":   # only Beam takes options we do not know
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.beam_args = unknown
+    log.configure("quiet" if args.quiet else "verbose" if args.verbose else "normal")
     try:
         return args.func(args) or 0
     except UserError as err:
         close_progress_bars()
-        print(f"error: {err.line(command_options(args.command_parser))}", file=sys.stderr)
+        logger.debug("the error was raised here:", exc_info=True)
+        logger.error(f"error: {err.line(command_options(args.command_parser))}")
         return err.exit_code
     except KeyboardInterrupt:
         close_progress_bars()
-        print("interrupted", file=sys.stderr)
+        logger.error("interrupted")
         return 130
 
 

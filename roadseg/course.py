@@ -19,6 +19,7 @@ happens in ``datasets.py``, ``input_pipeline.py``, ``inference.py``, ``overlays.
 __all__ = ["DLProgress", "maybe_download_pretrained_vgg", "gen_batch_function", "gen_test_output",
            "save_inference_samples", "gen_video_output", "session_predict_fn", "to_one_hot"]
 
+import contextlib
 import os
 import queue
 import threading
@@ -261,17 +262,29 @@ def save_inference_samples(runs_dir, data_dir, sess, image_shape, logits, keep_p
 
 
 def gen_video_output(sess, logits, keep_prob, image_pl, video_file, image_shape, out_file=None,
-                     scheme=None):
+                     scheme=None, runs_dir="runs"):
     """The seed's video helper: write ``video_file`` with the predicted classes overlaid.
 
     The copy has the input's size and frame rate (``video.process_video``: H.264 mp4, no
-    OpenCV); it goes to ``out_file``, default ``<video name>_overlay.mp4`` beside the input
-    (an existing file is refused).  Colours: ``scheme``, default by the logits' class count
-    as the seed's (5 classes: ``seed5``; 2: ``kitti2``).  Returns the written path.
+    OpenCV); it goes to ``out_file``, default ``<video name>_overlay.mp4`` in a new
+    ``runs_dir/<timestamp>/``: the seed overwrote its one output on every run, so a rerun of
+    the notebook gets a new folder and nothing is overwritten (an ``out_file`` that exists
+    is refused).  Colours: ``scheme``, default by the logits' class count as the seed's
+    (5 classes: ``seed5``; 2: ``kitti2``).  Returns the written path.
     """
     scheme = _scheme_for(logits, "seed", scheme)
-    out_file = out_file or os.path.splitext(os.fspath(video_file))[0] + "_overlay.mp4"
     predict_fn = session_predict_fn(sess, image_shape, logits, keep_prob, image_pl)
-    stats = video.process_video(video_file, out_file, predict_fn, scheme)
+    run_dir = None
+    if out_file is None:
+        run_dir = run_folders.new_run_dir(runs_dir)
+        name = os.path.splitext(os.path.basename(os.fspath(video_file)))[0]
+        out_file = os.path.join(run_dir, name + "_overlay.mp4")
+    try:
+        stats = video.process_video(video_file, out_file, predict_fn, scheme)
+    except BaseException:
+        if run_dir:   # the new folder holds nothing: do not leave it behind
+            with contextlib.suppress(OSError):
+                os.rmdir(run_dir)
+        raise
     print(f"Wrote {out_file}: {stats['frames']} frames")
     return out_file

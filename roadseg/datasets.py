@@ -29,10 +29,10 @@ nowhere).  ``check_dataset`` reads every file and reports class shares and
 problems; ``class_pixel_counts`` and ``median_frequency_weights`` give class
 statistics for weighting the loss.  ``get_cityscapes`` downloads the real thing.
 """
+import fnmatch
 import os
 import re
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -42,7 +42,8 @@ from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from PIL import Image
 from tqdm.auto import tqdm
 
-from roadseg.errors import UserError
+from roadseg.errors import UserError, reason
+from roadseg.log import channel, logger
 from roadseg.schemes import CAMVID_LABELS, IGNORE, decode_color_label, get_scheme
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -84,6 +85,7 @@ def find_dataset(root):
     if not root.is_dir():
         raise UserError(f"dataset folder '{root}' does not exist; pass the folder that "
                         f"holds the dataset (or make demo scenes with `segment.py make-demo-data DIR`)")
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in _entries(root))
     for layout, detect, read in _LAYOUTS:
         base = detect(root)
         if base is not None:
@@ -92,7 +94,6 @@ def find_dataset(root):
                 raise UserError(f"{layout} dataset at '{root}' has no split folders; "
                                 f"expected e.g. {_LAYOUT_HINTS[layout]}")
             return Dataset(layout, str(root), splits)
-    found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
     shown = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "") if found else "nothing"
     tried = "; ".join(f"{name} ({hint})" for name, hint in _LAYOUT_HINTS.items())
     raise UserError(f"no known dataset layout at '{root}' (found: {shown}); tried {tried}")
@@ -106,11 +107,27 @@ _LAYOUT_HINTS = {
 }
 
 
+def _entries(folder):
+    """What ``folder`` holds (paths); a folder that cannot be read (chmod 000, say) is one
+    UserError naming it.  ``Path.glob`` skips such folders without a word, and their images
+    or labels were then reported as strays ('images without labels')."""
+    try:
+        with os.scandir(folder) as entries:
+            return [Path(entry.path) for entry in entries]
+    except OSError as err:
+        raise UserError(f"cannot read folder '{folder}' ({reason(err)}); fix its permissions "
+                        f"(chmod -R u+rX '{folder}') or copy the dataset where you may read it") from None
+
+
 def _files(folder, suffixes=IMAGE_SUFFIXES, pattern="*"):
-    """Sorted files in ``folder`` matching ``pattern`` with one of ``suffixes``."""
+    """Sorted files in ``folder`` matching ``pattern`` (a name pattern, or ``*/name``: in
+    its subfolders) with one of ``suffixes``; every folder on the way must be readable."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in suffixes)
+    *sub, name = pattern.split("/")
+    folders = [p for p in _entries(folder) if p.is_dir()] if sub else [folder]
+    return sorted(p for f in folders for p in _entries(f)
+                  if fnmatch.fnmatch(p.name, name) and p.suffix.lower() in suffixes)
 
 
 def _strip(name, ending):
@@ -299,7 +316,8 @@ def _open(path):
         im.load()
         return im
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"cannot decode image '{path}' ({err}); replace the file", *SKIP_BAD) from None
+        raise UserError(f"cannot decode image '{path}' ({reason(err)}); replace the file",
+                        *SKIP_BAD) from None
 
 
 def load_image(path):
@@ -373,8 +391,8 @@ def load_label(sample, scheme):
 
 
 def _warn_unknown(sample, unknown):
-    warnings.warn(f"{unknown} pixels of '{sample.label}' have colours outside the "
-                  f"{sample.dataset} colour table; they are ignored", stacklevel=3)
+    logger.warning(f"{unknown} pixels of '{sample.label}' have colours outside the "
+                   f"{sample.dataset} colour table; they are ignored")
 
 
 def load_pair(sample, scheme):
@@ -496,7 +514,7 @@ def hold_out_sequence(samples, share=VAL_SEQUENCE_SHARE):
     return min(sorted(counts), key=lambda name: abs(counts[name] - share * len(samples)))
 
 
-def training_splits(data_dir, val_split=None, log=print):
+def training_splits(data_dir, val_split=None, log=None):
     """``(dataset, train samples, validation samples)`` for training on ``data_dir``.
 
     ``val_split``: None -> the 'val' split if the dataset has one, else a whole sequence of
@@ -505,6 +523,7 @@ def training_splits(data_dir, val_split=None, log=print):
     'none' -> no validation; 'every-10th' -> every 10th training image; 'sequence:NAME'
     -> the training frames of sequence NAME; any other name -> that split.
     """
+    log = channel(log)
     ds = find_dataset(data_dir)
     train = [s for s in ds.splits.get("train", []) if s.label]
     if not train:

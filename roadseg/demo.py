@@ -12,6 +12,7 @@ from pathlib import Path
 
 from roadseg import datasets, demo_scenes, inference, metrics, overlays, trainer, vgg, video
 from roadseg.config import TrainConfig
+from roadseg.log import channel, logger
 
 DATA_ROOT = "data"
 DEMO_SCENE_SIZE = (256, 512)   # (H, W) the scenes are drawn at; training resizes them
@@ -27,9 +28,9 @@ SETTINGS = {
 
 
 def banner(text):
-    """Print ``text`` framed by lines of '=' so it stands out in a log."""
+    """Say ``text`` framed by lines of '=' so it stands out in a log."""
     line = "=" * max(len(s) for s in text.splitlines())
-    print(f"\n{line}\n{text}\n{line}\n", flush=True)
+    logger.info(f"\n{line}\n{text}\n{line}\n")
 
 
 def recipe(pretrained, quick=False):
@@ -49,10 +50,11 @@ def recipe(pretrained, quick=False):
     return cfg
 
 
-def run_demo(quick=False, runs_dir="runs", data_root=DATA_ROOT, vgg_source="auto", log=print,
+def run_demo(quick=False, runs_dir="runs", data_root=DATA_ROOT, vgg_source="auto", log=None,
              precision=None):
     """Run the whole job (training and inference at ``precision``, default fp32); returns a
     dict of what was produced (paths and figures)."""
+    log = channel(log)
 
     s = SETTINGS["quick" if quick else "default"]
     data_dir = os.path.join(data_root, s["data"])

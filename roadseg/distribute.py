@@ -33,7 +33,6 @@ per replica).
 import contextlib
 import json
 import os
-import re
 import socket
 import time
 from typing import NamedTuple
@@ -44,7 +43,7 @@ from tqdm.auto import tqdm
 
 from roadseg import fcn, vgg
 from roadseg import precision as precision_module
-from roadseg.errors import UserError
+from roadseg.errors import UserError, reason
 
 tf1 = tf.compat.v1
 SUM = tf.distribute.ReduceOp.SUM
@@ -111,7 +110,7 @@ class Distribution:
                                                    protocol="grpc", config=self.session_config)
             except (tf.errors.OpError, RuntimeError) as err:
                 raise UserError(f"worker {self.worker} cannot listen on "
-                                f"{self.cluster['worker'][self.worker]} ({_first_line(err)}); free "
+                                f"{self.cluster['worker'][self.worker]} ({reason(err)}); free "
                                 f"the port or change TF_CONFIG") from None
         self.target = self.server.target
         wait_for_workers(self.cluster["worker"], self.worker)
@@ -335,17 +334,6 @@ def one_line_errors(dist, ckpt):
         latest = ckpt.latest()
         kept = f"last checkpoint {latest}" if latest else "no checkpoint was written yet"
         raise UserError(f"worker {dist.worker}: another worker stopped or cannot be reached "
-                        f"({type(err).__name__}: {_first_line(err)}); training stopped; restart "
+                        f"({type(err).__name__}: {reason(err)}); training stopped; restart "
                         f"every worker with --resume ({kept})") from None
 
-
-def _first_line(err):
-    """What went wrong, in a few words: a collective op's abort reason ('Socket closed'),
-    else the first line that is not TensorFlow's 'Graph execution error:' preamble."""
-    text = getattr(err, "message", None) or str(err)
-    found = re.search(r"aborted by: *(.+)", text) or re.search(r'grpc_message:"([^"]+)"', text)
-    if found:
-        return found.group(1).strip()[:200]
-    lines = [line.strip() for line in text.splitlines() if line.strip()
-             and not line.startswith(("Graph execution error", "Detected at node", " "))]
-    return (lines[0] if lines else type(err).__name__)[:200]

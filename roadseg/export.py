@@ -23,6 +23,7 @@ from roadseg.inference import (
 from roadseg.run_folders import (
     check_can_create,
     read_run_config,
+    refuse_existing,
     restore_checkpoint,
     run_checkpoint,
     staged_dir,
@@ -37,8 +38,7 @@ def export(run_dir, out_dir, which="best"):
 
     Everything is written into a hidden folder next to ``out_dir`` that is renamed only when
     complete: a failure (full disk, Ctrl-C) leaves nothing under ``out_dir``."""
-    if os.path.lexists(out_dir):
-        raise UserError(f"{out_dir} already exists; choose a new --out folder (nothing is overwritten)")
+    refuse_existing(out_dir, "choose a new --out folder")
     check_can_create(out_dir, "--out folder")
     if os.path.isfile(os.path.join(run_dir, "saved_model.pb")):
         raise UserError(f"{run_dir} is an exported model already; export takes a training run "

@@ -14,8 +14,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from roadseg import losses, precision, run_folders, vgg
-from roadseg.errors import UserError
+from roadseg import losses, precision, vgg
+from roadseg.errors import UserError, reason
 
 tf1 = tf.compat.v1
 
@@ -48,7 +48,7 @@ def load_vgg(sess, vgg_path, input_map=None):
     except Exception as err:  # OSError, RuntimeError (no such tag), DecodeError, OpError, ...
         vgg.check_vgg_dir(vgg_path)   # a missing folder or file: the error names it
         raise UserError(f"VGG16 model folder {vgg_path} is damaged: it does not load as a VGG16 "
-                        f"SavedModel with the tag '{VGG_TAG}' ({run_folders.os_reason(err)}); move "
+                        f"SavedModel with the tag '{VGG_TAG}' ({reason(err)}); move "
                         f"the folder away and {vgg.GET_VGG_HINT}") from None
     if input_map:  # the mapped tensors stand where the placeholders were
         tensors = [input_map.get(name, t) for name, t in zip(VGG_TENSORS, tensors)]

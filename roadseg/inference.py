@@ -16,10 +16,9 @@ import tensorflow as tf
 
 from roadseg import fcn
 from roadseg import precision as precision_module
-from roadseg.errors import UserError
+from roadseg.errors import UserError, reason
 from roadseg.run_folders import (
     RUN_CONFIG,
-    os_reason,
     read_json,
     read_run_config,
     restore_checkpoint,
@@ -226,5 +225,5 @@ def _load_export(sess, path):
         tensors = (get(sig.inputs["images"].name), get(sig.outputs["classes"].name),
                    get(sig.outputs["probabilities"].name))
     except (OSError, ValueError, KeyError, RuntimeError, tf.errors.OpError) as err:
-        raise UserError(f"exported model {path} is damaged ({os_reason(err)}); {fix}") from None
+        raise UserError(f"exported model {path} is damaged ({reason(err)}); {fix}") from None
     return get_scheme(info["scheme"]), info["image_shape"], tensors

@@ -25,13 +25,13 @@ mode) and turns errors raised while decoding back into ``UserError``.
 import hashlib
 import re
 import time
-import warnings
 
 import numpy as np
 import tensorflow as tf
 
 from roadseg import datasets, fcn, inference
 from roadseg.errors import UserError
+from roadseg.log import logger
 from roadseg.schemes import IGNORE
 
 SHUFFLE_BUFFER = 1024       # decoded samples held for shuffling a cached dataset
@@ -63,6 +63,20 @@ def make_dataset(samples, scheme, image_shape, batch_size, *, shuffle=True, augm
                  failing with ``UserError``
     """
     image_shape = fcn.check_image_shape(image_shape)
+    samples = _checked_samples(samples, batch_size)
+    ds = _decoded(samples, scheme, image_shape, shuffle and cache is None, seed, skip_bad)
+    if cache is not None:
+        ds = _cached(ds, cache, samples, scheme, image_shape, shuffle, seed)
+    if repeat:
+        ds = ds.repeat()
+    if augment:
+        ds = _augmented(ds, augment, image_shape, seed)
+    ds = ds.map(lambda image, label: (tf.cast(image, tf.float32), tf.cast(label, tf.int32)))
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+def _checked_samples(samples, batch_size):
+    """``samples`` as a list; none, an unlabelled one or a batch size below 1 is a UserError."""
     samples = list(samples)
     if not samples:
         raise UserError("no samples to make batches from; check the dataset split")
@@ -72,7 +86,12 @@ def make_dataset(samples, scheme, image_shape, batch_size, *, shuffle=True, augm
                         f"training and evaluation need a labelled split")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
+    return samples
 
+
+def _decoded(samples, scheme, image_shape, shuffle, seed, skip_bad):
+    """(image uint8, label uint8) pairs resized to ``image_shape``, in a new random order
+    every epoch if ``shuffle``; unreadable samples left out if ``skip_bad``."""
     def load(index):
         image, label, ok = tf.numpy_function(
             lambda i: _load(samples[int(i)], scheme, skip_bad), [index],
@@ -82,27 +101,31 @@ def make_dataset(samples, scheme, image_shape, batch_size, *, shuffle=True, augm
         return _resize(image, label, image_shape) + (ok,)
 
     ds = tf.data.Dataset.range(len(samples))
-    if shuffle and cache is None:
+    if shuffle:
         ds = ds.shuffle(len(samples), seed=seed, reshuffle_each_iteration=True)
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if skip_bad:
         ds = ds.filter(lambda image, label, ok: ok)
-    ds = ds.map(lambda image, label, ok: (image, label))
-    if cache is not None:
-        ds = ds.cache("" if cache is True else _cache_name(cache, samples, scheme, image_shape))
-        if shuffle:
-            ds = ds.shuffle(min(len(samples), SHUFFLE_BUFFER), seed=seed,
-                            reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
-    if augment:
-        level = _augment_level(augment)
-        keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        ds = tf.data.Dataset.zip((ds, keys)).map(
-            lambda pair, key: _augment(pair[0], pair[1], key, image_shape, *level),
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.map(lambda image, label: (tf.cast(image, tf.float32), tf.cast(label, tf.int32)))
-    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    return ds.map(lambda image, label, ok: (image, label))
+
+
+def _cached(ds, cache, samples, scheme, image_shape, shuffle, seed):
+    """``ds`` kept after its first pass (in memory for ``cache=True``, else in files named
+    by ``_cache_name``), shuffled after the cache if ``shuffle``."""
+    ds = ds.cache("" if cache is True else _cache_name(cache, samples, scheme, image_shape))
+    if shuffle:
+        ds = ds.shuffle(min(len(samples), SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True)
+    return ds
+
+
+def _augmented(ds, augment, image_shape, seed):
+    """Each pair augmented at ``augment``'s level with its own random key (reproducible
+    with ``seed``)."""
+    level = _augment_level(augment)
+    keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    return tf.data.Dataset.zip((ds, keys)).map(
+        lambda pair, key: _augment(pair[0], pair[1], key, image_shape, *level),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _load(sample, scheme, skip_bad):
@@ -113,7 +136,7 @@ def _load(sample, scheme, skip_bad):
     except UserError as err:
         if not skip_bad:
             raise
-        warnings.warn(f"skipping bad sample: {err}")
+        logger.warning(f"skipping bad sample: {err}")
         return np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1), np.uint8), np.bool_(False)
 
 

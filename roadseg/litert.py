@@ -31,8 +31,9 @@ import numpy as np
 import tensorflow as tf
 
 from roadseg import datasets, fcn, inference, vgg
-from roadseg.errors import UserError
-from roadseg.run_folders import read_run_config, run_checkpoint
+from roadseg.errors import UserError, reason
+from roadseg.log import channel as log_channel
+from roadseg.run_folders import read_run_config, refuse_existing, run_checkpoint
 from roadseg.schemes import get_scheme
 
 tf1 = tf.compat.v1
@@ -143,17 +144,17 @@ def _representative(paths, image_shape):
 
 
 # ============================================================================ export
-def export_tflite(run_dir, out_dir, quantize="none", calibration=None, which="best", log=print):
+def export_tflite(run_dir, out_dir, quantize="none", calibration=None, which="best", log=None):
     """Write ``out_dir/model.tflite`` (+ ``export_info.json``) of a run into the new folder
     ``out_dir``; ``calibration``: the int8 representative images' folder (default: the
     run's training data)."""
+    log = log_channel(log)
     if quantize not in QUANTIZE:
         raise UserError(f"--quantize {quantize}: must be one of {', '.join(QUANTIZE)}")
     if calibration and quantize != "int8":
         raise UserError("--calibration is for --quantize int8 only (other models need no "
                         "representative images); leave it out")
-    if os.path.exists(out_dir):
-        raise UserError(f"{out_dir} already exists; choose a new --out folder (nothing is overwritten)")
+    refuse_existing(out_dir, "choose a new --out folder")
     config = read_run_config(run_dir)
     ckpt = run_checkpoint(run_dir, which)
     scheme = get_scheme(config["scheme"])
@@ -242,8 +243,7 @@ def interpreter(path, threads=None):
         interp = Interpreter(model_path=path, num_threads=threads or cores())
         interp.allocate_tensors()
     except (ValueError, RuntimeError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"{path} is not a LiteRT (.tflite) model ({reason}); export one with "
+        raise UserError(f"{path} is not a LiteRT (.tflite) model ({reason(err)}); export one with "
                         f"'segment.py export --format tflite'") from None
     return interp
 

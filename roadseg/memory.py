@@ -7,6 +7,7 @@ warns above half of it.
 import os
 
 from roadseg.errors import UserError
+from roadseg.log import logger
 from roadseg.vgg import POOL_AFTER, VGG16_LAYERS
 
 # Peak memory of TensorFlow itself with this graph (measured: about 0.7 GB resident).
@@ -47,7 +48,7 @@ def available_memory():
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_training_memory(image_shape, batch_size, width, log=print):
+def check_training_memory(image_shape, batch_size, width, log=None):
     """Refuse a run whose estimated memory exceeds what is available; warn above half."""
     h, w = image_shape
     need = estimate_training_memory((h, w), batch_size, width)
@@ -57,4 +58,5 @@ def check_training_memory(image_shape, batch_size, width, log=print):
         raise UserError(f"{what} of memory (estimate) but only {have / 1e9:.1f} GB is available; "
                         f"use a smaller --image-shape or --batch-size (or a narrower VGG)")
     if need > have / 2:
-        log(f"warning: {what} of the {have / 1e9:.1f} GB available; other programs may run short")
+        (log or logger.warning)(f"warning: {what} of the {have / 1e9:.1f} GB available; other "
+                                f"programs may run short")

@@ -21,7 +21,6 @@ For Cityscapes submissions see ``roadseg.cityscapes_eval``.
     [0.5, 0.5]
 """
 import json
-import os
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from roadseg import datasets
 from roadseg.errors import UserError
 from roadseg.inference import predict_batch, same_size_batches
-from roadseg.run_folders import staged_file
+from roadseg.run_folders import refuse_existing, staged_file
 
 
 class ConfusionMatrix:
@@ -177,8 +176,7 @@ def save_json(result, class_names, path):
 
     Written under a temporary name and renamed when complete: a full disk is one UserError
     line and leaves nothing under ``path``."""
-    if os.path.exists(path):
-        raise UserError(f"{path} already exists; choose another file name (nothing is overwritten)")
+    refuse_existing(path, "choose another file name")
     data = {
         "classes": {name: {"iou": _json_number(iou), "accuracy": _json_number(acc)}
                     for name, iou, acc in zip(class_names, result["iou"], result["accuracy"])},

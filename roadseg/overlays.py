@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from roadseg.datasets import load_image
 from roadseg.errors import UserError
 from roadseg.inference import predict_batch, same_size_batches
-from roadseg.run_folders import staged_file
+from roadseg.run_folders import refuse_existing, staged_file
 from roadseg.schemes import IGNORE
 
 
@@ -70,8 +70,7 @@ def overlay(image, class_map, colors, alpha=0.5, skip_classes=None):
 def _write_png(path, array):
     """Write a PNG under a temporary name that gets ``path`` only when complete; an existing
     file is never replaced, and a full disk is one UserError line with nothing under ``path``."""
-    if os.path.lexists(path):
-        raise UserError(f"{path} already exists; write into a new run folder")
+    refuse_existing(path, "write into a new run folder")
     with staged_file(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
 

@@ -1,6 +1,7 @@
 """Run folders, and files written so that nothing a user made is overwritten or half-written.
 
 * ``new_run_dir(runs_dir, name)``  -> a fresh folder under ``runs/`` (never an existing one)
+* ``refuse_existing(path, fix)`` -> the one "already exists, nothing is overwritten" refusal
 * ``check_can_create(path, option)`` -> refuse an output whose place is a file or read-only,
   before anything is computed
 * ``staged_file(path)`` / ``staged_dir(path)`` -> write under a hidden temporary name next
@@ -22,13 +23,13 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 import uuid
 
 import tensorflow as tf
 
-from roadseg.errors import UserError
+from roadseg.errors import WRITE_REASONS, UserError, reason
+from roadseg.log import logger
 
 RUN_CONFIG = "config.json"
 CONFIG_KEYS = ("scheme", "image_shape", "vgg")   # what every reader of a run needs
@@ -36,23 +37,7 @@ CONFIG_KEYS = ("scheme", "image_shape", "vgg")   # what every reader of a run ne
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM,
                 errno.ENOTDIR, errno.EISDIR}
 WRITE_FIX = "free disk space or choose another place; nothing was written under that name"
-WRITE_REASONS = ("No space left on device", "Read-only file system", "Permission denied",
-                 "Disk quota exceeded")
 WRITE_ERRORS = (OSError, tf.errors.OpError)   # what a failed write raises (then: is_write_error)
-
-
-def os_reason(err):
-    """What went wrong, in a few words: ``strerror`` of an OSError ('No space left on
-    device'), else the last line of the message that says it (tf errors have many)."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror
-    text = getattr(err, "message", None) or str(err)
-    known = [reason for reason in WRITE_REASONS if reason in text]
-    if known:   # TensorFlow buries them under other lines (an out-of-memory hint, say)
-        return known[0]
-    lines = [line.strip() for line in text.splitlines() if line.strip() and
-             not line[:1].isspace() and not line.startswith(("[[", "Node:", "Hint:"))]
-    return lines[-1] if lines else type(err).__name__
 
 
 def is_write_error(err):
@@ -84,7 +69,7 @@ def new_run_dir(runs_dir, name=None):
             n += 1
             candidate = f"{base}-{n}"
         except OSError as err:
-            raise UserError(f"cannot create {path} ({os_reason(err)}); free disk space, fix the "
+            raise UserError(f"cannot create {path} ({reason(err)}); free disk space, fix the "
                             f"permissions of {runs_dir} or use another folder") from None
 
 
@@ -109,9 +94,18 @@ def make_dirs(folder):
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:
-        raise UserError(f"cannot create folder {folder} ({os_reason(err)}); free disk space, fix "
+        raise UserError(f"cannot create folder {folder} ({reason(err)}); free disk space, fix "
                         f"the permissions or choose another place") from None
     return folder
+
+
+def refuse_existing(path, fix, kind="", exists=os.path.lexists):
+    """The one refusal of an output that is already there: if ``exists(path)`` (default: any
+    file, folder or link; Beam's filesystems for batch-predict), one UserError line
+    '[<kind> ]<path> already exists; <fix> (nothing is overwritten)'."""
+    if exists(path):
+        what = f"{kind} {path}" if kind else f"{path}"
+        raise UserError(f"{what} already exists; {fix} (nothing is overwritten)")
 
 
 def check_can_create(path, option):
@@ -136,7 +130,7 @@ def write_errors_as_user_error(out_path):
     except WRITE_ERRORS as err:
         if not is_write_error(err):
             raise
-        raise UserError(f"could not write {out_path} ({os_reason(err)}); {WRITE_FIX}") from None
+        raise UserError(f"could not write {out_path} ({reason(err)}); {WRITE_FIX}") from None
 
 
 @contextlib.contextmanager
@@ -217,7 +211,7 @@ def write_json(path, value):
             json.dump(value, f, indent=2)
         os.replace(tmp, path)
     except OSError as err:
-        raise UserError(f"could not write {path} ({os_reason(err)}); free disk space or fix the "
+        raise UserError(f"could not write {path} ({reason(err)}); free disk space or fix the "
                         f"permissions (the previous version, if any, is kept)") from None
     finally:
         with contextlib.suppress(OSError):
@@ -251,7 +245,7 @@ def read_json(path, fix, kind=dict, required=()):
     except (ValueError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is damaged: not valid JSON ({err}); {fix}") from None
     except OSError as err:
-        raise UserError(f"cannot read {path} ({os_reason(err)}); {fix}") from None
+        raise UserError(f"cannot read {path} ({reason(err)}); {fix}") from None
     if not isinstance(value, kind):
         raise UserError(f"{path} is damaged: it holds a JSON {type(value).__name__}, not "
                         f"{'an object' if kind is dict else kind.__name__}; {fix}")
@@ -292,8 +286,8 @@ def run_checkpoint(run_dir, which="best"):
         except (ValueError, tf.errors.OpError):   # an index that does not parse
             ckpt = _checkpoint_from_files(folder)
             if ckpt:
-                print(f"warning: {os.path.join(folder, 'checkpoint')} is damaged; using "
-                      f"{ckpt}, found in that folder", file=sys.stderr)
+                logger.warning(f"warning: {os.path.join(folder, 'checkpoint')} is damaged; using "
+                               f"{ckpt}, found in that folder")
         if ckpt:
             return ckpt
     raise UserError(f"{run_dir} has no checkpoint yet; train it first ('segment.py train')")
@@ -310,4 +304,4 @@ def restore_checkpoint(saver, sess, ckpt):
                    f"checkpoint in {os.path.join(os.path.dirname(folder), 'checkpoints')}")
         else:
             fix = "restore it from a backup, or train again"
-        raise UserError(f"checkpoint {ckpt} is damaged ({os_reason(err)}); {fix}") from None
+        raise UserError(f"checkpoint {ckpt} is damaged ({reason(err)}); {fix}") from None

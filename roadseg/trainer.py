@@ -38,6 +38,7 @@ from roadseg import datasets, distribute, fcn, inference, input_pipeline, metric
 from roadseg.checkpoints import Checkpointer, Progress, find_checkpoints, progress_variables
 from roadseg.config import TrainConfig
 from roadseg.errors import UserError
+from roadseg.log import channel
 from roadseg.memory import check_training_memory
 from roadseg.schemes import get_scheme
 
@@ -110,9 +111,10 @@ class Samples(NamedTuple):
     val: list
 
 
-def prepare_samples(cfg, log=print):
+def prepare_samples(cfg, log=None):
     """The training and validation samples (``--skip-bad`` leaves bad ones out) and, for
     ``class_weights: true``, the cfg with the median-frequency weights filled in."""
+    log = channel(log)
     scheme = get_scheme(cfg.scheme)
     dataset, train, val = datasets.training_splits(cfg.data, cfg.val_split, log)
     if cfg.skip_bad:
@@ -252,7 +254,7 @@ def _loss_options(cfg):
 
 
 # ============================================================================ the run
-def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False, log=print,
+def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False, log=None,
           recipe=None, **options):
     """Train FCN-8s on ``data_dir`` from the VGG16 SavedModel at ``vgg_path``.
 
@@ -260,6 +262,7 @@ def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False,
     Returns a dict with ``run_dir``, ``status`` ('finished' or 'interrupted: SIGINT'...),
     ``history``, ``best_miou``, ``steps`` and ``worker`` (0: the chief, or the only process).
     """
+    log = channel(log)
     given = {**options, **{k: v for k, v in (("data", data_dir), ("vgg", vgg_path)) if v is not None}}
     cfg, run_dir, vgg_info = resolve_config(given, recipe, runs_dir, run, resume)
     check_training_memory(cfg.image_shape, cfg.batch_size, vgg_info.get("width", 1.0), log)
@@ -465,9 +468,9 @@ def _remove_if_unsaved(run_dir, new_run):
 
 
 def _new_run_dir(runs_dir, run):
-    if run is not None and os.path.exists(os.path.join(runs_dir, run)):
-        raise UserError(f"run folder {os.path.join(runs_dir, run)} already exists; pass --resume to "
-                        f"continue it or choose another --run name (nothing is overwritten)")
+    if run is not None:
+        run_folders.refuse_existing(os.path.join(runs_dir, run), "pass --resume to continue it or "
+                                    "choose another --run name", kind="run folder")
     return run_folders.new_run_dir(runs_dir, run)
 
 

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import urllib.parse
 
@@ -48,8 +47,9 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from roadseg import acquire
 from roadseg.acquire import DownloadError, download, safe_extract_zip
-from roadseg.errors import UserError
-from roadseg.run_folders import staged_dir
+from roadseg.errors import UserError, reason
+from roadseg.log import logger
+from roadseg.run_folders import refuse_existing, staged_dir
 
 COURSE_VGG_URL = "https://s3-us-west-1.amazonaws.com/udacity-selfdrivingcar/vgg.zip"
 # Keras' ImageNet VGG16 weights (with the dense layers) and the md5 hash Keras
@@ -257,10 +257,8 @@ def verify_vgg_savedmodel(path, fix=None):
             for name in COURSE_TENSORS:
                 graph.get_tensor_by_name(name)
     except (OSError, ValueError, KeyError, RuntimeError, tf.errors.OpError) as err:
-        text = getattr(err, "message", None) or str(err)
-        reason = ([line.strip() for line in text.splitlines() if line.strip()] or [""])[-1][:200]
         raise UserError(f"VGG16 model folder {path} does not load as a VGG16 SavedModel with the "
-                        f"course tensors ({reason}); {fix}") from None
+                        f"course tensors ({reason(err)}); {fix}") from None
     return path
 
 
@@ -287,7 +285,7 @@ def _course_vgg(data_dir):
 def _banner(*lines):
     """A warning nobody can miss, on stderr."""
     bar = "!" * 78
-    print("\n".join([bar, *("!!  " + line for line in lines), bar]), file=sys.stderr)
+    logger.warning("\n".join([bar, *("!!  " + line for line in lines), bar]))
 
 
 def _check_width(width):
@@ -456,9 +454,7 @@ def build_vgg_savedmodel(out_dir, source="random", width=1.0, seed=0, keras_mode
     keras_model: convert this Keras VGG16-layout model instead (source is ignored).
     width multiplies every channel count (64 .. 4096).  out_dir must not exist.
     """
-    if os.path.exists(out_dir):
-        raise UserError(f"{out_dir} already exists; not overwriting it "
-                        "(choose another folder or move it away)")
+    refuse_existing(out_dir, "choose another folder or move it away")
     if keras_model is not None:
         weights = _weights_from_keras(keras_model)
         info = {"source": "keras-model", "width": weights["conv1_1"][1].shape[0] / 64,
@@ -487,7 +483,7 @@ def build_vgg_savedmodel(out_dir, source="random", width=1.0, seed=0, keras_mode
                         "layer4_out": int(weights["conv4_3"][1].shape[0]),
                         "layer7_out": int(weights["fc7"][1].shape[0])}
     _save_savedmodel(out_dir, weights, info)
-    print(f"VGG16 SavedModel written to {out_dir}")
+    logger.info(f"VGG16 SavedModel written to {out_dir}")
     return out_dir
 
 
@@ -511,7 +507,7 @@ def _built(data_dir, source, width):
     check_vgg_dir(path)
     pretrained = bool(read_vgg_info(path).get("pretrained"))
     if not pretrained:
-        print(f"Using {path}: random weights, NOT pretrained", file=sys.stderr)
+        logger.warning(f"Using {path}: random weights, NOT pretrained")
     return path, pretrained
 
 
@@ -525,15 +521,14 @@ def _download_pretrained(data_dir):
     host answers or both downloads fail (each reason printed)."""
     for way, url in (("course", COURSE_VGG_URL), ("keras-imagenet", KERAS_VGG16_URL)):
         if not _reachable(url):
-            print(f"{urllib.parse.urlsplit(url).netloc} does not answer: skipping the {way} VGG16",
-                  file=sys.stderr)
+            logger.warning(f"{urllib.parse.urlsplit(url).netloc} does not answer: skipping the {way} VGG16")
             continue
         try:
             if way == "course":
                 return _course_vgg(data_dir), True
             return _built(data_dir, way, 1.0)
         except DownloadError as err:
-            print(f"the {way} VGG16 could not be downloaded: {err}", file=sys.stderr)
+            logger.warning(f"the {way} VGG16 could not be downloaded: {err}")
     return None
 
 

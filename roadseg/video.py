@@ -13,7 +13,6 @@ get their final name only when complete.
 import itertools
 import os
 import queue
-import re
 import tempfile
 import threading
 import time
@@ -24,10 +23,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from roadseg.errors import UserError
+from roadseg.errors import UserError, reason
 from roadseg.inference import predict_batch
 from roadseg.overlays import overlay
-from roadseg.run_folders import WRITE_FIX, WRITE_REASONS, check_can_create, staged_file
+from roadseg.run_folders import WRITE_FIX, check_can_create, refuse_existing, staged_file
 
 CRF = 18          # libx264 constant rate factor: 18 is close to visually lossless
 QUEUE_BATCHES = 4  # batches buffered between the reader, the model and the writer
@@ -41,10 +40,6 @@ def _exact_fps(fps):
     return Fraction(fps).limit_denominator(1001)
 
 
-def _first_line(err):
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 def _open_reader(path):
     """``(raw frame generator, metadata)`` of a video, or a UserError naming the file."""
     if not os.path.isfile(path):
@@ -54,7 +49,7 @@ def _open_reader(path):
         meta = next(frames)
     except (OSError, RuntimeError, IndexError, AttributeError, StopIteration) as err:
         frames.close()
-        raise UserError(f"cannot read video {path} ({_first_line(err)}); "
+        raise UserError(f"cannot read video {path} ({reason(err)}); "
                         f"is it a video file?") from None
     return frames, meta
 
@@ -72,7 +67,7 @@ def _read_batches(frames, path, size, batch_size, max_frames=None):
                 yield np.stack(batch)
                 batch = []
     except (OSError, RuntimeError) as err:
-        raise UserError(f"cannot decode video {path}: {_first_line(err)}") from None
+        raise UserError(f"cannot decode video {path}: {reason(err)}") from None
     finally:
         frames.close()  # stops ffmpeg
     if batch:
@@ -101,15 +96,6 @@ def _open_writer(path, size, fps, log):
     return writer
 
 
-def _ffmpeg_reason(log):
-    """The last thing ffmpeg said (without its ``[mp4 @ 0x...]`` prefix)."""
-    log.seek(0)
-    text = log.read().decode("utf-8", "replace")
-    known = [reason for reason in WRITE_REASONS if reason in text]
-    lines = [re.sub(r"^\[[^]]*\]\s*", "", line).strip() for line in text.splitlines()]
-    return (known or [line for line in lines if line] or ["ffmpeg wrote an incomplete file"])[-1]
-
-
 def _write_batches(batches, path, size, fps, name=None):
     """Encode every frame of every batch; ffmpeg starts at the first batch.
 
@@ -133,8 +119,8 @@ def _write_batches(batches, path, size, fps, name=None):
             if writer is not None:
                 writer.close()  # waits until ffmpeg has finished the file
         if writer is not None and (failed or _count_frames(path) != frames):
-            raise UserError(f"could not write the video {name or path} ({_ffmpeg_reason(log)}); "
-                            f"{WRITE_FIX}")
+            raise UserError(f"could not write the video {name or path} "
+                            f"({reason(log, 'ffmpeg wrote an incomplete file')}); {WRITE_FIX}")
 
 
 def _count_frames(path):
@@ -218,8 +204,7 @@ def _overlapped(source, transform, sink, on_item=lambda item: None):
 def _check_new_mp4(out_path):
     if not out_path.lower().endswith(".mp4"):
         raise UserError(f"output video {out_path} must end in .mp4 (H.264 in an mp4 file)")
-    if os.path.lexists(out_path):
-        raise UserError(f"{out_path} already exists; choose another output name or delete it")
+    refuse_existing(out_path, "choose another output name")
     check_can_create(out_path, "output name")
 
 

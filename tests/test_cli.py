@@ -214,6 +214,32 @@ def test_predict_images_and_folders(trained_run, demo_root, tmp_path, capsys):
     assert "already exists" in error_lines(capsys)[0]
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not an image", "bad pixel data"])
+def test_predict_with_a_damaged_image_in_the_middle_is_all_or_nothing(trained_run, demo_root, tmp_path,
+                                                                     capsys, damage):
+    """One line, exit 2 and no --out; once the file is fixed the same command works."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    scenes = sorted(Path(demo_root, "leftImg8bit", "train", "demo").glob("*.png"))[:5]
+    for i, scene in enumerate(scenes):
+        (folder / f"img{i}.png").write_bytes(scene.read_bytes())
+    good = (folder / "img2.png").read_bytes()
+    broken = {"truncated": good[:len(good) // 2], "empty": b"", "not an image": b"hello\n" * 50,
+              "bad pixel data": good[:200] + bytes(len(good) - 400) + good[-200:]}[damage]
+    (folder / "img2.png").write_bytes(broken)
+    out = tmp_path / "out"
+    command = ("predict", "--model", trained_run, folder, "--out", out, "--batch-size", 1)
+    assert run_cli(*command) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith("error: cannot decode image") and "img2.png" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]     # no out/, no hidden folder
+    (folder / "img2.png").write_bytes(good)
+    assert run_cli(*command) == 0
+    maps = read_classes(out)
+    assert sorted(maps) == [f"img{i}_classes.png" for i in range(5)]
+    assert all(m.shape == (128, 256) and m.max() < 5 for m in maps.values())
+
+
 def test_tta_flip_in_evaluate_and_predict(trained_run, demo_root, tmp_path, capsys):
     assert run_cli("evaluate", "--model", trained_run, "--data", demo_root, "--tta", "flip",
                    "--out", tmp_path / "flip.json") == 0

@@ -199,7 +199,8 @@ def test_seed_notebook_runs_as_students_wrote_it(vgg_dir, tmp_path):
     video.make_test_video(str(tmp_path / "project_video.mp4"), 5, size=(160, 96))
     out = _run_as_student("seed", tmp_path)
     assert "Finished.." in out
-    frames = video.read_frames(str(tmp_path / "project_video_overlay.mp4"), range(10))
+    (run,) = (tmp_path / "runs").iterdir()   # a new runs/<timestamp>/, not beside the input
+    frames = video.read_frames(str(run / "project_video_overlay.mp4"), range(10))
     assert len(frames) == 5 and frames[0].shape == (96, 160, 3)
 
 
@@ -367,3 +368,25 @@ if __name__ == "__main__":  # a course solution's process: TF 1 behaviour throug
         course_run()
     else:
         seed_run()
+
+
+def test_gen_video_output_run_again_writes_a_new_run_folder(vgg_dir, tmp_path, monkeypatch):
+    """Re-running the seed notebook: the second gen_video_output works (the seed overwrote its
+    output; refusing the first one's file made the rerun fail) and overwrites nothing."""
+    monkeypatch.chdir(tmp_path)
+    video.make_test_video("project_video.mp4", 3, size=(96, 64))
+    with tf.Graph().as_default(), tf.Session() as sess:
+        image, keep, logits = _course_graph(sess, vgg_dir, 5)
+        first = helper.gen_video_output(sess, logits, keep, image, "project_video.mp4", (64, 96))
+        before = Path(first).read_bytes()
+        second = helper.gen_video_output(sess, logits, keep, image, "project_video.mp4", (64, 96))
+        with pytest.raises(Exception, match="no_such.mp4 does not exist"):
+            helper.gen_video_output(sess, logits, keep, image, "no_such.mp4", (64, 96))
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(runs) == 2   # the failed third call leaves no empty folder
+    assert sorted(Path(p).parent.name for p in (first, second)) == runs
+    assert all(Path(p).name == "project_video_overlay.mp4" for p in (first, second))
+    assert Path(first).read_bytes() == before and not (tmp_path / "project_video_overlay.mp4").exists()
+    frames = [video.read_frames(p, range(5)) for p in (first, second)]
+    assert len(frames[0]) == 3 and frames[0][0].shape == (64, 96, 3)
+    np.testing.assert_array_equal(np.stack(frames[0]), np.stack(frames[1]))

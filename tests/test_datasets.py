@@ -3,6 +3,8 @@
 Fixtures are tiny PNGs written into tmp_path by the tests themselves.
 """
 import io
+import os
+import re
 import struct
 import sys
 import zlib
@@ -211,6 +213,49 @@ def test_images_without_labels(tmp_path):
     assert "labels without images" not in msg
 
 
+def _unreadable(monkeypatch, folder):
+    """``folder`` as chmod 000 makes it for a user who is not root (tests run as root, where it
+    does not stop reads): listing it raises PermissionError, however it is listed."""
+    import glob
+    import os
+    folder = os.path.abspath(folder)
+
+    def refuse(real):
+        def listing(path=".", *args, **kwargs):
+            if os.path.abspath(os.fspath(path)) == folder:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path, *args, **kwargs)
+        return listing
+    monkeypatch.setattr(os, "scandir", refuse(os.scandir))
+    monkeypatch.setattr(os, "listdir", refuse(os.listdir))
+    monkeypatch.setattr(glob, "_iterdir", refuse(glob._iterdir)) if hasattr(glob, "_iterdir") else None
+
+
+@pytest.mark.parametrize("unreadable", ["gtFine/train/aachen", "gtFine/train", "leftImg8bit/val", "."])
+def test_an_unreadable_folder_is_named_not_reported_as_strays(tmp_path, monkeypatch, unreadable):
+    make_cityscapes(tmp_path)
+    folder = tmp_path / unreadable
+    _unreadable(monkeypatch, folder)
+    with pytest.raises(UserError) as err:
+        datasets.find_dataset(tmp_path)
+    line = str(err.value)
+    assert f"cannot read folder '{folder}' (Permission denied)" in line, line
+    assert "without labels" not in line and "\n" not in line
+
+
+@pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0,
+                    reason="root (as in CI containers) reads a chmod 000 folder anyway")
+def test_a_chmod_000_label_folder_is_named(tmp_path):
+    make_cityscapes(tmp_path)
+    folder = tmp_path / "gtFine" / "train" / "aachen"
+    folder.chmod(0)
+    try:
+        with pytest.raises(UserError, match=f"cannot read folder '{folder}'"):
+            datasets.find_dataset(tmp_path)
+    finally:
+        folder.chmod(0o755)
+
+
 def test_labels_without_images(tmp_path):
     root = make_camvid(tmp_path / "camvid")
     png(root / "trainannot" / "lonely.png", ids())
@@ -252,13 +297,13 @@ def test_cityscapes_ids_per_scheme(tmp_path, scheme, expected):
     assert out[0].tolist() == expected
 
 
-def test_cityscapes_colors_with_boundary_and_void(tmp_path):
+def test_cityscapes_colors_with_boundary_and_void(tmp_path, capsys):
     blend = (64, 32, 135)  # an anti-aliased road/car boundary pixel: no such class colour
     colours = [ROAD, CAR, PERSON, LIGHT, SIDEWALK, (0, 0, 0), blend, blend]
     label = png(tmp_path / "x_gtFine_color.png", np.array([colours], np.uint8))
     sample = Sample("unused", label, "color", "cityscapes")
-    with pytest.warns(UserWarning, match=r"2 pixels of .*x_gtFine_color.png.* colours outside"):
-        out = datasets.load_label(sample, get_scheme("road4"))
+    out = datasets.load_label(sample, get_scheme("road4"))
+    assert re.fullmatch(r"2 pixels of .*x_gtFine_color.png.* colours outside .*\n", capsys.readouterr().err)
     # black is both 'unlabeled' (ignored) and 'static' (background): ambiguous -> IGNORE
     assert out[0].tolist() == [1, 2, 3, 4, 0, IGNORE, IGNORE, IGNORE]
 
@@ -297,11 +342,11 @@ def test_hold_out_sequence_picks_a_whole_sequence_near_a_quarter():
     assert datasets.sequence_name(city) == "ulm"
 
 
-def test_kitti_colors_to_road4(tmp_path):
+def test_kitti_colors_to_road4(tmp_path, capsys):
     label = png(tmp_path / "um_road_000000.png",
                 np.array([[(255, 0, 255), (255, 0, 0), (0, 0, 0), (255, 0, 254)]], np.uint8))
-    with pytest.warns(UserWarning, match="1 pixels"):
-        out = datasets.load_label(Sample("unused", label, "color", "kitti"), get_scheme("road4"))
+    out = datasets.load_label(Sample("unused", label, "color", "kitti"), get_scheme("road4"))
+    assert capsys.readouterr().err.startswith("1 pixels of")
     assert out[0].tolist() == [1, 0, IGNORE, IGNORE]
 
 

@@ -30,3 +30,18 @@ def test_publish_never_replaces_a_file(tmp_path):
     assert (tmp_path / "out.mp4").read_bytes() == b"someone's file"
     run_folders.publish(str(tmp_path / ".out.mp4.part"), str(tmp_path / "new.mp4"))
     assert (tmp_path / "new.mp4").read_bytes() == b"new video"
+
+
+def test_refuse_existing_is_one_line_and_leaves_the_file(tmp_path):
+    taken = tmp_path / "out.json"
+    taken.write_text("mine")
+    with pytest.raises(UserError) as err:
+        run_folders.refuse_existing(str(taken), "choose another file name")
+    assert str(err.value) == f"{taken} already exists; choose another file name (nothing is overwritten)"
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")    # a dangling link is taken too
+    with pytest.raises(UserError, match="run folder .*link already exists; pass --resume"):
+        run_folders.refuse_existing(str(tmp_path / "link"), "pass --resume", kind="run folder")
+    run_folders.refuse_existing(str(tmp_path / "free"), "unused")           # free: no error
+    with pytest.raises(UserError, match="gs://b/out already exists"):       # another filesystem
+        run_folders.refuse_existing("gs://b/out", "choose a new --out folder", exists=lambda p: True)
+    assert taken.read_text() == "mine"

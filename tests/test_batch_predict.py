@@ -139,12 +139,16 @@ def _table(path):
 def test_archive_skip_bad_gives_overlays_tables_and_manifest(setup, archive, tmp_path, capsys):
     from roadseg import batch_predict
     image = str(setup["images"][0])
+    bad_image = tmp_path / "bad.png"
+    bad_image.write_bytes(b"not a png")
     out = tmp_path / "out"
-    result = batch_predict.batch_predict(setup["export"], [str(archive), image], str(out),
-                                         skip_bad=True, log=lambda *a: None)
-    assert (result["ok"], result["failed"], result["inputs"]) == (4, 2, 6)
+    result = batch_predict.batch_predict(setup["export"], [str(archive), image, str(bad_image)],
+                                         str(out), skip_bad=True, log=lambda *a: None)
+    assert (result["ok"], result["failed"], result["inputs"]) == (4, 3, 7)
     assert result["counters"] == {"videos_ok": 3, "videos_failed": 2, "images_ok": 1,
-                                  "frames": 24 + 24 + 36 + 1}
+                                  "images_failed": 1, "frames": 24 + 24 + 36 + 1}
+    bars = capsys.readouterr().err   # the local runner's bars over inputs and frames
+    assert "inputs: 100%" in bars and "7/7" in bars and "frames: 85frame" in bars, bars[-500:]
     stem = Path(image).stem
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"{c}_{kind}" for c in CLIPS for kind in ("overlay.mp4", "classes.csv")]
@@ -152,9 +156,10 @@ def test_archive_skip_bad_gives_overlays_tables_and_manifest(setup, archive, tmp
     lines = {Path(line["input"]).name: line for line in _manifest(out)}
     assert {name: line["status"] for name, line in lines.items()} == {
         "c1.mp4": "ok", "c2.mp4": "ok", "c3.mp4": "ok", "truncated.mp4": "failed",
-        "text.mp4": "failed", Path(image).name: "ok"}
+        "text.mp4": "failed", Path(image).name: "ok", "bad.png": "failed"}
     for bad in ("truncated.mp4", "text.mp4"):
         assert "cannot read video" in lines[bad]["reason"] and bad in lines[bad]["reason"]
+    assert "cannot decode image" in lines["bad.png"]["reason"]
     with inference.load_predictor(setup["export"]) as predictor:
         names = list(predictor.scheme.class_names)
         for name, (n, size, fps) in CLIPS.items():
@@ -208,10 +213,12 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_killed_job_resumed_redoes_only_the_missing(setup, archive, tmp_path, capsys):
+@pytest.mark.parametrize("chunks", [[], ["--chunk-seconds", "1"]], ids=["whole", "chunked"])
+def test_killed_job_resumed_redoes_only_the_missing(setup, archive, tmp_path, capsys, chunks):
+    from roadseg import batch_predict
     out = tmp_path / "out"
     args = ["batch-predict", "--model", setup["export"], str(archive), "--out", str(out),
-            "--skip-bad", "--batch-size", "2"]
+            "--skip-bad", "--batch-size", "2", *chunks]
     killed = subprocess.run([sys.executable, "-c", KILLER, *args], cwd=ROOT, capture_output=True,
                             text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -219,14 +226,20 @@ def test_killed_job_resumed_redoes_only_the_missing(setup, archive, tmp_path, ca
     assert len([n for n in finals if n.endswith("_overlay.mp4")]) == 2 and len(finals) == 4
     assert [p.name for p in out.glob(".partial-*")]        # it died while writing the third
     assert not (out / "manifest.jsonl").exists()             # ... before the merge at the end
+    missing = next(c for c in CLIPS if f"{c}_overlay.mp4" not in finals)
+    assert bool(list(out.glob(f".chunk-{missing}-*"))) == bool(chunks)   # its finished chunks
     before = {n: (p.read_bytes(), p.stat().st_mtime_ns) for n, p in finals.items()}
     for n in finals:     # complete, not cut short
         if n.endswith(".mp4"):
             assert read_video(out / n)[1].shape[0] == CLIPS[n.split("_")[0]][0]
 
-    assert cli_main(args + ["--resume"]) == 0
-    printed = capsys.readouterr().out
-    assert "3 of 5 inputs done (2 before this run), 2 failed" in printed, printed
+    result = batch_predict.batch_predict(setup["export"], [str(archive)], str(out), batch_size=2,
+                                         chunk_seconds=1.0 if chunks else None, skip_bad=True,
+                                         resume=True, log=lambda *a: None)
+    assert (result["done_before"], result["ok"], result["failed"]) == (2, 3, 2)
+    assert result["counters"]["videos_ok"] == 1                # only the missing video ...
+    # ... segmented again, or (chunked) rendered from the chunks the killed job had finished
+    assert result["counters"].get("frames", 0) == (0 if chunks else CLIPS[missing][0])
     for n, (data, mtime) in before.items():   # kept: same bytes, never rewritten
         assert (out / n).read_bytes() == data and (out / n).stat().st_mtime_ns == mtime
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -235,7 +248,7 @@ def test_killed_job_resumed_redoes_only_the_missing(setup, archive, tmp_path, ca
     assert [lines[f"{c}.mp4"]["frames"] for c in CLIPS] == [24, 24, 36]
     assert lines["text.mp4"]["status"] == lines["truncated.mp4"]["status"] == "failed"
     assert cli_main(args + ["--resume"]) == 0                # nothing left to do
-    assert "3 of 5 inputs done (3 before this run)" in capsys.readouterr().out
+    assert "3 of 5 inputs done (3 before this run), 2 failed" in capsys.readouterr().out
 
 
 def test_chunk_seconds_gives_the_frames_of_one_pass(setup, archive, tmp_path):

@@ -185,10 +185,11 @@ def batch_predict(model, inputs, out, runner=None, beam_args=(), batch_size=4, l
 def _run_job(job, todo, paths, options, runner, fresh):
     """Run the pipeline over ``todo``; the manifest is merged whatever happens.  After a
     failure a new ``out`` holding nothing finished is removed; otherwise it stays for --resume."""
-    bars = _Progress(len(todo)) if runner in LOCAL_RUNNERS else contextlib.nullcontext()
+    bars = _Progress(len(todo)) if runner in LOCAL_RUNNERS else None   # else: Beam's counters
     try:
-        with bars:
-            _PROGRESS[job.job_id] = bars
+        with bars or contextlib.nullcontext():
+            if bars:
+                _PROGRESS[job.job_id] = bars
             counters = _run(_pipeline(job, todo, options, runner))
     except BaseException as err:
         stopped = "interrupted" if isinstance(err, KeyboardInterrupt) else _first_line(err)

@@ -1,23 +1,46 @@
-"""``segment.py batch-predict``: class maps and overlays of many images on Apache Beam.
+"""``segment.py batch-predict``: class maps and overlays of many images and videos on Apache Beam.
 
     segment.py batch-predict --model RUN_OR_EXPORT INPUTS... --out DIR [--runner NAME]
-                             [Beam pipeline options]
+                             [--chunk-seconds S] [--skip-bad] [--resume] [Beam pipeline options]
 
-The pipeline is Beam's ``RunInference``: image paths -> read and decode (any path Beam's
-filesystems read: local files, ``gs://``, ``s3://``, ...) -> the exported model, batched
--> ``<name>_classes.png`` (class ids) and ``<name>.png`` (the overlay) in ``DIR``, as
-``segment.py predict`` writes them (``roadseg.overlays``).  Without ``--runner`` it runs
-in this process on Beam's ``FnApiRunner`` (offline; Beam's ``DirectRunner`` would first
-try to download a runner binary); ``--runner DataflowRunner`` / ``FlinkRunner`` /
-``SparkRunner`` and their options go to Beam unchanged (docs/scaling.md).
+The pipeline is Beam's ``RunInference`` for images: image paths -> read and decode (any path
+Beam's filesystems read: local files, ``gs://``, ``s3://``, ...) -> the exported model,
+batched -> ``<name>_classes.png`` (class ids) and ``<name>.png`` (the overlay) in ``DIR``, as
+``segment.py predict`` writes them (``roadseg.overlays``).  Videos (mp4, mov, avi, mkv) give
+``<name>_overlay.mp4`` -- the frames ``segment.py video`` writes, through the same
+``video.render_overlay`` -- and ``<name>_classes.csv`` (per frame: index, time, share of the
+pixels of each class).  One video is one element; ``--chunk-seconds S`` splits a longer
+video into frame ranges that are decoded from their own seek points and segmented in
+parallel (their class maps go to hidden part files), then one join renders the overlay and
+the table from the source and those maps: the same frames, in the same order, as one pass.
+
+``DIR/manifest.jsonl`` has a line per input: ``status`` ok / failed / skipped, ``reason``,
+``frames``, ``seconds`` (worker time).  Each worker writes its input's line as a small file
+under ``DIR/.manifest/`` when the input is complete; the command merges them into the
+manifest at the end, after a failure or Ctrl-C too, and before a ``--resume``.  A bad input
+(unreadable, damaged) ends the job with one line, or with ``--skip-bad`` is listed as failed
+and the job goes on.  ``--resume`` runs the same command into the same ``DIR`` for the inputs
+the manifest does not list as ok; finished outputs are never rewritten (every output is
+written under a hidden temporary name and renamed when complete, so a killed job leaves no
+partial file under a final name), and finished chunks of a video are reused.
+
+Without ``--runner`` it runs in this process on Beam's ``FnApiRunner`` (offline; Beam's
+``DirectRunner`` would first try to download a runner binary), with progress bars over inputs
+and frames; ``--runner DataflowRunner`` / ``FlinkRunner`` / ``SparkRunner`` and their options
+go to Beam unchanged (docs/scaling.md), and progress is Beam's counters (``roadseg``
+namespace: images / videos ok and failed, frames).
 
 The model is an export (``segment.py export``): Beam's stock TensorFlow handler cannot
 load our TF1-style SavedModel under Keras 3, so ``SegmentationModelHandler`` loads it with
 ``tf.saved_model.load(dir, tags=['serve']).signatures['predict']``.  A run folder is first
 exported to a temporary folder (for runners in this process or on this host; remote
 workers need an export on storage they read).  Inputs are listed here first, so that a
-missing input, an empty folder or two images with the same name fail before anything runs.
+missing input, an empty folder or two inputs with the same name fail before anything runs.
 """
+import contextlib
+import csv
+import dataclasses
+import gzip
 import io
 import json
 import logging
@@ -25,6 +48,9 @@ import os
 import posixpath
 import shutil
 import tempfile
+import threading
+import time
+import uuid
 
 import numpy as np
 from PIL import Image
@@ -36,6 +62,7 @@ _root.setLevel(logging.ERROR)
 try:
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
+    from apache_beam.metrics import Metrics
     from apache_beam.ml.inference.base import (
         KeyedModelHandler,
         ModelHandler,
@@ -43,10 +70,13 @@ try:
         RunInference,
     )
     from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.utils.shared import Shared
 finally:
     _root.setLevel(_level)
 
-from roadseg import datasets, overlays  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from roadseg import datasets, overlays, run_folders, video  # noqa: E402
 from roadseg.errors import UserError, reason  # noqa: E402
 from roadseg.inference import EXPORT_INFO, SERVE_TAG, SIGNATURE, same_size_batches  # noqa: E402
 from roadseg.log import channel  # noqa: E402
@@ -54,6 +84,12 @@ from roadseg.run_folders import refuse_existing  # noqa: E402
 from roadseg.schemes import get_scheme  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv")
+MANIFEST = "manifest.jsonl"
+RECORDS = ".manifest"     # the finished inputs' manifest lines while a job runs
+PARTIAL = ".partial-"     # prefix of outputs being written
+PART = ".chunk-"          # prefix of a video chunk's class maps (until its video is joined)
+COUNTERS = "roadseg"      # Beam counters' namespace
 # Beam 2.77's RunInference warns once per batch when an optional import of its own fails
 # ("Resource module is not available ... memory usage cannot be fetched"): noise here.
 _root.addFilter(lambda record: not record.getMessage().startswith("Resource module is not available"))
@@ -72,11 +108,16 @@ class SegmentationModelHandler(ModelHandler):
         return tf.saved_model.load(self.export_dir, tags=[SERVE_TAG]).signatures[SIGNATURE]
 
     def run_inference(self, batch, model, inference_args=None):
-        import tensorflow as tf
         maps = []
         for _, images in same_size_batches(((None, image) for image in batch), self.batch_size):
-            maps.extend(model(images=tf.constant(images))["classes"].numpy())
+            maps.extend(self.class_maps(model, images))
         return [PredictionResult(image, class_map) for image, class_map in zip(batch, maps)]
+
+    @staticmethod
+    def class_maps(model, images):
+        """uint8 class maps ``(N, H, W)`` of same-size uint8 RGB images ``(N, H, W, 3)``."""
+        import tensorflow as tf
+        return model(images=tf.constant(images))["classes"].numpy()
 
     def batch_elements_kwargs(self):
         return {"max_batch_size": self.batch_size}
@@ -86,11 +127,37 @@ class SegmentationModelHandler(ModelHandler):
 
 
 # ============================================================================ the command
-def batch_predict(model, inputs, out, runner=None, beam_args=(), batch_size=4, log=None):
-    """Segment every image of ``inputs`` into the new folder ``out``; returns the count."""
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What every step of the pipeline needs (pickled to the workers)."""
+    out: str
+    model: str
+    scheme: str
+    batch_size: int = 4
+    chunk_seconds: float = None
+    skip_bad: bool = False
+    job_id: str = ""
+
+
+def batch_predict(model, inputs, out, runner=None, beam_args=(), batch_size=4, log=None,
+                  chunk_seconds=None, skip_bad=False, resume=False):
+    """Segment every image and video of ``inputs`` into the new folder ``out`` (with
+    ``resume``: complete what ``out``'s manifest does not list as ok).  Returns the counts
+    ``{"inputs", "ok", "failed", "done_before", "frames"}``."""
+    if chunk_seconds is not None and not chunk_seconds > 0:
+        raise UserError(f"--chunk-seconds must be a positive number of seconds, not {chunk_seconds}")
     log = channel(log)
-    refuse_existing(out, "choose a new --out folder", exists=_exists)
-    paths = list_images(inputs)
+    if not resume:
+        refuse_existing(out, "choose a new --out folder", exists=_exists)
+    paths = list_inputs(inputs)
+    fresh = not _exists(out)
+    done = {} if fresh else {p for p, line in _merge_manifest(out, paths).items()
+                              if line["status"] == "ok"}
+    todo = [p for p in paths if p not in done]
+    if done:
+        log(f"resuming {out}: {len(done)} of {len(paths)} inputs are done, {len(todo)} to do")
+    if not todo:
+        return _summary(out, paths, len(done), {})
     scratch = None
     try:
         if _is_run_folder(model):
@@ -102,77 +169,447 @@ def batch_predict(model, inputs, out, runner=None, beam_args=(), batch_size=4, l
             scratch = tempfile.mkdtemp(prefix="roadseg-batch-")
             log(f"exporting {model} for Beam")
             model = export.export(model, os.path.join(scratch, "export"))
-        scheme = get_scheme(_export_info(model)["scheme"])
+        job = Job(out, model, _export_info(model)["scheme"], batch_size, chunk_seconds, skip_bad,
+                  uuid.uuid4().hex)
         options = PipelineOptions(list(beam_args), **({"runner": runner} if runner else {}))
-        log(f"{len(paths)} images on {runner or 'FnApiRunner (in this process)'}")
-        FileSystems.mkdirs(out)
-        try:
-            _run(_pipeline(paths, model, out, scheme, batch_size, options, runner))
-        except BaseException:   # no half-written output folder
-            FileSystems.delete([out])
-            raise
+        n_videos = sum(_is_video(p) for p in todo)
+        log(f"{len(todo) - n_videos} images and {n_videos} videos on "
+            f"{runner or 'FnApiRunner (in this process)'}")
+        if fresh:
+            FileSystems.mkdirs(out)
+        counters = _run_job(job, todo, paths, options, runner, fresh)
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-    return len(paths)
+    return _summary(out, paths, len(done), counters)
 
 
-def _pipeline(paths, model, out, scheme, batch_size, options, runner):
+def _run_job(job, todo, paths, options, runner, fresh):
+    """Run the pipeline over ``todo``; the manifest is merged whatever happens.  After a
+    failure a new ``out`` holding nothing finished is removed; otherwise it stays for --resume."""
+    bars = _Progress(len(todo)) if runner in LOCAL_RUNNERS else None   # else: Beam's counters
+    try:
+        with bars or contextlib.nullcontext():
+            if bars:
+                _PROGRESS[job.job_id] = bars
+            counters = _run(_pipeline(job, todo, options, runner))
+    except BaseException as err:
+        stopped = "interrupted" if isinstance(err, KeyboardInterrupt) else _first_line(err)
+        lines = _merge_manifest(job.out, paths, f"not processed: the job stopped ({stopped})")
+        _remove_leftovers(job.out, chunks=False)
+        if fresh and not any(line["status"] == "ok" for line in lines.values()):
+            FileSystems.delete([job.out])   # nothing to resume from: no output folder at all
+        failed = any(line["status"] == "failed" for line in lines.values())
+        if isinstance(err, UserError) and failed:
+            raise UserError(err.base, "--skip-bad", "(pass --skip-bad to list bad inputs in "
+                            f"{MANIFEST} and go on; --resume keeps what is done)") from None
+        raise
+    finally:
+        _PROGRESS.pop(job.job_id, None)
+    _merge_manifest(job.out, paths)
+    _remove_leftovers(job.out)
+    return counters
+
+
+def _summary(out, paths, done_before, counters):
+    lines = _read_manifest(out)
+    statuses = [lines.get(p, {}).get("status") for p in paths]
+    return {"inputs": len(paths), "ok": statuses.count("ok"), "failed": statuses.count("failed"),
+            "done_before": done_before, "frames": counters.get("frames", 0),
+            "counters": counters}
+
+
+def _first_line(err):
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _pipeline(job, paths, options, runner):
     if runner is None:   # offline, in this process
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
         pipeline = beam.Pipeline(runner=FnApiRunner(), options=options)
     else:
         pipeline = beam.Pipeline(options=options)
-    handler = KeyedModelHandler(SegmentationModelHandler(model, batch_size))
-    (pipeline
-     | "paths" >> beam.Create(paths)
-     | "spread" >> beam.Reshuffle()
-     | "decode" >> beam.Map(lambda path: (path, read_image(path)))
-     | "segment" >> RunInference(handler)
-     | "write" >> beam.Map(write_outputs, out, scheme))
+    images = [p for p in paths if not _is_video(p)]
+    videos = [p for p in paths if _is_video(p)]
+    if images:
+        handler = KeyedModelHandler(SegmentationModelHandler(job.model, job.batch_size))
+        (pipeline
+         | "paths" >> beam.Create(images)
+         | "spread" >> beam.Reshuffle()
+         | "decode" >> beam.FlatMap(_decode, job)
+         | "segment" >> RunInference(handler)
+         | "write" >> beam.Map(write_outputs, job))
+    if videos:
+        (pipeline
+         | "videos" >> beam.Create(videos)
+         | "spread videos" >> beam.Reshuffle()
+         | "split" >> beam.FlatMap(split_video, job)
+         | "spread chunks" >> beam.Reshuffle()
+         | "segment videos" >> beam.ParDo(SegmentVideo(job))
+         | "chunks by video" >> beam.GroupByKey()
+         | "join chunks" >> beam.Map(join_chunks, job))
     return pipeline
 
 
 def _run(pipeline):
-    """Run and wait; a UserError raised on a worker (an undecodable image) stays one line."""
+    """Run and wait; returns the ``roadseg`` counters.  A UserError raised on a worker (an
+    undecodable image) stays one line."""
     try:
-        pipeline.run().wait_until_finish()
-    except UserError:
-        raise
-    except Exception as err:   # Beam wraps what its workers raise
+        result = pipeline.run()
+        result.wait_until_finish()
+    except Exception as err:   # Beam wraps what its workers raise, or adds to its message
         text = str(err)
-        if "UserError: " in text:
+        if isinstance(err, UserError) or "UserError: " in text:
             raise UserError(reason(err)) from None
         raise
+    counters = {}
+    for counter in result.metrics().query()["counters"]:
+        if counter.key.metric.namespace == COUNTERS:
+            name = counter.key.metric.name
+            counters[name] = counters.get(name, 0) + counter.committed
+    return counters
+
+
+# ============================================================================ progress, manifest
+_PROGRESS = {}   # job id -> its _Progress, for workers running in this process
+
+
+class _Progress:
+    """Two bars, over inputs and over frames, that workers in this process advance."""
+
+    def __init__(self, n_inputs):
+        self.lock = threading.Lock()
+        self.inputs = tqdm(total=n_inputs, desc="inputs", unit="input", position=0)
+        self.frames = tqdm(desc="frames", unit="frame", position=1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.frames.close()
+        self.inputs.close()
+
+
+def _advance(job, inputs=0, frames=0):
+    """Count finished inputs and segmented frames: Beam counters, and the bars when the
+    worker runs in the command's process."""
+    if frames:
+        Metrics.counter(COUNTERS, "frames").inc(frames)
+    bars = _PROGRESS.get(job.job_id)
+    if bars is not None:
+        with bars.lock:
+            bars.inputs.update(inputs)
+            bars.frames.update(frames)
+
+
+def _record(job, path, status, reason=None, frames=0, seconds=0.0, **more):
+    """Write ``path``'s manifest line (``out/.manifest/<name>.json``, replacing an older one)."""
+    kind = "videos" if _is_video(path) else "images"
+    Metrics.counter(COUNTERS, f"{kind}_{status}").inc()
+    line = {"input": path, "status": status, "reason": reason, "frames": frames,
+            "seconds": round(seconds, 3), **more}
+    target = _join(job.out, RECORDS, _stem(path) + ".json")
+    _put(target, io.BytesIO(json.dumps(line).encode()))
+    _advance(job, inputs=1)
+
+
+def _fail(job, path, err, started):
+    """A bad input: its manifest line says why; without --skip-bad the job ends here."""
+    _record(job, path, "failed", reason=str(err), seconds=time.time() - started)
+    if not job.skip_bad:
+        raise err
+
+
+def _read_manifest(out):
+    """``{input: line}`` of ``out/manifest.jsonl`` (empty when there is none; a line that
+    does not parse is left out, so its input counts as not done)."""
+    path = _join(out, MANIFEST)
+    if not _exists(path):
+        return {}
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        text = f.read().decode("utf-8", "replace")
+    lines = {}
+    for raw in text.splitlines():
+        with contextlib.suppress(ValueError):
+            line = json.loads(raw)
+            if isinstance(line, dict) and "input" in line and "status" in line:
+                lines[line["input"]] = line
+    return lines
+
+
+def _merge_manifest(out, paths, stopped="not processed yet"):
+    """Merge the finished inputs' lines (``out/.manifest/``) into ``out/manifest.jsonl``, a line
+    for each of ``paths`` in order (``skipped`` for one not done: ``stopped`` says why) and
+    then the lines of earlier commands' other inputs; returns ``{input: line}``."""
+    lines = _read_manifest(out)
+    records = _match(_join(out, RECORDS, "*.json"))
+    for record in records:
+        with FileSystems.open(record, compression_type="uncompressed") as f:
+            with contextlib.suppress(ValueError):
+                line = json.loads(f.read().decode("utf-8", "replace"))
+                lines[line["input"]] = line
+    for path in paths:
+        lines.setdefault(path, {"input": path, "status": "skipped", "reason": stopped,
+                                "frames": 0, "seconds": 0.0})
+    ordered = [lines[p] for p in paths] + [line for p, line in lines.items() if p not in set(paths)]
+    target = _join(out, MANIFEST)
+    _put(target, io.BytesIO("".join(json.dumps(line) + "\n" for line in ordered).encode()))
+    if records:
+        FileSystems.delete(records)
+    return {line["input"]: line for line in ordered}
+
+
+def _remove_leftovers(out, chunks=True):
+    """What stopped jobs left: partial files, and (``chunks``: after a finished job) chunks of
+    videos that failed; finished chunks of a stopped job stay for its --resume."""
+    leftovers = _match(_join(out, PARTIAL + "*")) + _match(_join(out, RECORDS, PARTIAL + "*"))
+    leftovers += _match(_join(out, PART + "*")) if chunks else []
+    if leftovers:
+        FileSystems.delete(leftovers)
+    if "://" not in out and os.path.isdir(_join(out, RECORDS)):
+        with contextlib.suppress(OSError):
+            os.rmdir(_join(out, RECORDS))
+
+
+# ============================================================================ videos
+def split_video(path, job):
+    """``(path, (start, count, n_chunks))`` elements of a video: one chunk, or with
+    --chunk-seconds ranges of whole batches; the last range runs to the end (the frame count
+    in a header is an estimate)."""
+    started = time.time()
+    try:
+        with _local_copy(path) as local:
+            _, fps, estimate = video.probe_video(local)
+    except UserError as err:
+        _fail(job, path, err, started)
+        return
+    if job.chunk_seconds is None or not estimate:
+        yield path, (0, None, 1)
+        return
+    batches = max(1, -(-round(job.chunk_seconds * float(fps)) // job.batch_size))
+    per_chunk = batches * job.batch_size   # whole batches: each batch is as in one pass
+    starts = list(range(0, estimate, per_chunk))
+    for k, start in enumerate(starts):
+        yield path, (start, per_chunk if k + 1 < len(starts) else None, len(starts))
+
+
+class SegmentVideo(beam.DoFn):
+    """A whole video -> its overlay and table; a chunk -> its class maps in a part file,
+    then ``(path, (start, count, seconds, error))`` for the join."""
+
+    def __init__(self, job):
+        self.job, self._shared = job, Shared()
+
+    def setup(self):
+        self._handler = SegmentationModelHandler(self.job.model, self.job.batch_size)
+        self._model = self._shared.acquire(self._handler.load_model, tag=self.job.model)
+
+    def _predict(self, images):
+        maps = self._handler.class_maps(self._model, images)
+        _advance(self.job, frames=len(images))
+        return maps
+
+    def process(self, element):
+        path, (start, count, n_chunks) = element
+        job, started = self.job, time.time()
+        if n_chunks == 1:
+            try:
+                frames, fps = _render_video(path, job, self._predict)
+            except UserError as err:
+                _fail(job, path, err, started)
+                return
+            _record(job, path, "ok", frames=frames, seconds=time.time() - started, fps=fps)
+            return
+        part = _part_name(job.out, path, start, count)
+        try:
+            if not _exists(part):   # a chunk a killed job finished is reused
+                _write_maps(path, part, start, count, job.batch_size, self._predict)
+        except UserError as err:
+            if not job.skip_bad:
+                _fail(job, path, err, started)
+            yield path, (start, count, time.time() - started, str(err))
+            return
+        yield path, (start, count, time.time() - started, None)
+
+
+def _write_maps(path, part, start, count, batch_size, predict):
+    """Class maps of frames ``[start, start + count)``: a gzip stream of ``.npy`` batches."""
+    with _local_copy(path) as local, _staged_output(part) as tmp, gzip.open(tmp, "wb", 1) as f:
+        for images in video.read_frame_batches(local, batch_size, start, count):
+            np.lib.format.write_array(f, predict(images), allow_pickle=False)
+
+
+def _read_maps(part):
+    """Yield the class maps of a part file, frame by frame."""
+    with FileSystems.open(part, compression_type="uncompressed") as raw:
+        with gzip.GzipFile(fileobj=raw) as f:
+            while f.peek(1):
+                yield from np.lib.format.read_array(f, allow_pickle=False)
+
+
+def join_chunks(keyed, job):
+    """A chunked video's overlay and table, rendered from the source and its chunks' maps."""
+    path, chunks = keyed
+    chunks = sorted(chunks)
+    started, worked = time.time(), sum(chunk[2] for chunk in chunks)
+    parts = [_part_name(job.out, path, start, count) for start, count, _, _ in chunks]
+    errors = [chunk[3] for chunk in chunks if chunk[3]]
+    if errors:   # only with --skip-bad: without it the chunk's error ended the job
+        _record(job, path, "failed", reason=errors[0], seconds=worked)
+        FileSystems.delete([p for p in parts if _exists(p)])
+        return
+    maps = (class_map for part in parts for class_map in _read_maps(part))
+
+    def take(images):
+        got = [class_map for _, class_map in zip(images, maps)]
+        if len(got) < len(images):
+            raise RuntimeError(f"the chunks of {path} hold fewer frames than the video")
+        return np.stack(got)
+
+    try:
+        frames, fps = _render_video(path, job, take)
+    except UserError as err:
+        _fail(job, path, err, started)
+        return
+    if next(maps, None) is not None:
+        raise RuntimeError(f"the chunks of {path} hold more frames than the video ({frames})")
+    _record(job, path, "ok", frames=frames, seconds=worked + time.time() - started, fps=fps,
+            chunks=len(chunks))
+    FileSystems.delete(parts)
+
+
+def _render_video(path, job, maps_fn):
+    """``<name>_overlay.mp4`` (``video.render_overlay``, as ``segment.py video``) and
+    ``<name>_classes.csv`` of a whole video; returns (frames, fps)."""
+    stem, scheme = _join(job.out, _stem(path)), get_scheme(job.scheme)
+    with _local_copy(path) as local:
+        size, fps, _ = video.probe_video(local)
+        with _staged_output(stem + "_classes.csv") as table_path, \
+                _staged_output(stem + "_overlay.mp4") as overlay_path, \
+                open(table_path, "w", newline="") as f:
+            table = ClassTable(f, scheme.class_names, fps)
+            frames = video.render_overlay(video.read_frame_batches(local, job.batch_size), maps_fn,
+                                          overlay_path, size, fps, scheme, name=stem + "_overlay.mp4",
+                                          on_batch=lambda images, maps: table.add(maps))
+            if frames == 0:
+                raise UserError(f"video {path} has no frames; check the file")
+    return frames, float(fps)
+
+
+class ClassTable:
+    """``<name>_classes.csv``: a row per frame -- index, time (s), share of the frame's pixels
+    in each class (6 decimals) -- written as the frames come."""
+
+    def __init__(self, f, class_names, fps):
+        self.writer, self.fps, self.n = csv.writer(f), float(fps), 0
+        self.num_classes = len(class_names)
+        self.writer.writerow(["index", "time", *class_names])
+
+    def add(self, maps):
+        for class_map in maps:
+            counts = np.bincount(class_map.ravel(), minlength=self.num_classes)[:self.num_classes]
+            shares = counts / class_map.size
+            self.writer.writerow([self.n, f"{self.n / self.fps:.6f}", *(f"{s:.6f}" for s in shares)])
+            self.n += 1
 
 
 # ============================================================================ reading, writing
-def list_images(inputs):
-    """The image paths of ``inputs``: files, folders (their images, not recursive) and
-    globs, on any filesystem Beam reads; a missing input, no image at all or two images
-    that would be saved under one name are a UserError."""
+def list_inputs(inputs):
+    """The image and video paths of ``inputs``: files, folders (their images and videos, not
+    recursive) and globs, on any filesystem Beam reads; a missing input, nothing to segment
+    or two inputs that would be saved under one name are a UserError."""
     paths = []
     for item in inputs:
         folder = os.path.isdir(item) or item.endswith("/")
         found = _match(item.rstrip("/") + "/*" if folder else item)
         if not found and not any(c in item for c in "*?["):   # a folder on a remote filesystem
             folder, found = True, _match(item.rstrip("/") + "/*")
-        images = sorted(p for p in found if p.lower().endswith(IMAGE_EXTENSIONS)
-                        or (p == item and not folder))
-        if not images:
-            raise UserError(f"input {item} does not exist or holds no png/jpg images; pass image "
-                            f"files, folders of images or globs")
-        paths += images
-    if not paths:
-        raise UserError(f"no images (png/jpg) found in {', '.join(inputs)}")
+        media = sorted(p for p in found if p.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
+                       or (p == item and not folder))
+        if not media:
+            raise UserError(f"input {item} does not exist or holds no images (png/jpg) or videos "
+                            f"(mp4/mov/avi/mkv); pass files, folders or globs")
+        paths += media
     stems = {}
     for path in paths:
         stem = _stem(path)
         if stem in stems:
-            raise UserError(f"{path} and {stems[stem]} would both be saved as {stem}.png; "
+            raise UserError(f"{path} and {stems[stem]} would both be saved as {_outputs(path)[0]}; "
                             f"rename one of them")
         stems[stem] = path
     return paths
+
+
+def _is_video(path):
+    return path.lower().endswith(VIDEO_EXTENSIONS)
+
+
+def _outputs(path):
+    stem = _stem(path)
+    return [f"{stem}_overlay.mp4", f"{stem}_classes.csv"] if _is_video(path) else \
+        [f"{stem}.png", f"{stem}_classes.png"]
+
+
+def _join(out, *names):
+    return posixpath.join(out, *names) if "://" in out else os.path.join(out, *names)
+
+
+def _part_name(out, path, start, count):
+    return _join(out, f"{PART}{_stem(path)}-{start}-{count or 'end'}.maps.gz")
+
+
+@contextlib.contextmanager
+def _local_copy(path):
+    """A path ffmpeg can open: ``path`` itself on this machine, else a temporary local copy
+    (ffmpeg reads local files; mp4 needs seeking)."""
+    if "://" not in path:
+        yield path
+        return
+    suffix = os.path.splitext(path)[1]
+    with tempfile.NamedTemporaryFile(suffix=suffix) as local:
+        try:
+            with FileSystems.open(path, compression_type="uncompressed") as f:
+                shutil.copyfileobj(f, local, 1 << 20)
+        except Exception as err:   # BeamIOError and the storage client's own errors
+            raise UserError(f"cannot read {path} ({_first_line(err)}); check the path") from None
+        local.flush()
+        yield local.name
+
+
+@contextlib.contextmanager
+def _staged_output(target):
+    """Yield a local path to write ``target``'s content to.  When the block ends without an
+    error it gets ``target``'s name -- unless a complete ``target`` is already there (a
+    --resume), which is kept as it is; on any error nothing is left.  On this machine the
+    temporary file is ``.partial-*`` next to it (``run_folders.publish``: never replacing a
+    file); for another filesystem it is uploaded under such a name and renamed."""
+    remote = "://" in target
+    folder = tempfile.gettempdir() if remote else run_folders.make_dirs(os.path.dirname(
+        os.path.abspath(target)))
+    tmp = os.path.join(folder, f"{PARTIAL}{uuid.uuid4().hex[:8]}-{_stem(target)}"
+                       f"{os.path.splitext(target)[1]}")
+    try:
+        with run_folders.write_errors_as_user_error(target):
+            yield tmp
+            if _exists(target):
+                return
+            if not remote:
+                run_folders.publish(tmp, target)
+                return
+            with open(tmp, "rb") as src:
+                _put(target, src)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _decode(path, job):
+    """``((path, start time), image)``; an undecodable image fails (``_fail``)."""
+    started = time.time()
+    try:
+        yield (path, started), read_image(path)
+    except UserError as err:
+        _fail(job, path, err, started)
 
 
 def _match(pattern):
@@ -194,21 +631,29 @@ def read_image(path):
         raise UserError(f"cannot decode image '{path}'; replace the file or leave it out") from None
 
 
-def write_outputs(keyed, out, scheme):
+def write_outputs(keyed, job):
     """``<stem>.png`` (overlay) and ``<stem>_classes.png`` (class ids) of one prediction,
-    each written under a temporary name and renamed when complete."""
-    path, result = keyed
+    each written under a temporary name and renamed when complete; then its manifest line."""
+    (path, started), result = keyed
     image, class_map = result.example, np.asarray(result.inference, np.uint8)
-    stem = posixpath.join(out, _stem(path)) if "://" in out else os.path.join(out, _stem(path))
-    for target, array in ((stem + ".png", overlays.overlay(image, class_map, scheme)),
+    stem = _join(job.out, _stem(path))
+    for target, array in ((stem + ".png", overlays.overlay(image, class_map, get_scheme(job.scheme))),
                           (stem + "_classes.png", class_map)):
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="PNG")
-        partial = _partial_name(target)
-        with FileSystems.create(partial) as f:
-            f.write(buffer.getvalue())
-        FileSystems.rename([partial], [target])
+        with _staged_output(target) as tmp:
+            Image.fromarray(array).save(tmp, format="PNG")
+    _advance(job, frames=1)
+    _record(job, path, "ok", frames=1, seconds=time.time() - started)
     return path
+
+
+def _put(target, src):
+    """Write the file object ``src`` to ``target`` on any Beam filesystem, under a
+    ``.partial-`` name renamed when complete (replacing an older ``target``: the manifest);
+    the local outputs go through ``run_folders.publish`` instead (``_staged_output``)."""
+    partial = _partial_name(target)
+    with FileSystems.create(partial) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    FileSystems.rename([partial], [target])
 
 
 def _partial_name(target):

@@ -208,9 +208,12 @@ def cmd_batch_predict(a):
     except ImportError as err:
         raise UserError(f"batch-predict needs Apache Beam ({err}); pip install apache-beam "
                         f"(or: pip install -e .[beam])") from None
-    n = batch_predict.batch_predict(a.model, a.inputs, a.out, a.runner, a.beam_args,
-                                    batch_size=a.batch_size)
-    logger.info(f"{n} overlays and class maps in {a.out}")
+    _at_least_one(a, "batch_size")
+    r = batch_predict.batch_predict(a.model, a.inputs, a.out, a.runner, a.beam_args,
+                                    batch_size=a.batch_size, chunk_seconds=a.chunk_seconds,
+                                    skip_bad=a.skip_bad, resume=a.resume)
+    logger.info(f"{r['ok']} of {r['inputs']} inputs done ({r['done_before']} before this run), "
+                f"{r['failed']} failed; outputs and {batch_predict.MANIFEST} in {a.out}")
 
 
 def cmd_video(a):
@@ -339,7 +342,8 @@ def _model_commands(add):
     sp.add_argument("--runs", default=DEFAULT_RUNS, help=argparse.SUPPRESS)
 
     sp = add("batch-predict", cmd_batch_predict, "predict on Apache Beam (RunInference): overlays "
-             "and class maps of many images (files, folders, globs, gs://...); offline in this "
+             "and class maps of many images and videos (files, folders, globs, gs://...); per "
+             "video an overlay mp4 and per-frame class shares (csv); offline in this "
              "process by default, or on --runner DataflowRunner/FlinkRunner/SparkRunner; other "
              "options (--project=..., --region=...) go to Beam")
     sp.add_argument("--model", required=True, help="runs/<name> folder or exported model")
@@ -347,6 +351,12 @@ def _model_commands(add):
     sp.add_argument("--out", required=True, help="new output folder (any Beam filesystem)")
     sp.add_argument("--runner", help="Beam runner (default: FnApiRunner in this process, offline)")
     sp.add_argument("--batch-size", type=int, default=4)
+    sp.add_argument("--chunk-seconds", type=float, metavar="S", help="split videos longer than S "
+                    "seconds into ranges segmented in parallel (default: one video per element)")
+    sp.add_argument("--skip-bad", action="store_true", help="list unreadable or damaged inputs "
+                    "as failed in manifest.jsonl and go on (default: the first one ends the job)")
+    sp.add_argument("--resume", action="store_true", help="complete an earlier job into the same "
+                    "--out: only the inputs its manifest.jsonl does not list as ok")
 
     sp = add("video", cmd_video, "overlay every frame of a video, write an H.264 mp4")
     sp.add_argument("--model", required=True)

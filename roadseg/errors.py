@@ -45,6 +45,7 @@ _NOT_THE_REASON = ("Graph execution error", "Detected at node", "<stack traces",
 _ABORT_REASONS = (re.compile(r"aborted by: *(.+)"),          # a collective op's abort
                   re.compile(r'grpc_message:"([^"]+)"'))     # gRPC's status detail
 _REMOTE_USER_ERROR = re.compile(r"UserError: *(.+)")         # a worker's traceback (Beam)
+_BEAM_STEP = re.compile(r" \[while running '[^']*'\]")
 _LOG_PREFIX = re.compile(r"^\[[^]]*\]\s*")                   # ffmpeg's "[mp4 @ 0x55d0...] "
 # urllib3 starts its errors with the connection object or pool: "<...HTTPSConnection ...>: "
 _CONNECTION_PREFIX = re.compile(r"^(<[^>]*>|\w+ConnectionPool\([^)]*\)): ")
@@ -58,7 +59,8 @@ def reason(err, default=None):
     its start).  The first rule that applies gives the reason (cut at 200 characters but for 2):
 
     1. an ``OSError`` with a ``strerror``: it ('No space left on device');
-    2. a ``UserError`` raised elsewhere and wrapped (Beam's worker traceback): its line;
+    2. a ``UserError``, or one raised elsewhere and wrapped (Beam's worker traceback): its
+       line, without the step Beam adds;
     3. a write reason (``WRITE_REASONS``) anywhere in the text: it (TensorFlow buries it under
        its preamble and hints);
     4. an abort reason, ``aborted by: X`` or ``grpc_message:"X"``: X ('Socket closed');
@@ -73,8 +75,11 @@ def reason(err, default=None):
         return err.strerror[:REASON_CHARS]
     text = _text(err)
     remote = _REMOTE_USER_ERROR.search(text)
+    if isinstance(err, UserError):   # re-raised by Beam with its step added
+        return _BEAM_STEP.sub("", text.splitlines()[0]).strip()
     if remote:
-        return remote.group(1).strip()   # a whole UserError line: never cut
+        # a whole UserError line, never cut; without Beam's " [while running 'step']"
+        return _BEAM_STEP.sub("", remote.group(1)).strip()
     written = [known for known in WRITE_REASONS if known in text]
     if written:
         return written[0]

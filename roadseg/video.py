@@ -2,6 +2,11 @@
 
 * ``process_video``     -> an overlaid H.264 copy of a video; decoding, inference and
                            encoding overlap in three threads
+* ``render_overlay``    -> its core: batches of frames + a class-map function -> the overlaid
+                           mp4 (also ``batch-predict``'s, so both write the same frames)
+* ``probe_video``       -> size, exact frame rate and estimated frame count of a video
+* ``read_frame_batches`` -> frames ``[start, start + count)`` as RGB batches, decoded from
+                           their own seek point (frame-exact: equal to sequential decoding)
 * ``read_frames``       -> chosen frames of a video as RGB arrays
 * ``write_video``       -> RGB frames as an H.264 mp4 (a new file)
 * ``make_test_video``   -> a small synthetic clip with known colour regions
@@ -10,6 +15,7 @@
 Frames are RGB uint8 end to end; files are written under a hidden temporary name and
 get their final name only when complete.
 """
+import collections
 import itertools
 import os
 import queue
@@ -30,6 +36,10 @@ from roadseg.run_folders import WRITE_FIX, check_can_create, refuse_existing, st
 
 CRF = 18          # libx264 constant rate factor: 18 is close to visually lossless
 QUEUE_BATCHES = 4  # batches buffered between the reader, the model and the writer
+# A range starting at frame i is decoded from ffmpeg's input seek to (i - SEEK_LEAD) / fps:
+# ffmpeg seeks to the keyframe before it and decodes forward, dropping frames earlier than
+# that time, so frame i (at i / fps) is the first one kept even when timestamps are rounded.
+SEEK_LEAD = 0.25
 
 
 def _exact_fps(fps):
@@ -40,11 +50,13 @@ def _exact_fps(fps):
     return Fraction(fps).limit_denominator(1001)
 
 
-def _open_reader(path):
-    """``(raw frame generator, metadata)`` of a video, or a UserError naming the file."""
+def _open_reader(path, seek_seconds=None):
+    """``(raw frame generator, metadata)`` of a video, or a UserError naming the file;
+    ``seek_seconds``: decoding starts there (ffmpeg's input ``-ss``)."""
     if not os.path.isfile(path):
         raise UserError(f"video {path} does not exist; check the path")
-    frames = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24")
+    seek = ["-ss", f"{seek_seconds:.6f}"] if seek_seconds else None
+    frames = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24", input_params=seek)
     try:
         meta = next(frames)
     except (OSError, RuntimeError, IndexError, AttributeError, StopIteration) as err:
@@ -72,6 +84,37 @@ def _read_batches(frames, path, size, batch_size, max_frames=None):
         frames.close()  # stops ffmpeg
     if batch:
         yield np.stack(batch)
+
+
+def _video_format(meta):
+    """(size (W, H), exact fps, estimated frame count or None) from a reader's metadata."""
+    fps = _exact_fps(meta["fps"] or 25.0)
+    return tuple(meta["size"]), fps, round(meta.get("duration", 0) * float(fps)) or None
+
+
+def probe_video(path):
+    """``(size (W, H), exact fps, estimated frame count or None)`` of the video at ``path``
+    (from its header: nothing is decoded); an unreadable file is a UserError naming it."""
+    frames, meta = _open_reader(os.fspath(path))
+    frames.close()
+    return _video_format(meta)
+
+
+def read_frame_batches(path, batch_size, start=0, count=None):
+    """Frames ``[start, start + count)`` (``count`` None: to the end) of the video at ``path``
+    as uint8 RGB batches ``(N, H, W, 3)`` of up to ``batch_size``.
+
+    A range not at the start is decoded from its own seek point (``SEEK_LEAD``), not by
+    decoding everything before it: the frames are those sequential decoding gives at these
+    indices (tests/test_video.py checks it frame by frame).  ffmpeg stops when the range is done.
+    """
+    path = os.fspath(path)
+    seek = None
+    if start:
+        _, fps, _ = probe_video(path)
+        seek = (start - SEEK_LEAD) / float(fps)
+    frames, meta = _open_reader(path, seek)
+    yield from _read_batches(frames, path, tuple(meta["size"]), batch_size, count)
 
 
 def _open_writer(path, size, fps, log):
@@ -214,7 +257,7 @@ def process_video(in_path, out_path, predict_fn, scheme, batch_size=4, alpha=0.5
 
     Same frame count (or the first ``max_frames``), size and frame rate as the input; RGB
     end to end.  Decoding, inference (this thread) and overlay + encoding overlap
-    (``_overlapped``), so the rate is close to ``predict_fn``'s own.  The video goes to a
+    (``render_overlay``), so the rate is close to ``predict_fn``'s own.  The video goes to a
     hidden temporary file next to ``out_path`` that gets its name only when complete; an
     existing ``out_path`` is refused.
 
@@ -225,27 +268,17 @@ def process_video(in_path, out_path, predict_fn, scheme, batch_size=4, alpha=0.5
         raise UserError(f"max_frames must be at least 1, got {max_frames}")
     _check_new_mp4(out_path)
     frames, meta = _open_reader(in_path)
-    size = tuple(meta["size"])
-    fps = _exact_fps(meta["fps"] or 25.0)
-    total = round(meta.get("duration", 0) * float(fps)) or None
+    size, fps, total = _video_format(meta)
     if max_frames is not None:
         total = min(total or max_frames, max_frames)
-    n_frames, start = 0, time.perf_counter()
+    start = time.perf_counter()
     bar = tqdm(total=total, desc=os.path.basename(in_path), unit="frame")
-
-    def advance(images):
-        nonlocal n_frames
-        n_frames += len(images)
-        bar.update(len(images))
-
     try:
         with staged_file(out_path) as tmp_path:
-            _overlapped(source=_read_batches(frames, in_path, size, batch_size, max_frames),
-                        transform=lambda images: (images, predict_batch(predict_fn, images)),
-                        sink=lambda pairs: _write_batches(
-                            (overlay(images, maps, scheme, alpha) for images, maps in pairs),
-                            tmp_path, size, fps, out_path),
-                        on_item=advance)
+            n_frames = render_overlay(
+                _read_batches(frames, in_path, size, batch_size, max_frames),
+                lambda images: predict_batch(predict_fn, images), tmp_path, size, fps, scheme,
+                alpha, name=out_path, on_batch=lambda images, maps: bar.update(len(images)))
             if n_frames == 0:
                 raise UserError(f"video {in_path} has no frames; check the file")
     finally:
@@ -254,6 +287,37 @@ def process_video(in_path, out_path, predict_fn, scheme, batch_size=4, alpha=0.5
     seconds = time.perf_counter() - start
     return {"frames": n_frames, "fps": float(fps), "size": size,
             "seconds": seconds, "frames_per_second": n_frames / seconds}
+
+
+def render_overlay(batches, maps_fn, out_path, size, fps, scheme, alpha=0.5, name=None,
+                   on_batch=None):
+    """The overlaid H.264 video of ``batches`` (uint8 RGB ``(N, H, W, 3)``) in the new file
+    ``out_path`` (None: no video, only ``on_batch``); returns the number of frames.
+
+    ``maps_fn(images) -> class maps (N, H, W)`` runs in this thread while ``batches`` is read
+    in a reader thread and the overlays are encoded in a writer thread (``_overlapped``);
+    ``on_batch(images, maps)`` is called here after each batch.  The one renderer of
+    ``segment.py video`` and ``batch-predict``, so both write the same frames (bytes, even).
+    """
+    count = 0
+
+    def segment(images):
+        nonlocal count
+        maps = maps_fn(images)
+        count += len(images)
+        if on_batch is not None:
+            on_batch(images, maps)
+        return images, maps
+
+    def encode(pairs):
+        if out_path is None:
+            collections.deque(pairs, maxlen=0)   # drain: the maps were all that was wanted
+        else:
+            _write_batches((overlay(images, maps, scheme, alpha) for images, maps in pairs),
+                           out_path, size, fps, name)
+
+    _overlapped(source=batches, transform=segment, sink=encode)
+    return count
 
 
 def write_video(out_path, frames, fps=12):

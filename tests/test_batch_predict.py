@@ -1,14 +1,19 @@
 """``segment.py batch-predict``: Apache Beam RunInference (in-process FnApiRunner, offline)
-writes what ``segment.py predict`` writes, byte for byte."""
+writes what ``segment.py predict`` writes, byte for byte; videos give what ``segment.py video``
+writes plus per-frame class shares, chunked or not, with a manifest, --skip-bad and --resume."""
+import csv
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from fakes import read_video
 
-from roadseg import demo_scenes, export, trainer
+from roadseg import demo_scenes, export, inference, trainer, video
 from roadseg.cli import main as cli_main
 
 pytest.importorskip("apache_beam")
@@ -29,7 +34,12 @@ def setup(tmp_path_factory, vgg_dir):
 
 
 def _files(folder):
-    return {p.name: p.read_bytes() for p in Path(folder).iterdir()}
+    """Name -> bytes of the outputs in ``folder`` (not the manifest)."""
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.name != "manifest.jsonl"}
+
+
+def _manifest(folder):
+    return [json.loads(line) for line in (Path(folder) / "manifest.jsonl").read_text().splitlines()]
 
 
 def test_batch_predict_writes_what_predict_writes(setup, tmp_path, capsys):
@@ -47,6 +57,10 @@ def test_batch_predict_writes_what_predict_writes(setup, tmp_path, capsys):
         assert cli_main(["batch-predict", "--model", model, *inputs, "--out",
                          str(tmp_path / out)]) == 0, capsys.readouterr().err
         assert _files(tmp_path / out) == expected
+        lines = _manifest(tmp_path / out)
+        assert sorted(line["input"] for line in lines) == sorted(map(str, images))
+        assert {(line["status"], line["frames"]) for line in lines} == {("ok", 1)}
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == sorted([*expected, "manifest.jsonl"])
 
 
 def test_batch_predict_refuses_before_running(setup, tmp_path, capsys):
@@ -90,3 +104,165 @@ def test_beam_is_imported_by_batch_predict_only():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+# ============================================================================ video archives
+CLIPS = {"c1": (24, (160, 96), 12), "c2": (24, (96, 64), 10), "c3": (36, (160, 96), 12)}
+
+
+@pytest.fixture(scope="module")
+def archive(setup):
+    """3 clips, a truncated mp4 (its first half) and a text file named .mp4."""
+    folder = setup["root"] / "archive"
+    folder.mkdir()
+    for name, (n, size, fps) in CLIPS.items():
+        video.make_test_video(folder / f"{name}.mp4", n, size=size, fps=fps)
+    data = (folder / "c1.mp4").read_bytes()
+    (folder / "truncated.mp4").write_bytes(data[:len(data) // 2])
+    (folder / "text.mp4").write_text("not a video, only named like one")
+    return folder
+
+
+def _shares(predictor, clip, n_classes):
+    """Per-frame class shares computed here: every frame through the predictor."""
+    _, frames = read_video(clip)
+    maps = predictor.predict(frames)
+    return np.stack([np.bincount(m.ravel(), minlength=n_classes) / m.size for m in maps])
+
+
+def _table(path):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], np.array(rows[1:], float)
+
+
+def test_archive_skip_bad_gives_overlays_tables_and_manifest(setup, archive, tmp_path, capsys):
+    from roadseg import batch_predict
+    image = str(setup["images"][0])
+    bad_image = tmp_path / "bad.png"
+    bad_image.write_bytes(b"not a png")
+    out = tmp_path / "out"
+    result = batch_predict.batch_predict(setup["export"], [str(archive), image, str(bad_image)],
+                                         str(out), skip_bad=True, log=lambda *a: None)
+    assert (result["ok"], result["failed"], result["inputs"]) == (4, 3, 7)
+    assert result["counters"] == {"videos_ok": 3, "videos_failed": 2, "images_ok": 1,
+                                  "images_failed": 1, "frames": 24 + 24 + 36 + 1}
+    bars = capsys.readouterr().err   # the local runner's bars over inputs and frames
+    assert "inputs: 100%" in bars and "7/7" in bars and "frames: 85frame" in bars, bars[-500:]
+    stem = Path(image).stem
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{c}_{kind}" for c in CLIPS for kind in ("overlay.mp4", "classes.csv")]
+        + [f"{stem}.png", f"{stem}_classes.png", "manifest.jsonl"])     # nothing hidden left
+    lines = {Path(line["input"]).name: line for line in _manifest(out)}
+    assert {name: line["status"] for name, line in lines.items()} == {
+        "c1.mp4": "ok", "c2.mp4": "ok", "c3.mp4": "ok", "truncated.mp4": "failed",
+        "text.mp4": "failed", Path(image).name: "ok", "bad.png": "failed"}
+    for bad in ("truncated.mp4", "text.mp4"):
+        assert "cannot read video" in lines[bad]["reason"] and bad in lines[bad]["reason"]
+    assert "cannot decode image" in lines["bad.png"]["reason"]
+    with inference.load_predictor(setup["export"]) as predictor:
+        names = list(predictor.scheme.class_names)
+        for name, (n, size, fps) in CLIPS.items():
+            assert lines[f"{name}.mp4"]["frames"] == n and lines[f"{name}.mp4"]["seconds"] > 0
+            # the overlay: byte for byte what 'segment.py video' writes with the same model
+            reference = tmp_path / f"video_{name}.mp4"
+            assert cli_main(["video", "--model", setup["export"], str(archive / f"{name}.mp4"),
+                             str(reference)]) == 0
+            assert (out / f"{name}_overlay.mp4").read_bytes() == reference.read_bytes()
+            meta, frames = read_video(out / f"{name}_overlay.mp4")
+            assert frames.shape == (n, size[1], size[0], 3) and meta["fps"] == fps
+            # the table: index, time, each class's share of the frame
+            header, table = _table(out / f"{name}_classes.csv")
+            assert header == ["index", "time", *names]
+            np.testing.assert_array_equal(table[:, 0], np.arange(n))
+            np.testing.assert_allclose(table[:, 1], np.arange(n) / fps, atol=1e-6)
+            np.testing.assert_allclose(table[:, 2:], _shares(predictor, archive / f"{name}.mp4",
+                                                             len(names)), atol=1e-6)
+            np.testing.assert_allclose(table[:, 2:].sum(1), 1, atol=1e-5)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_bad_input_without_skip_bad_ends_the_job_in_one_line(setup, archive, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli_main(["batch-predict", "--model", setup["export"], str(archive / "c1.mp4"),
+                     str(archive / "text.mp4"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: cannot read video") and "text.mp4" in err and "--skip-bad" in err
+    assert "while running" not in err and "Traceback" not in err
+    if out.exists():   # c1 finished first: complete files only, and the manifest says so
+        lines = {Path(line["input"]).name: line["status"] for line in _manifest(out)}
+        assert lines["text.mp4"] == "failed" and lines["c1.mp4"] in ("ok", "skipped")
+        assert not [p.name for p in out.rglob(".partial-*")]
+        if lines["c1.mp4"] == "ok":
+            assert read_video(out / "c1_overlay.mp4")[1].shape[0] == 24
+
+
+KILLER = """
+import os, signal, sys
+from roadseg import batch_predict
+from roadseg.cli import main
+tables, add = [], batch_predict.ClassTable.add
+def add_then_die(self, maps):   # SIGKILL in the middle of the third video
+    if self not in tables:
+        tables.append(self)
+    if len(tables) == 3 and self.n > 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    add(self, maps)
+batch_predict.ClassTable.add = add_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("chunks", [[], ["--chunk-seconds", "1"]], ids=["whole", "chunked"])
+def test_killed_job_resumed_redoes_only_the_missing(setup, archive, tmp_path, capsys, chunks):
+    from roadseg import batch_predict
+    out = tmp_path / "out"
+    args = ["batch-predict", "--model", setup["export"], str(archive), "--out", str(out),
+            "--skip-bad", "--batch-size", "2", *chunks]
+    killed = subprocess.run([sys.executable, "-c", KILLER, *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    finals = {p.name: p for p in out.iterdir() if not p.name.startswith(".")}
+    assert len([n for n in finals if n.endswith("_overlay.mp4")]) == 2 and len(finals) == 4
+    assert [p.name for p in out.glob(".partial-*")]        # it died while writing the third
+    assert not (out / "manifest.jsonl").exists()             # ... before the merge at the end
+    missing = next(c for c in CLIPS if f"{c}_overlay.mp4" not in finals)
+    assert bool(list(out.glob(f".chunk-{missing}-*"))) == bool(chunks)   # its finished chunks
+    before = {n: (p.read_bytes(), p.stat().st_mtime_ns) for n, p in finals.items()}
+    for n in finals:     # complete, not cut short
+        if n.endswith(".mp4"):
+            assert read_video(out / n)[1].shape[0] == CLIPS[n.split("_")[0]][0]
+
+    result = batch_predict.batch_predict(setup["export"], [str(archive)], str(out), batch_size=2,
+                                         chunk_seconds=1.0 if chunks else None, skip_bad=True,
+                                         resume=True, log=lambda *a: None)
+    assert (result["done_before"], result["ok"], result["failed"]) == (2, 3, 2)
+    assert result["counters"]["videos_ok"] == 1                # only the missing video ...
+    # ... segmented again, or (chunked) rendered from the chunks the killed job had finished
+    assert result["counters"].get("frames", 0) == (0 if chunks else CLIPS[missing][0])
+    for n, (data, mtime) in before.items():   # kept: same bytes, never rewritten
+        assert (out / n).read_bytes() == data and (out / n).stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{c}_{kind}" for c in CLIPS for kind in ("overlay.mp4", "classes.csv")] + ["manifest.jsonl"])
+    lines = {Path(line["input"]).name: line for line in _manifest(out)}
+    assert [lines[f"{c}.mp4"]["frames"] for c in CLIPS] == [24, 24, 36]
+    assert lines["text.mp4"]["status"] == lines["truncated.mp4"]["status"] == "failed"
+    assert cli_main(args + ["--resume"]) == 0                # nothing left to do
+    assert "3 of 5 inputs done (3 before this run), 2 failed" in capsys.readouterr().out
+
+
+def test_chunk_seconds_gives_the_frames_of_one_pass(setup, archive, tmp_path):
+    clip = str(archive / "c3.mp4")    # 36 frames at 12 fps: 1 s chunks -> 3 of 12 frames
+    for out, extra in (("one", []), ("chunked", ["--chunk-seconds", "1"])):
+        assert cli_main(["batch-predict", "--model", setup["export"], clip, "--out",
+                         str(tmp_path / out), *extra]) == 0
+    one, chunked = tmp_path / "one", tmp_path / "chunked"
+    assert _manifest(chunked)[0]["chunks"] == 3 and "chunks" not in _manifest(one)[0]
+    assert _manifest(chunked)[0]["frames"] == 36
+    assert sorted(p.name for p in chunked.iterdir()) == ["c3_classes.csv", "c3_overlay.mp4",
+                                                        "manifest.jsonl"]   # parts removed
+    _, chunk_frames = read_video(chunked / "c3_overlay.mp4")
+    _, one_frames = read_video(one / "c3_overlay.mp4")
+    assert chunk_frames.shape[0] == 36
+    np.testing.assert_array_equal(chunk_frames, one_frames)   # same frames, same order
+    assert _files(chunked) == _files(one)                       # even the same bytes

@@ -114,3 +114,58 @@ def test_real_videos_first_frames(shared_data, tmp_path):
         assert stats["frames"] == 20 and frames.shape[0] == 20
         assert meta["size"] == in_meta["size"] == stats["size"]
         assert meta["fps"] == in_meta["fps"] == stats["fps"]
+
+
+def _index_clip(path, n_frames, fps=12, size=(160, 96)):
+    """A clip whose frame i shows i in binary: 8 vertical bands, band k white when bit k is set
+    (wide bands survive H.264 intact), so a decoded frame says which frame it is."""
+    width, height = size
+    band = width // 8
+
+    def frame(i):
+        image = np.zeros((height, width, 3), np.uint8)
+        for k in range(8):
+            if i >> k & 1:
+                image[:, k * band:(k + 1) * band] = 255
+        return image
+
+    return video.write_video(path, (frame(i) for i in range(n_frames)), fps)
+
+
+def _indices(frames):
+    band = frames.shape[2] // 8
+    bits = frames[:, :, band // 2::band][:, :, :8].mean(axis=(1, 3)) > 128
+    return [int(sum(1 << k for k in range(8) if b[k])) for b in bits]
+
+
+@pytest.mark.parametrize("fps", [12, Fraction(30000, 1001)])
+def test_frame_ranges_from_their_seek_points_equal_sequential_decoding(tmp_path, fps):
+    clip = _index_clip(tmp_path / "index.mp4", 50, fps=fps)
+    size, exact_fps, estimate = video.probe_video(clip)
+    assert size == (160, 96) and exact_fps == fps and estimate == 50
+    _, sequential = read_video(clip)
+    assert _indices(sequential) == list(range(50))
+    for start, count in [(0, 12), (1, 5), (12, 12), (13, 7), (37, 12), (44, None), (48, 10)]:
+        got = np.concatenate(list(video.read_frame_batches(clip, 4, start, count)))
+        end = 50 if count is None else min(50, start + count)
+        assert _indices(got) == list(range(start, end)), (start, count)
+        np.testing.assert_array_equal(got, sequential[start:end])     # the very same pixels
+
+
+def test_render_overlay_memory_stays_flat_with_video_length(tmp_path):
+    """Peak Python/numpy memory of the three-stage pipeline for a clip 5x longer: the same
+    (bounded queues; nothing holds the whole video)."""
+    import tracemalloc
+
+    peaks = []
+    for n in (64, 256):   # 64: the queues already fill up
+        clip = video.make_test_video(tmp_path / f"in{n}.mp4", n, size=(160, 96), fps=12)
+        size, fps, _ = video.probe_video(clip)
+        tracemalloc.start()
+        count = video.render_overlay(video.read_frame_batches(clip, 4), red_is_road,
+                                     str(tmp_path / f"out{n}.mp4"), size, fps, COLORS)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert count == n
+    video_bytes = 256 * 160 * 96 * 3   # 11.8 MB decoded
+    assert peaks[1] < 1.3 * peaks[0] and peaks[1] < video_bytes / 2, peaks

@@ -31,7 +31,6 @@ import tensorflow as tf
 from roadseg.errors import UserError
 
 RUN_CONFIG = "config.json"
-CONFIG_KEYS = ("scheme", "image_shape", "vgg")   # what every reader of a run needs
 # errno values that mean "this place cannot take the output": full, read-only, not allowed
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM,
                 errno.ENOTDIR, errno.EISDIR}
@@ -261,13 +260,15 @@ def read_json(path, fix, kind=dict, required=()):
     return value
 
 
-def read_run_config(run_dir):
+def read_run_config(run_dir, required=()):
+    """A run's config.json as a dict holding the keys ``required`` (``model.ModelSpec.from_run``
+    reads it typed); a missing or damaged file is one UserError line."""
     path = os.path.join(run_dir, RUN_CONFIG)
     if not os.path.isfile(path):
         raise UserError(f"{run_dir} is not a training run (no {RUN_CONFIG}); pass a runs/<name> "
                         f"folder made by 'segment.py train'")
     fix = "restore it from a backup, or train a new run ('segment.py train')"
-    return read_json(path, fix, required=CONFIG_KEYS)
+    return read_json(path, fix, required=required)
 
 
 def _checkpoint_from_files(folder):

@@ -27,9 +27,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from roadseg import datasets, fcn, inference, vgg
+from roadseg import datasets, fcn, inference, model, vgg
 from roadseg.errors import UserError
-from roadseg.model import EXPORT_INFO, ModelSpec, network, read_export_info, write_export_info
 from roadseg.run_folders import read_run_config, run_checkpoint, staged_dir
 from roadseg.schemes import get_scheme
 
@@ -106,7 +105,7 @@ def _network(sess, spec, ckpt):
     """The run's network in ``sess``: float32 ``[1, h, w, 3]`` resized images -> logits
     ``[1, h, w, C]``, with the checkpoint's weights.  Returns (input, logits)."""
     x = tf1.placeholder(tf.float32, [1, *spec.image_shape, 3], name="images")
-    logits = network(spec, x, tf.constant(1.0), encoder(sess, spec.vgg))
+    logits = model.network(spec, x, tf.constant(1.0), encoder(sess, spec.vgg))
     tf1.train.Saver(inference.model_variables()).restore(sess, ckpt)
     return x, logits
 
@@ -156,7 +155,7 @@ def export_tflite(run_dir, out_dir, quantize="none", calibration=None, which="be
                         "representative images); leave it out")
     if os.path.exists(out_dir):
         raise UserError(f"{out_dir} already exists; choose a new --out folder (nothing is overwritten)")
-    spec = ModelSpec.from_run(run_dir)
+    spec = model.ModelSpec.from_run(run_dir)
     ckpt = run_checkpoint(run_dir, which)
     facts = dict(checkpoint=os.path.basename(ckpt), run=os.path.abspath(run_dir))
     paths = None
@@ -193,7 +192,7 @@ def write_model_folder(out_dir, tflite, spec, quantize, **facts):
     with staged_dir(out_dir) as tmp:
         with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
             f.write(tflite)
-        write_export_info(tmp, spec, format="tflite", quantize=quantize, **facts,
+        model.write_export_info(tmp, spec, format="tflite", quantize=quantize, **facts,
                           input="images: float32 [1, H, W, 3] RGB 0..255, resized to image_shape by "
                                 "roadseg.inference.resize_to_network",
                           output="logits: float32 [1, H, W, classes] at image_shape; class maps by "
@@ -239,16 +238,16 @@ class LiteRTPredictor(inference.Predictor):
     ``resize_to_network`` / ``segmentation_head``), the network in LiteRT."""
 
     def __init__(self, path, threads=None, tta="none"):
-        model = model_path(path)
-        self.info = read_export_info(os.path.dirname(model), "export the run again with "
+        tflite = model_path(path)
+        self.info = model.read_export_info(os.path.dirname(tflite), "export the run again with "
                                      "'segment.py export --format tflite'")
-        self.interp = interpreter(model, threads)
+        self.interp = interpreter(tflite, threads)
         self._in = self.interp.get_input_details()[0]
         self._out = self.interp.get_output_details()[0]
         shape = self.info["image_shape"]
         if list(self._in["shape"]) != [1, *shape, 3]:
-            raise UserError(f"{model} takes input {list(self._in['shape'])}, but its "
-                            f"{EXPORT_INFO} says image_shape {shape}; re-export the model")
+            raise UserError(f"{tflite} takes input {list(self._in['shape'])}, but its "
+                            f"{model.EXPORT_INFO} says image_shape {shape}; re-export the model")
         graph = tf.Graph()
         with graph.as_default():
             raw = tf1.placeholder(tf.uint8, [None, None, None, 3], name="images")

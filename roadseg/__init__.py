@@ -9,6 +9,8 @@ One module per concept:
 ``roadseg.input_pipeline``    tf.data batches: decode, resize, augment
 ``roadseg.vgg``               getting VGG16 as the course SavedModel
 ``roadseg.fcn``               the course API: load_vgg, layers, optimize, train_nn
+``roadseg.model``             ``ModelSpec``, ``network`` (every path builds the model here),
+                              the one training step; export_info.json
 ``roadseg.losses``            per-pixel losses and the soft Dice term
 ``roadseg.config``            ``TrainConfig``: every training option, once
 ``roadseg.trainer``           training runs in named steps

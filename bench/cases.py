@@ -79,10 +79,9 @@ def gemm(spec):
 def flops(spec):
     """FLOPs per image: forward (batch 1) and one training step at each batch size."""
     import ours
-    scheme = _scheme()
-    out = dict(forward=ours.forward_flops(spec["vgg"], scheme.num_classes))
+    out = dict(forward=ours.forward_flops(spec["vgg"]))
     for batch in spec.get("train_batches", []):
-        out[f"train_b{batch}"] = ours.training_flops(spec["vgg"], scheme.num_classes, batch)
+        out[f"train_b{batch}"] = ours.training_flops(spec["vgg"], batch)
     return out
 
 
@@ -95,8 +94,7 @@ def infer(spec):
     batch = spec["batch"]
     graph = tf.Graph()
     with graph.as_default(), tf.compat.v1.Session(graph=graph, config=_config(spec)) as sess:
-        images, classes, _ = ours.inference(sess, spec["vgg"], _scheme().num_classes,
-                                            spec.get("variant", "product"))
+        images, classes, _ = ours.inference(sess, spec["vgg"], spec.get("variant", "product"))
         data = np.random.default_rng(0).integers(0, 256, (batch, *common.IMAGE_SHAPE, 3), np.uint8)
         timing = common.time_steps(lambda: sess.run(classes, {images: data}),
                                    spec["warmup"], spec["iters"])
@@ -115,8 +113,7 @@ def check_variants(spec):
     for variant in ours.INFERENCE_VARIANTS:
         graph = tf.Graph()
         with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
-            images, classes, logits = ours.inference(sess, spec["vgg"], _scheme().num_classes,
-                                                     variant)
+            images, classes, logits = ours.inference(sess, spec["vgg"], variant)
             out[variant] = sess.run([classes, logits], {images: data})
     maps, scores = out["product"]
     return {f"{v}_vs_product": dict(pixels_differ=float(np.mean(m != maps)),
@@ -194,7 +191,7 @@ def video(spec):
 
     from roadseg import video as video_module
     scheme, batch, n = _scheme(), spec["batch"], spec["frames"]
-    predictor = ours.new_predictor(spec["vgg"], scheme, _config(spec), spec.get("variant", "product"))
+    predictor = ours.new_predictor(spec["vgg"], _config(spec), spec.get("variant", "product"))
     with tempfile.TemporaryDirectory() as tmp:
         clip = video_module.make_test_video(os.path.join(tmp, "clip.mp4"), n, size=(1280, 720), fps=25)
         reader = imageio_ffmpeg.read_frames(clip)
@@ -270,7 +267,7 @@ def litert(spec):
         paths = [s.image for s in samples[:spec.get("calibration", 8)]]
     with tempfile.TemporaryDirectory(dir=spec["work"]) as tmp:
         start = time.perf_counter()
-        folder = ours.litert_model(spec["vgg"], _scheme(), quantize, paths, os.path.join(tmp, "m"))
+        folder = ours.litert_model(spec["vgg"], quantize, paths, os.path.join(tmp, "m"))
         convert_s = time.perf_counter() - start
         size_mb = os.path.getsize(os.path.join(folder, litert_module.MODEL_FILE)) / 2 ** 20
         with litert_module.LiteRTPredictor(folder, threads=spec.get("threads")) as predictor:

@@ -1,6 +1,8 @@
 """Our FCN-8s graphs as the benchmarks run them, built from the project's modules.
 
-* ``inference(sess, vgg, num_classes, variant)`` -- ``head.build_inference`` as the
+* ``model_spec(vgg)`` -- the benchmarks' ``ModelSpec`` (``common.SCHEME`` at 256x512, the
+  default decoder options); every graph here is built through ``model.network``.
+* ``inference(sess, vgg, variant)`` -- ``head.build_inference`` as the
   product uses it (``variant="product"``), the same graph frozen to constants
   (``"frozen"``, ``convert_variables_to_constants``), or rebuilt from those constants
   with the cheap linear steps folded into weights (``"folded"``: RGB->BGR into
@@ -8,7 +10,7 @@
 * training is not rebuilt here: ``cases.train`` times ``trainer.build_training_graph``.
 * ``forward_flops`` / ``training_flops`` -- floating-point operations per image,
   counted by TensorFlow's profiler on twins of these graphs with fully static shapes.
-* ``new_predictor(vgg, scheme)`` -- a ``head.Predictor`` straight from a VGG folder
+* ``new_predictor(vgg)`` -- a ``head.Predictor`` straight from a VGG folder
   with a freshly initialised decoder (no training run needed).
 
 VGG's own variables are restored by the SavedModel loader; only the variables added
@@ -18,14 +20,21 @@ import common  # bench/ is on sys.path as the script's folder
 import numpy as np
 import tensorflow as tf
 
-from roadseg import fcn
+from roadseg import fcn, model
 from roadseg import inference as head
 from roadseg import vgg as vgg_module
+from roadseg.schemes import get_scheme
 
 tf1 = tf.compat.v1
 H, W = common.IMAGE_SHAPE
 INFERENCE_VARIANTS = ("product", "frozen", "folded")
 LOGITS = "fcn8/logits_4d:0"
+
+
+def model_spec(vgg):
+    """The benchmarks' network: ``common.SCHEME`` at ``common.IMAGE_SHAPE`` on VGG at ``vgg``,
+    the default decoder options."""
+    return model.ModelSpec(common.SCHEME, common.IMAGE_SHAPE, vgg)
 
 
 def init_new_variables(sess, loaded):
@@ -34,7 +43,7 @@ def init_new_variables(sess, loaded):
 
 
 # --------------------------------------------------------------------------- inference
-def inference(sess, vgg, num_classes, variant="product"):
+def inference(sess, vgg, variant="product"):
     """Build an inference graph in ``sess.graph``; return ``(images, classes, logits)``.
 
     ``images`` is a uint8 ``[N, H, W, 3]`` placeholder (any size; resized to 256x512
@@ -52,12 +61,12 @@ def inference(sess, vgg, num_classes, variant="product"):
         raise ValueError(f"inference variant must be one of {INFERENCE_VARIANTS}")
     tf1.set_random_seed(0)
     if variant == "product":
-        images, classes, _ = head.build_inference(sess, vgg, num_classes, common.IMAGE_SHAPE)
+        images, classes, _ = head.build_inference(sess, model_spec(vgg))
         init_new_variables(sess, _vgg_variables())
         return images, classes, sess.graph.get_tensor_by_name(LOGITS)
     with tf.Graph().as_default() as scratch, tf1.Session(graph=scratch) as src:
         tf1.set_random_seed(0)
-        images, classes, _ = head.build_inference(src, vgg, num_classes, common.IMAGE_SHAPE)
+        images, classes, _ = head.build_inference(src, model_spec(vgg))
         init_new_variables(src, _vgg_variables())
         if variant == "frozen":
             frozen = tf1.graph_util.convert_variables_to_constants(
@@ -70,7 +79,7 @@ def inference(sess, vgg, num_classes, variant="product"):
         tf1.import_graph_def(frozen, name="")
         get = sess.graph.get_tensor_by_name
         return get(images.name), get(classes.name), get(LOGITS)
-    return _folded_graph(weights, affine, num_classes)
+    return _folded_graph(weights, affine, model_spec(vgg))
 
 
 def _input_affine(sess, images):
@@ -95,7 +104,7 @@ def _vgg_variables():
     return {v for v in tf1.global_variables() if v.op.name.split("/")[0] in names}
 
 
-def _folded_graph(weights, affine, num_classes):
+def _folded_graph(weights, affine, spec):
     """VGG16 + FCN-8s from constant weights, with the cheap linear steps folded in.
 
     * Preprocessing ``A @ rgb + q`` (RGB->BGR, /std) = ``A @ (rgb - m)`` with
@@ -104,7 +113,8 @@ def _folded_graph(weights, affine, num_classes):
     * pool4 * 0.01 and pool3 * 0.0001 (the skip scales): multiplied into the kernels
       of score_pool4 / score_pool3 (a 1x1 convolution is linear).
     """
-    s4, s3 = head.decoder_kwargs({})["skip_scales"]
+    s4, s3 = spec.skip_scales
+    num_classes = spec.num_classes
     a, q = affine
     images = tf1.placeholder(tf.uint8, [None, None, None, 3], name="images")
     x = tf.image.resize(tf.cast(images, tf.float32), common.IMAGE_SHAPE, method="bilinear")
@@ -141,52 +151,51 @@ def _folded_graph(weights, affine, num_classes):
     return images, classes, logits
 
 
-def litert_model(vgg, scheme, quantize, calibration_paths, out_dir):
-    """The product's LiteRT network (``litert.encoder_layers`` + ``fcn.layers``) on VGG at
+def litert_model(vgg, quantize, calibration_paths, out_dir):
+    """The product's LiteRT network (``model.network`` on ``litert.encoder``) on VGG at
     ``vgg`` with a freshly initialised decoder (seed 0), converted as ``segment.py export
     --format tflite`` does, in the new folder ``out_dir``."""
     from roadseg import litert
+    spec = model_spec(vgg)
     with tf.Graph().as_default(), tf1.Session() as sess:
         tf1.set_random_seed(0)
         x = tf1.placeholder(tf.float32, [1, H, W, 3], name="images")
-        fcn.load_vgg(sess, vgg, input_map={"image_input:0": x, "keep_prob:0": tf.constant(1.0)})
-        loaded = set(tf1.global_variables())
-        logits = fcn.layers(*litert.encoder_layers(sess, x), scheme.num_classes,
-                            **head.decoder_kwargs({}))
-        init_new_variables(sess, loaded)
-        model = litert.convert(sess, x, logits, quantize, calibration_paths)
-    litert.write_model_folder(out_dir, model, litert.model_info(scheme, common.IMAGE_SHAPE, quantize))
+        logits = model.network(spec, x, tf.constant(1.0), litert.encoder(sess, vgg))
+        init_new_variables(sess, _vgg_variables())
+        tflite = litert.convert(sess, x, logits, quantize, calibration_paths)
+    litert.write_model_folder(out_dir, tflite, spec, quantize)
     return out_dir
 
 
 # --------------------------------------------------------------------------- FLOPs
-def _static_model(sess, vgg, num_classes, batch):
+def _static_model(sess, vgg, batch):
     x = tf1.placeholder(tf.float32, [batch, H, W, 3])
-    _, _, l3, l4, l7 = fcn.load_vgg(sess, vgg, input_map={"image_input:0": x})
-    return fcn.layers(l3, l4, l7, num_classes, **head.decoder_kwargs({}))
+    keep = tf1.placeholder_with_default(1.0, [])
+    return model.network(model_spec(vgg), x, keep, model.SavedModelEncoder(sess, vgg))
 
 
-def forward_flops(vgg, num_classes):
+def forward_flops(vgg):
     """FLOPs of one 256x512 image through VGG16 + the FCN-8s decoder."""
     with tf.Graph().as_default() as graph, tf1.Session(graph=graph) as sess:
-        _static_model(sess, vgg, num_classes, 1)
+        _static_model(sess, vgg, 1)
         return common.count_flops(graph)
 
 
-def training_flops(vgg, num_classes, batch):
+def training_flops(vgg, batch):
     """FLOPs per image of one training step (forward, loss, gradients) at ``batch``."""
     with tf.Graph().as_default() as graph, tf1.Session(graph=graph) as sess:
-        logits = _static_model(sess, vgg, num_classes, batch)
+        logits = _static_model(sess, vgg, batch)
         labels = tf1.placeholder(tf.int32, [batch, H, W])
-        fcn.optimize(logits, labels, 1e-4, num_classes)
+        fcn.optimize(logits, labels, 1e-4, model_spec(vgg).num_classes)
         return common.count_flops(graph) / batch
 
 
 # --------------------------------------------------------------------------- predictor
-def new_predictor(vgg, scheme, config=None, variant="product"):
+def new_predictor(vgg, config=None, variant="product"):
     """A ``head.Predictor`` on VGG at ``vgg`` with a freshly initialised FCN-8s decoder."""
     graph = tf.Graph()
     sess = tf1.Session(graph=graph, config=config)
     with graph.as_default():
-        images, classes, _ = inference(sess, vgg, scheme.num_classes, variant)
-    return head.Predictor(graph, sess, images, classes, None, scheme, common.IMAGE_SHAPE, vgg)
+        images, classes, _ = inference(sess, vgg, variant)
+    return head.Predictor(graph, sess, images, classes, None, get_scheme(common.SCHEME),
+                          common.IMAGE_SHAPE, vgg)

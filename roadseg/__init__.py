@@ -11,6 +11,8 @@ One module per concept:
 ``roadseg.acquire``           the one downloader (https, pooch) and the checked unzip
 ``roadseg.vgg``               getting VGG16 as the course SavedModel
 ``roadseg.fcn``               the course API: load_vgg, layers, optimize, train_nn
+``roadseg.model``             ``ModelSpec``, ``network`` (every path builds the model here),
+                              the one training step; export_info.json
 ``roadseg.losses``            per-pixel losses and the soft Dice term
 ``roadseg.config``            ``TrainConfig``: every training option, once
 ``roadseg.trainer``           training runs in named steps

@@ -78,8 +78,9 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from roadseg import datasets, overlays, run_folders, video  # noqa: E402
 from roadseg.errors import UserError, reason  # noqa: E402
-from roadseg.inference import EXPORT_INFO, SERVE_TAG, SIGNATURE, same_size_batches  # noqa: E402
+from roadseg.inference import SERVE_TAG, SIGNATURE, same_size_batches  # noqa: E402
 from roadseg.log import channel  # noqa: E402
+from roadseg.model import read_export_info  # noqa: E402
 from roadseg.run_folders import refuse_existing  # noqa: E402
 from roadseg.schemes import get_scheme  # noqa: E402
 
@@ -677,17 +678,11 @@ def _is_run_folder(model):
 
 
 def _export_info(model):
-    info_path = posixpath.join(model, EXPORT_INFO) if "://" in model else os.path.join(model, EXPORT_INFO)
-    if not _exists(info_path):
-        raise UserError(f"model {model} is neither a run folder nor an export of this project (no "
-                        f"{EXPORT_INFO}); pass runs/<name> or a 'segment.py export' folder")
-    with FileSystems.open(info_path, compression_type="uncompressed") as f:
-        text = f.read().decode("utf-8", "replace")
-    try:
-        info = json.loads(text)
-    except ValueError as err:
-        info = err
-    if not isinstance(info, dict) or "scheme" not in info:
-        raise UserError(f"{info_path} is damaged (not a JSON object with a scheme); export the run "
-                        f"again ('segment.py export')")
-    return info
+    return read_export_info(model, read_text=_read_text)
+
+
+def _read_text(path):
+    if not _exists(path):
+        raise FileNotFoundError(path)
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return f.read().decode("utf-8", "replace")

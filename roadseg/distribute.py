@@ -4,14 +4,15 @@
 CPU devices when there is no GPU; ``--workers W`` with ``TF_CONFIG`` on every host runs
 ``MultiWorkerMirroredStrategy`` (one process per host, gRPC between them; see
 docs/scaling.md).  The trainer stays the same (``trainer.build_training_graph`` builds
-both the one-device and the replicated graph); this module holds what differs:
+both the one-device and the replicated graph, each replica's step being
+``model.training_step``'s -- one device is its single replica); this module holds what
+differs:
 
     Distribution       the strategy, the session config and target, who is the chief
     MirroredVGG        VGG16's variables made once as mirrored variables, its SavedModel
-                       graph imported per replica reading them (``input_map``)
-    replicated_step    each replica trains on its slice of the global batch; the
-                       gradients are summed over replicas (all-reduce) into one Adam step
-    check_agreement    every worker starts from the same step, weights and data
+                       graph imported per replica reading them (``input_map``): the
+                       encoder ``model.network`` builds each replica's FCN-8s on
+    check_agreement    every worker starts from the same step, weights, data and options
     one_line_errors    a worker that died, as one line for the others
 
 Why VGG16 is not loaded with its SavedModel loader per replica: ``loader.load`` inside a
@@ -24,24 +25,22 @@ variables (a ``{name: variable}`` dict would restore only the first copy).
 Every replica gets ``batch_size / replicas`` images of the one global batch that the
 input pipeline makes on each host (the same seed gives every host the same batch), so
 the data order -- and ``--resume`` -- do not depend on the number of replicas.  Each
-replica's loss is its pixel loss weighted by its share of the batch, plus 1/replicas of
-*its own* decoder's L2 terms (``fcn.layers`` records every replica's in one graph
-collection): summed over replicas that is the one-device loss of the global batch when
-the replicas' images hold as many labelled pixels (OHEM and the Dice term are computed
-per replica).
+replica's loss (``model.replica_objective``) is its pixel loss weighted by its share of the
+batch, plus 1/replicas of *its own* decoder's L2 terms: summed over replicas that is the
+one-device loss of the global batch when the replicas' images hold as many labelled pixels
+(OHEM and the Dice term are computed per replica).
 """
 import contextlib
 import json
 import os
 import socket
 import time
-from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from roadseg import fcn, vgg
+from roadseg import fcn, model, vgg
 from roadseg import precision as precision_module
 from roadseg.errors import UserError, reason
 
@@ -256,65 +255,42 @@ def _variable_defs(meta, collection):
             for raw in meta.collection_def[collection].bytes_list.value]
 
 
-# ============================================================================ training step
-class ReplicatedStep(NamedTuple):
-    loss: tf.Tensor         # the global batch's loss (summed over replicas, with the L2 terms)
-    data_loss: tf.Tensor    # without the L2 terms
-    train_op: tf.Operation
-
-
-def replicated_step(strategy, images, labels, lr, global_step, tower):
-    """One Adam step over every replica; ``tower(images, labels) -> (logits, data loss,
-    L2)`` builds one replica's network and loss (``trainer.build_tower``).
-
-    Replica ``i`` of ``R`` takes rows ``[n*i//R, n*(i+1)//R)`` of the global batch of
-    ``n`` (an epoch's last, smaller batch too); gradients are summed over replicas.
-    """
-    @tf.autograph.experimental.do_not_convert
-    def step(images, labels):
-        ctx = tf.distribute.get_replica_context()
-        count = ctx.num_replicas_in_sync
-        i = tf.cast(ctx.replica_id_in_sync_group, tf.int64)
-        n = tf.shape(images, out_type=tf.int64)[0]
-        lo, hi = n * i // count, n * (i + 1) // count
-        share = tf.cast(hi - lo, tf.float32) / tf.cast(tf.maximum(n, 1), tf.float32)
-        _, data_loss, l2 = tower(images[lo:hi], labels[lo:hi])
-        data_part = data_loss * share
-        objective = data_part + l2 / count
-        train_op = tf1.train.AdamOptimizer(lr).minimize(objective, global_step=global_step)
-        return objective, data_part, train_op
-
-    objective, data_part, train_ops = strategy.extended.call_for_each_replica(
-        step, args=(images, labels))
-    loss = strategy.reduce(SUM, objective, axis=None)
-    data_loss = strategy.reduce(SUM, data_part, axis=None)
-    return ReplicatedStep(loss, data_loss, strategy.group(train_ops))
-
-
+# ============================================================================ validation
 def eval_device(strategy):
     """The device of the first local replica, where validation runs."""
     return strategy.extended.worker_devices[0]
 
 
 # ============================================================================ agreement
-def check_agreement(sess, dist, g, train_samples, run_dir):
-    """Every worker must start from the same step and weights, with as many samples: a
-    worker that restored another checkpoint (a run folder that is not shared) or reads
-    another dataset stops here with one line, before any step.  One all-reduce of
-    ``[step, samples, weight checksum]``: the sum over replicas equals replicas x this
-    worker's own on every worker only when all are equal."""
+def check_agreement(sess, dist, g, train_samples, run_dir, options=()):
+    """Every worker must start from the same step and weights, with as many samples and the
+    same ``options`` (``[(name, value)]``: what shapes the graph or the steps,
+    ``trainer.agreed_options``): a worker that restored another checkpoint (a run folder
+    that is not shared), reads another dataset or was started with other options stops
+    here with one line, before any step -- every worker, naming the first option that
+    differs.  One all-reduce of ``[step, samples, weight checksum, digest of each option]``:
+    an entry's sum over replicas equals replicas x this worker's own on every worker only
+    when all are equal."""
     strategy = dist.strategy
+    digests = [float(model.option_digest(value)) for _, value in options]
     with strategy.scope():
         checksum = tf.add_n([tf.reduce_sum(tf.cast(v, tf.float64)) for v in tf1.trainable_variables()])
-        own = tf.stack([tf.cast(g.progress[0]["step"], tf.float64),
-                        tf.constant(float(train_samples), tf.float64), checksum])
+        own = tf.concat([tf.stack([tf.cast(g.progress[0]["step"], tf.float64),
+                                   tf.constant(float(train_samples), tf.float64), checksum]),
+                         tf.constant(digests, tf.float64, [len(digests)])], 0)
 
         def fn():
             return tf.distribute.get_replica_context().all_reduce(SUM, own)
 
         total = strategy.experimental_local_results(strategy.extended.call_for_each_replica(fn))[0]
     total, own = sess.run([total, own])
-    if not np.allclose(total, own * dist.replicas, rtol=1e-9, atol=0):
+    differ = ~np.isclose(total, own * dist.replicas, rtol=1e-9, atol=0)
+    for (name, value), bad in zip(options, differ[3:]):
+        if bad:
+            raise UserError(f"worker {dist.worker}: the workers were started with different options: "
+                            f"{name} differs ({name}={json.dumps(value)} here); start every worker "
+                            f"with the same options; see {DOCS}")
+    if differ[:3].any():
         raise UserError(f"worker {dist.worker} does not start where the others do (step "
                         f"{own[0]:.0f}, {own[1]:.0f} training samples, weight checksum "
                         f"{own[2]:.9g}): every worker must read the same run folder ({run_dir}) "

@@ -3,32 +3,24 @@
 ``export(run_dir, out_dir)`` saves the inference graph of ``roadseg.inference`` (uint8
 images of any size -> class maps at that size) with the run's weights: tag ``serve``,
 signature ``predict`` (inputs ``images``; outputs ``classes``, ``probabilities``), plus
-``export_info.json`` (scheme, image shape, source run).  ``inference.load_predictor`` and
-every command that takes ``--model`` accept the folder.
+``export_info.json`` (the run's ``ModelSpec``, class names, checkpoint, source run; written
+and read by ``model.write_export_info`` / ``model.read_export_info``).
+``inference.load_predictor`` and every command that takes ``--model`` accept the folder.
 """
-import json
 import os
 
 import tensorflow as tf
 
+from roadseg import model
 from roadseg.errors import UserError
-from roadseg.inference import (
-    EXPORT_INFO,
-    SERVE_TAG,
-    SIGNATURE,
-    build_inference,
-    decoder_kwargs,
-    model_variables,
-)
+from roadseg.inference import SERVE_TAG, SIGNATURE, build_inference, model_variables
 from roadseg.run_folders import (
     check_can_create,
-    read_run_config,
     refuse_existing,
     restore_checkpoint,
     run_checkpoint,
     staged_dir,
 )
-from roadseg.schemes import get_scheme
 
 tf1 = tf.compat.v1
 
@@ -43,23 +35,18 @@ def export(run_dir, out_dir, which="best"):
     if os.path.isfile(os.path.join(run_dir, "saved_model.pb")):
         raise UserError(f"{run_dir} is an exported model already; export takes a training run "
                         f"(a runs/<name> folder)")
-    config = read_run_config(run_dir)
+    spec = model.ModelSpec.from_run(run_dir)
     ckpt = run_checkpoint(run_dir, which)
-    scheme = get_scheme(config["scheme"])
     # the Builder wants to create the folder itself
     with staged_dir(out_dir, create=False) as tmp:
         with tf.Graph().as_default(), tf1.Session() as sess:
-            images, classes, probs = build_inference(sess, config["vgg"], scheme.num_classes,
-                                                     config["image_shape"], **decoder_kwargs(config))
+            images, classes, probs = build_inference(sess, spec)
             restore_checkpoint(tf1.train.Saver(model_variables()), sess, ckpt)
             sig = tf1.saved_model.signature_def_utils.predict_signature_def(
                 inputs={"images": images}, outputs={"classes": classes, "probabilities": probs})
             builder = tf1.saved_model.Builder(tmp)
             builder.add_meta_graph_and_variables(sess, [SERVE_TAG], signature_def_map={SIGNATURE: sig})
             builder.save()
-        info = dict(scheme=scheme.name, class_names=list(scheme.class_names),
-                    image_shape=list(config["image_shape"]), checkpoint=os.path.basename(ckpt),
-                    run=os.path.abspath(run_dir))
-        with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
-            json.dump(info, f, indent=2)
+        model.write_export_info(tmp, spec, checkpoint=os.path.basename(ckpt),
+                                run=os.path.abspath(run_dir))
     return out_dir

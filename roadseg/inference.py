@@ -1,7 +1,7 @@
 """Inference: one head from images to class maps, for training runs, exports and sessions.
 
-``build_inference(sess, vgg_path, num_classes, image_shape)`` wires uint8 images of any size
-through resize -> VGG16 -> FCN-8s -> resize back -> softmax/argmax, so callers get class
+``build_inference(sess, spec)`` wires uint8 images of any size through resize ->
+``model.network`` (VGG16 + FCN-8s) -> resize back -> softmax/argmax, so callers get class
 maps at their own image size.  ``load_predictor`` opens either a run folder or an export
 (``roadseg.export``) and returns one ``Predictor`` with
 ``predict(images uint8 [N,H,W,3]) -> class maps uint8 [N,H,W]``.
@@ -14,31 +14,17 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from roadseg import fcn
+from roadseg import model
 from roadseg import precision as precision_module
 from roadseg.errors import UserError, reason
-from roadseg.run_folders import (
-    RUN_CONFIG,
-    read_json,
-    read_run_config,
-    restore_checkpoint,
-    run_checkpoint,
-)
+from roadseg.run_folders import RUN_CONFIG, restore_checkpoint, run_checkpoint
 from roadseg.schemes import get_scheme
 
 tf1 = tf.compat.v1
 
 SERVE_TAG = "serve"
 SIGNATURE = "predict"
-EXPORT_INFO = "export_info.json"
 TTA_MODES = ("none", "flip")
-
-
-def decoder_kwargs(config):
-    """The ``fcn.layers`` options a run was trained with (from its config.json)."""
-    scales = config.get("skip_scales", [0.01, 0.0001])
-    return dict(skip_scales=tuple(scales) if scales else None,
-                l2_scale=config.get("l2_scale", 1e-3))
 
 
 def resize_to_network(images, image_shape):
@@ -61,14 +47,14 @@ def segmentation_head(logits_4d, out_size):
     return classes, probs
 
 
-def build_inference(sess, vgg_path, num_classes, image_shape, **layer_kwargs):
-    """Build the inference graph in ``sess.graph``; returns (images, classes, probabilities)."""
-    h, w = fcn.check_image_shape(image_shape)
+def build_inference(sess, spec, encoder=None):
+    """Build the inference graph of ``spec`` (a ``model.ModelSpec``) in ``sess.graph``:
+    ``model.network`` on VGG16 loaded from ``spec.vgg`` (or ``encoder``); returns
+    (images, classes, probabilities)."""
     images = tf1.placeholder(tf.uint8, [None, None, None, 3], name="images")
-    x = resize_to_network(images, (h, w))
-    _, _, l3, l4, l7 = fcn.load_vgg(sess, vgg_path, input_map={
-        "image_input:0": x, "keep_prob:0": tf.constant(1.0, name="keep_prob_inference")})
-    logits = fcn.layers(l3, l4, l7, num_classes, **layer_kwargs)
+    x = resize_to_network(images, spec.image_shape)
+    keep = tf.constant(1.0, name="keep_prob_inference")
+    logits = model.network(spec, x, keep, encoder or model.SavedModelEncoder(sess, spec.vgg))
     classes, probs = segmentation_head(logits, tf.shape(images)[1:3])
     return images, classes, probs
 
@@ -195,11 +181,10 @@ def load_predictor(path, which="best", precision=None, log=None, tta="none"):
                                 f"exported model (no saved_model.pb); pass a runs/<name> folder "
                                 f"or an exported model")
             else:
-                config = read_run_config(path)
-                scheme, shape = get_scheme(config["scheme"]), config["image_shape"]
+                spec = model.ModelSpec.from_run(path)
+                scheme, shape = get_scheme(spec.scheme), spec.image_shape
                 ckpt = run_checkpoint(path, which)
-                images, classes, probs = build_inference(sess, config["vgg"], scheme.num_classes,
-                                                         shape, **decoder_kwargs(config))
+                images, classes, probs = build_inference(sess, spec)
                 restore_checkpoint(tf1.train.Saver(model_variables()), sess, ckpt)
         return Predictor(graph, sess, images, classes, probs, scheme, shape, path, tta=tta)
     except BaseException:
@@ -209,12 +194,8 @@ def load_predictor(path, which="best", precision=None, log=None, tta="none"):
 
 def _load_export(sess, path):
     """(scheme, image shape, (images, classes, probabilities)) of an exported model."""
-    info_path = os.path.join(path, EXPORT_INFO)
-    if not os.path.isfile(info_path):
-        raise UserError(f"{path} is a SavedModel but not one exported by this project "
-                        f"(no {EXPORT_INFO}); export a run with 'segment.py export'")
-    fix = "export the run again ('segment.py export')"
-    info = read_json(info_path, fix, required=("scheme", "image_shape"))
+    fix = model.EXPORT_FIX
+    info = model.read_export_info(path, fix)
     if not os.path.isfile(os.path.join(path, "variables", "variables.index")):
         raise UserError(f"exported model {path} is incomplete: variables/variables.index is "
                         f"missing; {fix}")

@@ -17,23 +17,20 @@ core) in between -- so ``load_predictor`` returns it and every command works unc
                (``calibration_images``: evenly spread over the run's training split, or
                over ``--calibration DIR``); input and output stay float32
 
-The network inside is VGG16 + FCN-8s rebuilt from the loaded encoder's own ops and the
-run's weights with LiteRT's built-in kernels only: fc6 as a plain 7x7 convolution (the
-encoder computes it as patches x matrix, which LiteRT lacks), no dropout (keep 1), and the
-preprocessing as a 1x1 convolution (``input_affine``: int8-safe).
+The network inside is ``model.network`` on ``encoder``: VGG16 rebuilt from the loaded
+encoder's own ops and the run's weights with LiteRT's built-in kernels only: fc6 as a plain
+7x7 convolution (the encoder computes it as patches x matrix, which LiteRT lacks), no
+dropout (keep 1), and the preprocessing as a 1x1 convolution (``input_affine``: int8-safe).
 """
-import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import tensorflow as tf
 
-from roadseg import datasets, fcn, inference, vgg
+from roadseg import datasets, fcn, inference, model, vgg
 from roadseg.errors import UserError, reason
 from roadseg.log import channel as log_channel
-from roadseg.run_folders import read_run_config, refuse_existing, run_checkpoint
+from roadseg.run_folders import read_run_config, refuse_existing, run_checkpoint, staged_dir
 from roadseg.schemes import get_scheme
 
 tf1 = tf.compat.v1
@@ -96,16 +93,20 @@ def input_affine(sess, images, preprocessed):
     return tf.nn.bias_add(tf.nn.conv2d(images, kernel, 1, "VALID"), q.astype(np.float32))
 
 
-def _network(sess, config, ckpt):
+def encoder(sess, vgg_path):
+    """The LiteRT encoder for ``model.network``: VGG16 loaded from ``vgg_path`` into ``sess``,
+    then rebuilt from built-in ops (``encoder_layers``)."""
+    def encode(images, keep_prob):
+        fcn.load_vgg(sess, vgg_path, input_map={"image_input:0": images, "keep_prob:0": keep_prob})
+        return encoder_layers(sess, images)
+    return encode
+
+
+def _network(sess, spec, ckpt):
     """The run's network in ``sess``: float32 ``[1, h, w, 3]`` resized images -> logits
     ``[1, h, w, C]``, with the checkpoint's weights.  Returns (input, logits)."""
-    h, w = fcn.check_image_shape(config["image_shape"])
-    x = tf1.placeholder(tf.float32, [1, h, w, 3], name="images")
-    fcn.load_vgg(sess, config["vgg"], input_map={"image_input:0": x,
-                                                  "keep_prob:0": tf.constant(1.0)})
-    l3, l4, l7 = encoder_layers(sess, x)
-    logits = fcn.layers(l3, l4, l7, get_scheme(config["scheme"]).num_classes,
-                        **inference.decoder_kwargs(config))
+    x = tf1.placeholder(tf.float32, [1, *spec.image_shape, 3], name="images")
+    logits = model.network(spec, x, tf.constant(1.0), encoder(sess, spec.vgg))
     tf1.train.Saver(inference.model_variables()).restore(sess, ckpt)
     return x, logits
 
@@ -155,22 +156,19 @@ def export_tflite(run_dir, out_dir, quantize="none", calibration=None, which="be
         raise UserError("--calibration is for --quantize int8 only (other models need no "
                         "representative images); leave it out")
     refuse_existing(out_dir, "choose a new --out folder")
-    config = read_run_config(run_dir)
+    spec = model.ModelSpec.from_run(run_dir)
     ckpt = run_checkpoint(run_dir, which)
-    scheme = get_scheme(config["scheme"])
+    facts = dict(checkpoint=os.path.basename(ckpt), run=os.path.abspath(run_dir))
     paths = None
     if quantize == "int8":
-        paths = calibration_images(calibration or config.get("data") or "")
-        log(f"int8 calibration on {len(paths)} images of {calibration or config.get('data')}")
+        calibration = calibration or read_run_config(run_dir).get("data") or ""
+        paths = calibration_images(calibration)
+        log(f"int8 calibration on {len(paths)} images of {calibration}")
+        facts["calibration"] = dict(data=os.path.abspath(calibration), images=len(paths))
     with tf.Graph().as_default(), tf1.Session() as sess:
-        x, logits = _network(sess, config, ckpt)
-        model = convert(sess, x, logits, quantize, paths)
-    info = model_info(scheme, config["image_shape"], quantize, checkpoint=os.path.basename(ckpt),
-                      run=os.path.abspath(run_dir))
-    if paths:
-        info["calibration"] = dict(data=os.path.abspath(calibration or config["data"]),
-                                   images=len(paths))
-    write_model_folder(out_dir, model, info)
+        x, logits = _network(sess, spec, ckpt)
+        tflite = convert(sess, x, logits, quantize, paths)
+    write_model_folder(out_dir, tflite, spec, quantize, **facts)
     return out_dir
 
 
@@ -189,31 +187,18 @@ def convert(sess, x, logits, quantize="none", calibration_paths=None):
     return converter.convert()
 
 
-def model_info(scheme, image_shape, quantize, **extra):
-    """The ``export_info.json`` of a LiteRT model: what its input and output are."""
-    return dict(format="tflite", quantize=quantize, scheme=scheme.name,
-                class_names=list(scheme.class_names), image_shape=list(image_shape), **extra,
-                input="images: float32 [1, H, W, 3] RGB 0..255, resized to image_shape by "
-                      "roadseg.inference.resize_to_network",
-                output="logits: float32 [1, H, W, classes] at image_shape; class maps by "
-                       "roadseg.inference.segmentation_head (bilinear to the image size, argmax)")
-
-
-def write_model_folder(out_dir, model, info):
-    """``out_dir/model.tflite`` and ``export_info.json``, written into a temporary folder
-    beside ``out_dir`` that is renamed when complete."""
-    files = {MODEL_FILE: model, inference.EXPORT_INFO: json.dumps(info, indent=2)}
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(out_dir)))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)   # a folder as mkdir makes it, not mkdtemp's private one
-    try:
-        for name, content in files.items():
-            with open(os.path.join(tmp, name), "wb" if isinstance(content, bytes) else "w") as f:
-                f.write(content)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def write_model_folder(out_dir, tflite, spec, quantize, **facts):
+    """``out_dir/model.tflite`` and its ``export_info.json`` (the spec, the quantisation,
+    what the input and output are, ``facts``), staged: ``out_dir`` appears when complete."""
+    with staged_dir(out_dir) as tmp:
+        with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
+            f.write(tflite)
+        model.write_export_info(tmp, spec, format="tflite", quantize=quantize, **facts,
+                          input="images: float32 [1, H, W, 3] RGB 0..255, resized to image_shape by "
+                                "roadseg.inference.resize_to_network",
+                          output="logits: float32 [1, H, W, classes] at image_shape; class maps by "
+                                 "roadseg.inference.segmentation_head (bilinear to the image size, "
+                                 "argmax)")
 
 
 # ============================================================================ the predictor
@@ -253,20 +238,16 @@ class LiteRTPredictor(inference.Predictor):
     ``resize_to_network`` / ``segmentation_head``), the network in LiteRT."""
 
     def __init__(self, path, threads=None, tta="none"):
-        model = model_path(path)
-        info_path = os.path.join(os.path.dirname(model), inference.EXPORT_INFO)
-        if not os.path.isfile(info_path):
-            raise UserError(f"{model} has no {inference.EXPORT_INFO} beside it (scheme and image "
-                            f"shape); export the run with 'segment.py export --format tflite'")
-        with open(info_path) as f:
-            self.info = json.load(f)
-        self.interp = interpreter(model, threads)
+        tflite = model_path(path)
+        self.info = model.read_export_info(os.path.dirname(tflite), "export the run again with "
+                                     "'segment.py export --format tflite'")
+        self.interp = interpreter(tflite, threads)
         self._in = self.interp.get_input_details()[0]
         self._out = self.interp.get_output_details()[0]
         shape = self.info["image_shape"]
         if list(self._in["shape"]) != [1, *shape, 3]:
-            raise UserError(f"{model} takes input {list(self._in['shape'])}, but "
-                            f"{info_path} says image_shape {shape}; re-export the model")
+            raise UserError(f"{tflite} takes input {list(self._in['shape'])}, but its "
+                            f"{model.EXPORT_INFO} says image_shape {shape}; re-export the model")
         graph = tf.Graph()
         with graph.as_default():
             raw = tf1.placeholder(tf.uint8, [None, None, None, 3], name="images")

@@ -32,7 +32,6 @@ from roadseg.errors import WRITE_REASONS, UserError, reason
 from roadseg.log import logger
 
 RUN_CONFIG = "config.json"
-CONFIG_KEYS = ("scheme", "image_shape", "vgg")   # what every reader of a run needs
 # errno values that mean "this place cannot take the output": full, read-only, not allowed
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM,
                 errno.ENOTDIR, errno.EISDIR}
@@ -235,13 +234,16 @@ def publish(tmp_path, out_path):
         os.rename(tmp_path, out_path)
 
 
-def read_json(path, fix, kind=dict, required=()):
+def read_json(path, fix, kind=dict, required=(), read_text=None):
     """The JSON value in ``path`` (of type ``kind``, holding the keys ``required``);
     unreadable, not JSON, of another type or without a required key is one UserError line
-    ending in ``fix``."""
+    ending in ``fix``.  ``read_text(path) -> str`` reads another file system (Beam's)."""
     try:
-        with open(path) as f:
-            value = json.load(f)
+        if read_text is None:
+            with open(path) as f:
+                value = json.load(f)
+        else:
+            value = json.loads(read_text(path))
     except (ValueError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is damaged: not valid JSON ({err}); {fix}") from None
     except OSError as err:
@@ -255,13 +257,15 @@ def read_json(path, fix, kind=dict, required=()):
     return value
 
 
-def read_run_config(run_dir):
+def read_run_config(run_dir, required=()):
+    """A run's config.json as a dict holding the keys ``required`` (``model.ModelSpec.from_run``
+    reads it typed); a missing or damaged file is one UserError line."""
     path = os.path.join(run_dir, RUN_CONFIG)
     if not os.path.isfile(path):
         raise UserError(f"{run_dir} is not a training run (no {RUN_CONFIG}); pass a runs/<name> "
                         f"folder made by 'segment.py train'")
     fix = "restore it from a backup, or train a new run ('segment.py train')"
-    return read_json(path, fix, required=CONFIG_KEYS)
+    return read_json(path, fix, required=required)
 
 
 def _checkpoint_from_files(folder):

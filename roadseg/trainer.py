@@ -34,7 +34,18 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from roadseg import datasets, distribute, fcn, inference, input_pipeline, metrics, precision, run_folders, vgg
+from roadseg import (
+    datasets,
+    distribute,
+    fcn,
+    inference,
+    input_pipeline,
+    metrics,
+    model,
+    precision,
+    run_folders,
+    vgg,
+)
 from roadseg.checkpoints import Checkpointer, Progress, find_checkpoints, progress_variables
 from roadseg.config import TrainConfig
 from roadseg.errors import UserError
@@ -44,25 +55,22 @@ from roadseg.schemes import get_scheme
 
 tf1 = tf.compat.v1
 
-# Settings that must match when a run is resumed: the weights (or, for the batch size, the
-# position in the epoch, counted in batches) would not fit otherwise.
-MUST_MATCH = ("scheme", "image_shape", "vgg_info", "skip_scales", "batch_size")
 RUN_FACTS = ("vgg_info",)   # in config.json, about the run rather than an option
 
 
 # ============================================================================ config
 def resolve_config(options, recipe=None, runs_dir="runs", run=None, resume=False):
-    """``(TrainConfig, run_dir or None for a new run, vgg_info)``, checked as a whole.
+    """``(TrainConfig, run_dir or None for a new run, ModelSpec)``, checked as a whole.
 
     Defaults < the ``recipe`` file < ``options``; on ``--resume`` the run's own
-    ``config.json`` comes between the defaults and the recipe, and the settings that
-    shape the weights (``MUST_MATCH``) must not change.
+    ``config.json`` comes between the defaults and the recipe, and what shapes the weights
+    (its ``ModelSpec``) and the batch size must not change.
     """
     explicit = TrainConfig.read_recipe(recipe) if recipe else {}
     run_dir, old = None, {}
     if resume:
         run_dir = _resume_dir(runs_dir, run)
-        old = run_folders.read_run_config(run_dir)
+        old = run_folders.read_run_config(run_dir, required=model.REQUIRED)
     saved = {k: v for k, v in old.items() if k not in RUN_FACTS}
     TrainConfig.from_dict(saved, os.path.join(run_dir or "", run_folders.RUN_CONFIG))
     cfg = TrainConfig.from_dict({**saved, **explicit, **options}).validate()
@@ -71,10 +79,10 @@ def resolve_config(options, recipe=None, runs_dir="runs", run=None, resume=False
     vgg_path = cfg.vgg or vgg.obtain_vgg(vgg.DATA_ROOT, cfg.vgg_source, cfg.width)[0]
     vgg.check_vgg_dir(vgg_path)
     cfg = cfg.replace(vgg=os.path.abspath(vgg_path), data=os.path.abspath(cfg.data))
-    vgg_info = vgg.read_vgg_info(vgg_path)
+    spec = model.ModelSpec.from_config(cfg, vgg.read_vgg_info(vgg_path))
     if resume:
-        _check_resumable(run_dir, old, {**cfg.to_dict(), "vgg_info": vgg_info})
-    return cfg, run_dir, vgg_info
+        _check_resumable(run_dir, old, spec, cfg)
+    return cfg, run_dir, spec
 
 
 def _resume_dir(runs_dir, run):
@@ -88,10 +96,28 @@ def _resume_dir(runs_dir, run):
     return max(runs, key=os.path.getmtime)
 
 
-def _check_resumable(run_dir, old, new):
-    for key in MUST_MATCH:
-        if key in old and json.dumps(old[key]) != json.dumps(new.get(key)):
-            was, now = (_setting(key, c.get(key)) for c in (old, new))
+# Besides the ModelSpec, the options that change the graph or the steps: every worker of a
+# multi-worker run must start with the same (distribute.check_agreement).
+STEP_OPTIONS = ("batch_size", "epochs", "lr", "lr_schedule", "warmup_epochs", "loss", "focal_gamma",
+                "ohem_fraction", "dice_weight", "class_weights", "keep_prob", "augment", "seed",
+                "precision", "val_split", "skip_bad", "devices", "workers")
+
+
+def agreed_options(cfg, spec):
+    """``[(option, value)]`` every worker must share: the spec's fields and STEP_OPTIONS."""
+    return spec.identity() + [(name, getattr(cfg, name)) for name in STEP_OPTIONS]
+
+
+def _check_resumable(run_dir, old, spec, cfg):
+    """The run's ModelSpec and batch size (its position in the epoch is counted in batches)
+    must be the new ones; a field the run's config.json lacks (an early version) is not
+    compared."""
+    path = os.path.join(run_dir, run_folders.RUN_CONFIG)
+    changed = model.ModelSpec.from_dict(old, path).differences(spec)
+    changed += [("batch_size", old.get("batch_size"), cfg.batch_size)]
+    for key, was, now in changed:
+        if key in old and json.dumps(was, default=list) != json.dumps(now, default=list):
+            was, now = _setting(key, was), _setting(key, now)
             raise UserError(f"cannot resume {run_dir}: it was trained with {key}={was}, "
                             f"now {key}={now}; use the same setting or start a new --run")
 
@@ -168,15 +194,16 @@ class TrainingGraph(NamedTuple):
 
 
 def build_training_graph(sess, cfg, samples, vgg_path, dist=None):
-    """Build the training graph of ``cfg`` in ``sess.graph``: on one device, or replicated by
-    ``dist.strategy`` (``roadseg.distribute``).  VGG16's weights are restored, every variable
-    added on top is initialised."""
-    scheme = get_scheme(cfg.scheme)
+    """Build the training graph of ``cfg`` in ``sess.graph``: ``model.training_step`` on one
+    device, or replicated by ``dist.strategy`` (``roadseg.distribute``) with one more tower
+    for validation.  VGG16's weights are restored, every variable added on top is
+    initialised."""
+    spec = model.ModelSpec.from_config(cfg.replace(vgg=vgg_path), vgg.read_vgg_info(vgg_path))
     tf1.set_random_seed(cfg.seed)
     epoch = tf1.placeholder_with_default(tf.constant(0, tf.int64), [], name="epoch")
     skip = tf1.placeholder_with_default(tf.constant(0, tf.int64), [], name="skip_batches")
-    ds = input_pipeline.make_dataset(samples, scheme, cfg.image_shape, cfg.batch_size, shuffle=True,
-                                     augment=cfg.augment, seed=epoch * 1000003 + cfg.seed,
+    ds = input_pipeline.make_dataset(samples, get_scheme(cfg.scheme), cfg.image_shape, cfg.batch_size,
+                                     shuffle=True, augment=cfg.augment, seed=epoch * 1000003 + cfg.seed,
                                      cache=cfg.cache or None, skip_bad=cfg.skip_bad)
     iterator = tf1.data.make_initializable_iterator(ds.skip(skip))
     x, y = iterator.get_next()
@@ -185,72 +212,32 @@ def build_training_graph(sess, cfg, samples, vgg_path, dist=None):
     keep_prob = tf1.placeholder_with_default(1.0, [], name="keep_prob_feed")
     lr = tf1.placeholder(tf.float32, [], name="learning_rate")
     strategy = dist.strategy if dist else None
-    if strategy is None:
-        loaded = []   # VGG16's variables, restored by its loader
-
-        def encoder(images, keep_prob):
-            vgg_out = fcn.load_vgg(sess, vgg_path, input_map={
-                "image_input:0": images, "keep_prob:0": keep_prob})[2:]
-            loaded.extend(tf1.global_variables())
-            return vgg_out
-
-        logits, _, l2 = build_tower(cfg, images, None, keep_prob, encoder)
-        progress = progress_variables()
-        # the loss and the Adam step of the course API: fcn.data_loss + every L2 term
-        _, train_op, loss = fcn.optimize(logits, labels, lr, scheme.num_classes,
-                                         cfg.class_weights or None, global_step=progress[0]["step"],
-                                         loss_scaling=precision.needs_loss_scaling(cfg.precision),
-                                         **_loss_options(cfg))
-        data_loss = loss - l2
-    else:
-        with strategy.scope():
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        if strategy:
             vgg16 = distribute.MirroredVGG(strategy, vgg_path)
-            progress = progress_variables()
-            loss, data_loss, train_op = distribute.replicated_step(
-                strategy, images, labels, lr, progress[0]["step"],
-                lambda images, labels: build_tower(cfg, images, labels, keep_prob, vgg16.apply))
-            # validation: one more tower on the first replica's copy of the weights
+            encoder = vgg16.apply
+        else:
+            encoder = model.SavedModelEncoder(sess, vgg_path)
+        progress = progress_variables()
+        step = model.training_step(spec, images, labels, keep_prob, lr, progress[0]["step"], encoder,
+                                   model.LossOptions.from_config(cfg),
+                                   precision.needs_loss_scaling(cfg.precision), strategy)
+        logits = step.logits
+        if strategy:   # validation: one more tower on the first replica's copy of the weights
             with tf.device(distribute.eval_device(strategy)), \
                     tf1.variable_scope(tf1.get_variable_scope(), reuse=True):
-                logits, _, _ = build_tower(cfg, images, None, keep_prob, vgg16.apply)
+                logits = model.network(spec, images, keep_prob, encoder)
     raw = tf1.placeholder(tf.uint8, [None, None, None, 3], name="raw_images")
     out_size = tf1.placeholder_with_default(tf.shape(logits)[1:3], [2], name="out_size")
     classes, _ = inference.segmentation_head(logits, out_size)
     if strategy is None:
-        fcn.initialize_new_variables(sess, loaded)
+        fcn.initialize_new_variables(sess, encoder.variables)
     else:
-        sess.run(tf1.global_variables_initializer())
+        sess.run([tf1.global_variables_initializer(), tf1.local_variables_initializer()])
         vgg16.restore(sess)
-    return TrainingGraph(iterator.initializer, epoch, skip, images, labels, keep_prob, lr, logits, loss,
-                         data_loss, train_op, raw, inference.resize_to_network(raw, cfg.image_shape),
-                         out_size, classes, progress)
-
-
-def build_tower(cfg, images, labels, keep_prob, encoder):
-    """One replica's network and loss: ``(logits, data loss, L2)``.
-
-    ``encoder(images, keep_prob)`` gives VGG16's layers 3, 4 and 7; the FCN-8s decoder goes
-    on top; the data loss is ``fcn.data_loss`` (None without ``labels``: the one-device graph
-    takes it from ``fcn.optimize``, which adds the same terms) and the L2 term sums the
-    terms of *this* decoder only (``fcn.layers`` adds them to one graph collection, which
-    holds every replica's)."""
-    scheme = get_scheme(cfg.scheme)
-    l3, l4, l7 = encoder(images, keep_prob)
-    terms = tf1.get_collection_ref(tf1.GraphKeys.REGULARIZATION_LOSSES)
-    before = len(terms)
-    logits = fcn.layers(l3, l4, l7, scheme.num_classes, **inference.decoder_kwargs(cfg.to_dict()))
-    own = terms[before:]
-    l2 = tf.add_n(own) if own else tf.constant(0.0)
-    if labels is None:
-        return logits, None, l2
-    data_loss = fcn.data_loss(logits, labels, scheme.num_classes, cfg.class_weights or None,
-                              **_loss_options(cfg))
-    return logits, data_loss, l2
-
-
-def _loss_options(cfg):
-    return dict(loss=cfg.loss, focal_gamma=cfg.focal_gamma, ohem_fraction=cfg.ohem_fraction,
-                dice_weight=cfg.dice_weight)
+    return TrainingGraph(iterator.initializer, epoch, skip, images, labels, keep_prob, lr, logits,
+                         step.loss, step.data_loss, step.train_op, raw,
+                         inference.resize_to_network(raw, cfg.image_shape), out_size, classes, progress)
 
 
 # ============================================================================ the run
@@ -264,8 +251,8 @@ def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False,
     """
     log = channel(log)
     given = {**options, **{k: v for k, v in (("data", data_dir), ("vgg", vgg_path)) if v is not None}}
-    cfg, run_dir, vgg_info = resolve_config(given, recipe, runs_dir, run, resume)
-    check_training_memory(cfg.image_shape, cfg.batch_size, vgg_info.get("width", 1.0), log)
+    cfg, run_dir, spec = resolve_config(given, recipe, runs_dir, run, resume)
+    check_training_memory(cfg.image_shape, cfg.batch_size, spec.vgg_info.get("width", 1.0), log)
     samples, cfg = prepare_samples(cfg, log)
     dist = distribute.Distribution(cfg)   # TF_CONFIG is checked before any folder is made
     if dist.workers > 1 and run is None:
@@ -275,7 +262,7 @@ def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False,
     with _run_folder(run_dir, not resume, dist.is_chief):
         if dist.is_chief:
             run_folders.write_json(os.path.join(run_dir, run_folders.RUN_CONFIG),
-                                   {**cfg.to_dict(), "vgg_info": vgg_info})
+                                   spec.run_config(cfg.to_dict()))
         spe = math.ceil(len(samples.train) / cfg.batch_size)
         log(f"run {run_dir}: {samples.layout} data, {len(samples.train)} train / "
             f"{len(samples.val)} val images, scheme {cfg.scheme}, {cfg.image_shape[0]}x"
@@ -294,7 +281,8 @@ def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False,
                     log(f"resumed from {restored} (epoch {progress.epochs_done + 1}, "
                         f"step {progress.step})")
                 if dist.workers > 1:
-                    distribute.check_agreement(sess, dist, g, len(samples.train), run_dir)
+                    distribute.check_agreement(sess, dist, g, len(samples.train), run_dir,
+                                               agreed_options(cfg, spec))
                 history = _epochs(run_dir, cfg, samples, sess, g, ckpt, progress, stop, spe, log,
                                   dist.is_chief)
     status = f"interrupted: {stop.signal}" if stop.signal else "finished"

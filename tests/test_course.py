@@ -27,7 +27,7 @@ from PIL import Image
 
 import helper
 import project_tests as tests
-from roadseg import datasets, demo_scenes, export, inference, metrics, run_folders, trainer, video
+from roadseg import datasets, demo_scenes, export, inference, metrics, model, run_folders, trainer, video
 from roadseg.fcn import layers, load_vgg, optimize, train_nn
 from roadseg.schemes import IGNORE, get_scheme
 
@@ -341,10 +341,10 @@ def test_every_inference_path_gives_the_same_class_maps(vgg_dir, tmp_path):
     run_dir = result["run_dir"]
     val = datasets.find_dataset(data).splits["val"]
     images = np.stack([datasets.load_image(s.image) for s in val])
-    config = run_folders.read_run_config(run_dir)
+    spec = model.ModelSpec.from_run(run_dir)
     with tf.Graph().as_default(), tf.Session() as sess:
         image, keep, l3, l4, l7 = load_vgg(sess, vgg_dir)
-        out = layers(l3, l4, l7, 5, **inference.decoder_kwargs(config))
+        out = layers(l3, l4, l7, 5, skip_scales=spec.skip_scales, l2_scale=spec.l2_scale)
         logits = tf.reshape(out, (-1, 5))
         tf.train.Saver(inference.model_variables()).restore(sess, run_folders.run_checkpoint(run_dir))
         notebook = helper.session_predict_fn(sess, [64, 128], logits, keep, image, 5)(images)

@@ -277,3 +277,26 @@ def test_sigkilled_worker_ends_the_other_with_one_line_then_resume(scenes, vgg_d
     assert [h["epoch"] for h in history] == [1, 2, 3] and "miou" in history[-1]
     assert "epoch 3/3:" in chief and "epoch 3/3:" not in worker   # only the chief validates
     assert os.listdir(runs / "k" / "tb")
+
+
+def test_workers_started_with_different_options_all_stop_naming_the_option(scenes, vgg_dir,
+                                                                             tmp_path):
+    """--batch-size 4 on the chief, 6 on worker 1: before, worker 1 trained to the end and
+    the chief lost it; now every worker stops at the start-up check with one line."""
+    runs = tmp_path / "runs"
+
+    def command(i):
+        return [sys.executable, "segment.py", "train", "--data", str(scenes), "--vgg", vgg_dir,
+                "--image-shape", "64", "128", "--batch-size", ("4", "6")[i], "--epochs", "1",
+                "--no-augment", "--workers", "2", "--run", "opts", "--runs", str(runs)]
+
+    procs = _start_workers(command, _free_ports(2), tmp_path, "o")
+    _wait(procs, 240, tmp_path, "o")
+    for i, proc in enumerate(procs):
+        err = (tmp_path / f"o{i}.err").read_text()
+        lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and "Traceback" not in err, err[-2000:]
+        assert len(lines) == 1 and f"worker {i}: the workers were started with different " \
+            f"options: batch_size differs (batch_size={(4, 6)[i]} here)" in lines[0], lines
+        assert "finished" not in (tmp_path / f"o{i}.out").read_text()
+    assert not (runs / "opts").exists()   # no checkpoint was written: the chief removed it

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from roadseg import inference
 from roadseg.errors import UserError
+from roadseg.model import ModelSpec
 from roadseg.schemes import get_scheme
 
 tf1 = tf.compat.v1
@@ -23,7 +24,7 @@ def network(vgg_dir):
     sess = tf1.Session(graph=graph)
     with graph.as_default():
         tf1.set_random_seed(0)
-        tensors = inference.build_inference(sess, vgg_dir, 11, SHAPE, skip_scales=None)
+        tensors = inference.build_inference(sess, ModelSpec("camvid11", SHAPE, vgg_dir, skip_scales=None))
         sess.run(tf1.global_variables_initializer())
     yield (graph, sess, *tensors)
     sess.close()
@@ -72,7 +73,7 @@ def test_flip_changes_nothing_for_a_mirror_symmetric_network(vgg_dir):
     graph = tf.Graph()
     with tf1.Session(graph=graph) as sess, graph.as_default():
         tf1.set_random_seed(0)
-        tensors = inference.build_inference(sess, vgg_dir, 11, SHAPE, skip_scales=None)
+        tensors = inference.build_inference(sess, ModelSpec("camvid11", SHAPE, vgg_dir, skip_scales=None))
         sess.run(tf1.global_variables_initializer())
         kernels = [v for v in tf1.global_variables() if v.shape.rank == 4]
         assert len(kernels) >= 13 + 3 + 3               # VGG16 convs, fc6/fc7, scores, upsampling

@@ -581,18 +581,18 @@ def test_huge_learning_rate_stops_with_the_step_and_a_hint(tiny, vgg_dir, tmp_pa
 
 def _poison_weights_at(monkeypatch, at_step):
     """Make training write NaN into a decoder bias during step ``at_step``."""
-    from roadseg import fcn
-    real = fcn.optimize
+    from roadseg import model
+    real = model.training_step
 
-    def optimize(*args, **kwargs):
-        logits, train_op, loss = real(*args, **kwargs)
-        step, target = kwargs["global_step"], tf1.trainable_variables()[-1]
-        with tf.control_dependencies([train_op]):
+    def training_step(*args, **kwargs):
+        step = real(*args, **kwargs)
+        global_step, target = args[5], tf1.trainable_variables()[-1]
+        with tf.control_dependencies([step.train_op]):
             value = target.read_value()
-            poisoned = target.assign(tf.where(tf.equal(step.read_value(), at_step),
+            poisoned = target.assign(tf.where(tf.equal(global_step.read_value(), at_step),
                                               value * np.nan, value))
-        return logits, tf.group(train_op, poisoned), loss
-    monkeypatch.setattr(fcn, "optimize", optimize)
+        return step._replace(train_op=tf.group(step.train_op, poisoned))
+    monkeypatch.setattr(model, "training_step", training_step)
 
 
 @pytest.mark.parametrize("poison, message, kept", [

@@ -8,7 +8,8 @@
   to ``path``; it gets its final name only when complete, and is removed on any error
 * ``write_errors_as_user_error(path)`` -> a full or read-only disk while writing ``path`` is
   one UserError line
-* ``write_json(path, value)``      -> JSON under a temporary name, renamed when complete
+* ``replaced_file(path)`` / ``write_json(path, value)`` -> a file's new version under a
+  temporary name, replacing it when complete
 * ``publish(tmp_path, out_path)``  -> a finished temporary file gets its final name,
   never replacing a file
 * ``read_json(path, fix)``, ``read_run_config(run_dir)``, ``run_checkpoint(run_dir)``,
@@ -200,14 +201,15 @@ def run_lock(run_dir):
         os.close(fd)   # releases the lock
 
 
-def write_json(path, value):
-    """Write JSON atomically (temporary file, then rename; an existing file is replaced).
-    A failed write leaves the old file as it was and is one UserError line."""
+@contextlib.contextmanager
+def replaced_file(path):
+    """Yield a hidden temporary path next to ``path``; when the block ends without an error
+    it replaces ``path`` in one rename (the file's own new version: history.json, a patched
+    saved_model.pb).  A failed write leaves the old file as it was and is one UserError line."""
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
                        f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(value, f, indent=2)
+        yield tmp
         os.replace(tmp, path)
     except OSError as err:
         raise UserError(f"could not write {path} ({reason(err)}); free disk space or fix the "
@@ -215,6 +217,12 @@ def write_json(path, value):
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def write_json(path, value):
+    """Write JSON atomically (``replaced_file``: an existing file is replaced)."""
+    with replaced_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
 
 
 def publish(tmp_path, out_path):

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import urllib.parse
 
 import numpy as np
@@ -49,7 +48,7 @@ from roadseg import acquire
 from roadseg.acquire import DownloadError, download, safe_extract_zip
 from roadseg.errors import UserError, reason
 from roadseg.log import logger
-from roadseg.run_folders import refuse_existing, staged_dir
+from roadseg.run_folders import refuse_existing, replaced_file, staged_dir
 
 COURSE_VGG_URL = "https://s3-us-west-1.amazonaws.com/udacity-selfdrivingcar/vgg.zip"
 # Keras' ImageNet VGG16 weights (with the dense layers) and the md5 hash Keras
@@ -186,15 +185,9 @@ def keep_restored_values(model_dir):
     changed = False
     for meta in model.meta_graphs:
         changed = _keep_in_meta_graph(meta) or changed
-    if changed:   # replaces the file on purpose: run_folders' staged writes never replace one
-        fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".saved_model.", suffix=".pb")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(model.SerializeToString())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    if changed:   # the file's own new version: replaced, not staged
+        with replaced_file(path) as tmp, open(tmp, "wb") as f:
+            f.write(model.SerializeToString())
     return changed
 
 

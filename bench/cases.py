@@ -277,15 +277,65 @@ def litert(spec):
                 model_mb=round(size_mb, 1), threads=spec.get("threads") or litert_module.cores())
 
 
+def openvino(spec):
+    """``openvino_model.OpenVINOPredictor`` end to end (the whole path in OpenVINO: resize,
+    network, upsampling, argmax) on random uint8 256x512 batches, on the bench run's
+    ``segment.py export --format openvino`` folder (``ov.exported``, made once): ``quantize``
+    none (``precision`` fp32 or bf16: OpenVINO's inference precision hint) or int8 (NNCF,
+    calibrated on ``calibration`` demo scenes).  ``hint``: OpenVINO's PERFORMANCE_HINT
+    (LATENCY: one stream; THROUGHPUT: a stream per core, the batch split over them)."""
+    import numpy as np
+    import ov
+
+    from roadseg import openvino_model
+    batch, quantize = spec["batch"], spec.get("quantize", "none")
+    start = time.perf_counter()
+    folder = ov.exported(spec["vgg"], spec["work"], quantize, spec.get("calibration", 8))
+    export_s = time.perf_counter() - start
+    hint = spec.get("hint", "LATENCY")
+    data = np.random.default_rng(0).integers(0, 256, (batch, *common.IMAGE_SHAPE, 3), np.uint8)
+    with openvino_model.OpenVINOPredictor(folder, precision=spec.get("precision"),
+                                          config={"PERFORMANCE_HINT": hint}) as predictor:
+        if hint == "THROUGHPUT":
+            step = ov.split_over_streams(predictor.compiled, data)
+        else:
+            def step():
+                return predictor.predict(data)
+        timing = common.time_steps(step, spec["warmup"], spec["iters"])
+        streams = int(predictor.compiled.get_property("NUM_STREAMS"))
+    size_mb = os.path.getsize(os.path.join(folder, openvino_model.WEIGHTS_FILE)) / 2 ** 20
+    return dict(common.rates(timing, batch), unit="images/s", model_mb=round(size_mb, 1),
+                export_seconds=round(export_s, 1), streams=streams)
+
+
+def gemm_openvino(spec):
+    """OpenVINO's own GEMM: a chain of ``reps`` n x n MatMuls (``ov.gemm_model``) compiled for
+    the CPU at ``precision`` (f32 / bf16 inference precision hint) or as int8 (FakeQuantize
+    on both operands: OpenVINO's int8 GEMM); 2n^3 FLOPs (int8: OPs) each."""
+    import numpy as np
+    import openvino
+    import ov
+    n, reps, precision = spec.get("n", 4096), spec.get("reps", 4), spec.get("precision", "fp32")
+    hint = "bf16" if precision == "bf16" else "f32"
+    compiled = openvino.Core().compile_model(ov.gemm_model(n, reps, precision == "int8"), "CPU",
+                                             {"INFERENCE_PRECISION_HINT": hint})
+    request = compiled.create_infer_request()
+    a = np.random.default_rng(1).standard_normal((n, n), np.float32)
+    timing = common.time_steps(lambda: request.infer({0: a}), spec["warmup"], spec["iters"])
+    return dict(common.rates(timing, 2 * n ** 3 * reps / 1e9), unit="GFLOP/s")
+
+
 def quality(spec):
     """mIoU of a trained run on a labelled split at every precision the product offers: the
-    TensorFlow predictor at fp32 and bf16, and its LiteRT exports (none, int8 calibrated on
-    the run's training images); plus the share of pixels whose class equals fp32's (on every
+    TensorFlow predictor at fp32 and bf16, its LiteRT exports (none, int8 calibrated on
+    the run's training images) and its OpenVINO exports (fp32, bf16 where the CPU has it,
+    int8 calibrated as LiteRT's); plus the share of pixels whose class equals fp32's (on every
     image of the split, or the first ``agreement_images``)."""
     import numpy as np
 
-    from roadseg import datasets, inference, metrics
+    from roadseg import datasets, inference, metrics, openvino_model
     from roadseg import litert as litert_module
+    from roadseg import precision as precision_module
     splits = datasets.find_dataset(spec["data"]).splits
     split = spec.get("split", "test") if spec.get("split", "test") in splits else "val"
     samples = [s for s in splits[split] if s.label]
@@ -296,6 +346,15 @@ def quality(spec):
         for quantize in ("none", "int8"):
             folder = litert_module.export_tflite(spec["run"], os.path.join(tmp, quantize), quantize)
             models.append((f"litert_{'fp32' if quantize == 'none' else quantize}", folder, None))
+        for quantize in ("none", "int8"):   # issue 23: OpenVINO, from the same run
+            folder = openvino_model.export_openvino(spec["run"], os.path.join(tmp, f"ov_{quantize}"),
+                                                    quantize)
+            if quantize == "int8":
+                models.append(("openvino_int8", folder, None))
+                continue
+            models.append(("openvino_fp32", folder, None))
+            if precision_module.native_bf16():
+                models.append(("openvino_bf16", folder, "bf16"))
         for name, model, precision in models:
             with inference.load_predictor(model, precision=precision) as predictor:
                 scores = metrics.evaluate(predictor.predict, samples, predictor.scheme, progress=False)
@@ -308,7 +367,8 @@ def quality(spec):
 
 CASES = dict(prepare=prepare, gemm=gemm, flops=flops, infer=infer, check_variants=check_variants, train=train,
              pipeline=input_pipeline, video=video, peer_infer=peer_infer,
-             peer_train=peer_train, litert=litert, quality=quality)
+             peer_train=peer_train, litert=litert, quality=quality, openvino=openvino,
+             gemm_openvino=gemm_openvino)
 
 
 def main(argv):

@@ -65,7 +65,7 @@ def main_plan(quick):
                                 iters=q(40, 10))),
         ("video", dict(case="video", frames=q(32, 12), batch=4, warmup=1)),
     ]
-    return [(key, spec, {}) for key, spec in plan + precision_plan(quick)]
+    return [(key, spec, {}) for key, spec in plan + precision_plan(quick) + openvino_plan(quick)]
 
 
 def precision_plan(quick, quality=None):
@@ -87,6 +87,18 @@ def precision_plan(quick, quality=None):
     if quality:
         plan.append(("quality", dict(case="quality", run=os.path.abspath(quality[0]),
                                      data=os.path.abspath(quality[1]), split="test")))
+    return plan
+
+
+def openvino_plan(quick):
+    """Issue 23: OpenVINO's own GEMM limits (fp32, bf16, int8) and the product's OpenVINO model
+    (``segment.py export --format openvino`` of one bench run) at fp32, bf16 and int8, batch 8."""
+    iters = 2 if quick else 3
+    plan = [(f"gemm_ov_{p}", dict(case="gemm_openvino", precision=p, n=4096, reps=4, warmup=1,
+                                  iters=iters)) for p in ("fp32", "bf16", "int8")]
+    plan += [("ov_fp32", dict(case="openvino", batch=8, warmup=1, iters=iters)),
+             ("ov_bf16", dict(case="openvino", batch=8, precision="bf16", warmup=1, iters=iters)),
+             ("ov_int8", dict(case="openvino", batch=8, quantize="int8", warmup=1, iters=iters))]
     return plan
 
 
@@ -116,6 +128,16 @@ def lever_plan(quick):
         ("infer_b4", dict(infer, batch=4), {}),
         ("infer_b16", dict(infer, batch=16, iters=2), {}),
         ("train_feed_dict", dict(train, feed="feed_dict"), {}),
+        # OpenVINO (issue 23): batch size, the THROUGHPUT hint (a stream per core, the batch
+        # split over them); static shapes and a classes-only output measured no different
+        ("ov_fp32_b1", dict(case="openvino", batch=1, warmup=1, iters=q(6, 3)), {}),
+        ("ov_fp32_b8", dict(case="openvino", batch=8, warmup=1, iters=q(3, 2)), {}),
+        ("ov_fp32_b16", dict(case="openvino", batch=16, warmup=1, iters=2), {}),
+        ("ov_fp32_throughput", dict(case="openvino", batch=8, hint="THROUGHPUT", warmup=1,
+                                    iters=q(3, 2)), {}),
+        ("ov_int8_b8", dict(case="openvino", batch=8, quantize="int8", warmup=1, iters=q(3, 2)), {}),
+        ("ov_int8_throughput", dict(case="openvino", batch=8, quantize="int8", hint="THROUGHPUT",
+                                    warmup=1, iters=q(3, 2)), {}),
         ("peer_infer_b8", dict(case="peer_infer", batch=8, warmup=1, iters=q(3, 2)), {}),
         ("peer_infer_b8_nojit", dict(case="peer_infer", batch=8, warmup=1, iters=q(3, 2),
                                      jit_compile=False), {}),
@@ -258,7 +280,7 @@ def build_rows(results):
                      f"{r['peak_rss_mb']:.0f}",
                      f"{ratio:.0%} of model-only {r['model_only']:.3g} frames/s",
                      _verdict(ratio, TARGETS["video"], "{:.0%}")])
-    return rows + precision_rows(results)
+    return rows + precision_rows(results) + openvino_rows(results)
 
 
 PRECISION_ROWS = (  # key, label, reference key, quality name, target
@@ -317,6 +339,100 @@ def precision_rows(results):
         if results[key].get("threads"):
             label += f", {results[key]['threads']} thread{'s' if results[key]['threads'] > 1 else ''}"
         rows.append(_model_row(results, key, label, per_image, compare, verdict))
+    return rows
+
+
+OPENVINO_ROWS = (  # key, label, precision (its limit), TF reference of the same precision
+    ("ov_fp32", "OpenVINO fp32 batch 8", "fp32", "infer_b8"),
+    ("ov_bf16", "OpenVINO bf16 batch 8", "bf16", "bf16_infer_b8"),
+    ("ov_int8", "OpenVINO int8 (NNCF) batch 8", "int8", "litert_int8"),
+)
+GOALS = dict(int8_vs_litert=1.25, int8_vs_tf_fp32=7.0, int8_miou_points=1.0, bf16_limit=0.75,
+             fp32_limit=0.85)
+
+
+def limits(results):
+    """Each precision's limit by CPU time (GFLOP/s): the best GEMM measured for it, through
+    TensorFlow or OpenVINO; ``(limits, {precision: case key})``."""
+    candidates = dict(fp32=("gemm", "gemm_ov_fp32"), bf16=("gemm_bf16", "gemm_ov_bf16"),
+                      int8=("gemm_ov_int8",))
+    out, keys = {}, {}
+    for precision, cases in candidates.items():
+        found = [(results[k]["cpu_rate"], k) for k in cases if _ok(results, k) and "cpu_rate" in results[k]]
+        if found:
+            out[precision], keys[precision] = max(found)
+    return out, keys
+
+
+def own_limit(results, key, precision, per_image):
+    """``key``'s GFLOP/s by CPU time as a fraction of ``precision``'s limit (stored)."""
+    lim, _ = limits(results)
+    r = results.get(key, {})
+    if not (_ok(results, key) and per_image and lim.get(precision) and "cpu_rate" in r):
+        return None
+    r["cpu_fraction_of_own_limit"] = value = r["cpu_rate"] * per_image / 1e9 / lim[precision]
+    return value
+
+
+def openvino_rows(results):
+    """Issue 23's rows: OpenVINO's GEMM limits, then OpenVINO fp32 / bf16 / int8 with each
+    row's % of its own precision's limit (by CPU time) and the issue's goals."""
+    rows = []
+    lim, lim_keys = limits(results)
+    peak, peak_cpu = _peaks(results)
+    for p in ("fp32", "bf16", "int8"):
+        g = results.get(f"gemm_ov_{p}")
+        if g is None:
+            continue
+        if "error" in g:
+            rows.append([f"{p} GEMM 4096^3 (OpenVINO)", "FAILED", "", "", "", "", g["error"], ""])
+            continue
+        rows.append([f"{p} GEMM 4096^3 (OpenVINO)", f"{g['rate']:.0f} GFLOP/s", f"{g['rate']:.0f}",
+                     _f(g["rate"] / peak if peak else None, "{:.0%}"),
+                     _f(g["cpu_rate"] / peak_cpu if peak_cpu else None, "{:.0%}"), f"{g['peak_rss_mb']:.0f}",
+                     f"{p} limit by CPU time: {lim.get(p, 0):.0f} GFLOP/s ({lim_keys.get(p)})", ""])
+    flops = results["flops"] if _ok(results, "flops") else {}
+    per_image = flops.get("forward")
+    quality = results["quality"] if _ok(results, "quality") else {}
+    notes = []
+    for key, p in (("infer_b8", "fp32"), ("bf16_infer_b8", "bf16"), ("litert_int8", "int8")):
+        if own_limit(results, key, p, per_image) is not None:
+            notes.append(f"{key} {results[key]['cpu_fraction_of_own_limit']:.0%} of the {p} limit")
+    for key, label, p, ref in OPENVINO_ROWS:
+        if key not in results:
+            continue
+        compare, verdict = [], ""
+        frac = own_limit(results, key, p, per_image)
+        if frac is not None:
+            compare.append(f"{frac:.0%} of the {p} limit (CPU)")
+        r = results[key]
+        for other in (ref, "infer_b8") if ref != "infer_b8" else (ref,):
+            if _ok(results, key) and _ok(results, other):
+                r[f"cpu_speedup_vs_{other}"] = results[key]["cpu_rate"] / results[other]["cpu_rate"]
+                compare.append(f"{r[f'cpu_speedup_vs_{other}']:.2f}x {other} by CPU "
+                               f"({r['rate'] / results[other]['rate']:.2f}x wall)")
+        qname = f"openvino_{p}"
+        if qname in quality and "fp32" in quality:
+            r["miou_delta"] = quality[qname]["mean_iou"] - quality["fp32"]["mean_iou"]
+            r["pixels_agree"] = quality[qname]["agreement_with_fp32"]
+            compare.append(f"mIoU {quality[qname]['mean_iou']:.4f} ({r['miou_delta']:+.4f}), "
+                           f"{r['pixels_agree']:.2%} pixels as TF fp32")
+        if p == "int8" and _ok(results, key):
+            verdict = "; ".join([
+                _verdict(r.get("cpu_speedup_vs_litert_int8"), GOALS["int8_vs_litert"], "{:.2f}x LiteRT int8",
+                         "{:.2f}x"),
+                _verdict(r.get("cpu_speedup_vs_infer_b8"), GOALS["int8_vs_tf_fp32"], "{:.0f}x TF fp32",
+                         "{:.2f}x")]
+                + ([f"mIoU within 1 point: {'MET' if abs(r['miou_delta']) <= 0.01 else 'missed'}"]
+                   if "miou_delta" in r else []))
+        elif p in ("fp32", "bf16") and frac is not None:
+            tf_frac = results.get(ref, {}).get("cpu_fraction_of_own_limit")
+            best = max(frac, tf_frac or 0)
+            verdict = _verdict(best, GOALS[f"{p}_limit"], "{:.0%} of the limit",
+                               "best " + ("OpenVINO" if frac >= (tf_frac or 0) else "TF") + " {:.0%}")
+        rows.append(_model_row(results, key, label, per_image, "; ".join(compare), verdict))
+    if notes and rows:
+        rows.append(["  TF / LiteRT rows against their own limit", "", "", "", "", "", "; ".join(notes), ""])
     return rows
 
 
@@ -391,7 +507,8 @@ def main(argv=None):
     parser.add_argument("--only", help="comma-separated case keys to run (e.g. gemm,flops,infer_b8)")
     parser.add_argument("--quality", nargs=2, metavar=("RUN", "DATA"),
                         help="also measure the mIoU of RUN (a trained run folder) on DATA's test "
-                        "split at fp32, bf16, LiteRT fp32 and int8 (the precision rows' deltas)")
+                        "split at fp32, bf16, LiteRT fp32 and int8, OpenVINO fp32 / bf16 / int8 (the "
+                        "precision rows' deltas)")
     parser.add_argument("--vgg-width", type=float, default=1.0,
                         help="VGG channel width; anything but 1 is for trying the suite out only")
     args = parser.parse_args(argv)

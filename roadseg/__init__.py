@@ -24,6 +24,7 @@ One module per concept:
 ``roadseg.export``            a run as a self-contained SavedModel
 ``roadseg.batch_predict``     batch inference on Apache Beam (``batch-predict``)
 ``roadseg.litert``            a run as a LiteRT model (float, int8); its predictor
+``roadseg.openvino_model``    a run as an OpenVINO model (fp32/bf16, int8); its predictor
 ``roadseg.metrics``           confusion matrix, IoU, evaluation of a predictor
 ``roadseg.cityscapes_eval``   Cityscapes labelIds export and the official evaluator
 ``roadseg.overlays``          class maps as colours, overlays, PNGs

@@ -26,6 +26,7 @@ from roadseg import (  # noqa: E402
     litert,
     log,
     metrics,
+    openvino_model,
     overlays,
     precision,
     run_folders,
@@ -226,14 +227,19 @@ def cmd_video(a):
 
 
 def cmd_export(a):
+    if a.format == "openvino":
+        openvino_model.export_openvino(a.model, a.out, a.quantize or "none", a.calibration)
+        print(f"exported OpenVINO model ({a.quantize or 'none'} quantisation) to "
+              f"{os.path.join(a.out, openvino_model.MODEL_FILE)}")
+        return
     if a.format == "tflite":
         litert.export_tflite(a.model, a.out, a.quantize or "none", a.calibration)
         logger.info(f"exported LiteRT model ({a.quantize or 'none'} quantisation) to "
               f"{os.path.join(a.out, litert.MODEL_FILE)}")
         return
     if a.quantize or a.calibration:
-        raise UserError("--quantize and --calibration are for --format tflite; add it, or leave "
-                        "them out for a SavedModel")
+        raise UserError("--quantize and --calibration are for --format tflite or openvino; add "
+                        "one, or leave them out for a SavedModel")
     export.export(a.model, a.out)
     logger.info(f"exported inference SavedModel (tag serve, signature predict) to {a.out}")
 
@@ -254,7 +260,8 @@ def add_tta(sp):
 def add_precision(sp, what="of the model's arithmetic"):
     sp.add_argument("--precision", choices=precision.PRECISIONS, help=f"precision {what}: "
                     "bf16 (oneDNN bfloat16, for AVX512_BF16/AMX CPUs) or fp16 (GPU) mixed "
-                    "precision; not for .tflite models (default fp32)")
+                    "precision; OpenVINO models: bf16 sets OpenVINO's inference precision; not for "
+                    ".tflite models (default fp32)")
 
 
 def add_verbosity(sp):
@@ -369,15 +376,18 @@ def _model_commands(add):
 
 
 def _export_and_demo_commands(add):
-    sp = add("export", cmd_export, "write a self-contained inference SavedModel of a run, or a "
-             "LiteRT model (model.tflite) for in-car CPUs and int8 accelerators")
+    sp = add("export", cmd_export, "write a self-contained inference SavedModel of a run, a "
+             "LiteRT model (model.tflite) for in-car CPUs and int8 accelerators, or an OpenVINO "
+             "model (model.xml) for x86 CPUs")
     sp.add_argument("--model", required=True, help="runs/<name> folder")
     sp.add_argument("--out", required=True, help="new folder")
-    sp.add_argument("--format", choices=("savedmodel", "tflite"), default="savedmodel",
-                    help="savedmodel (default) or tflite (LiteRT, fixed input size: the run's "
-                    "image shape; predict/video/evaluate take DIR or DIR/model.tflite)")
+    sp.add_argument("--format", choices=("savedmodel", "tflite", "openvino"), default="savedmodel",
+                    help="savedmodel (default), tflite (LiteRT, fixed input size: the run's "
+                    "image shape; predict/video/evaluate take DIR or DIR/model.tflite) or openvino "
+                    "(OpenVINO IR for x86 CPUs, any image size; --precision bf16 when run)")
     sp.add_argument("--quantize", choices=litert.QUANTIZE, help="tflite: none (default), "
-                    "float16 weights, or int8 post-training quantisation")
+                    "float16 weights, or int8 post-training quantisation; openvino: none or int8 "
+                    "(NNCF)")
     sp.add_argument("--calibration", metavar="DATA_DIR", help="int8: the representative "
                     f"images' dataset (up to {litert.CALIBRATION_IMAGES} of its training images; "
                     "default: the run's training data)")

@@ -157,9 +157,11 @@ def load_predictor(path, which="best", precision=None, log=None, tta="none"):
     computing at ``precision`` (``roadseg.precision``; None = fp32); ``log`` gets its notes;
     ``tta``: "none" or "flip" (``Predictor``).  A ``.tflite`` file, or a folder holding
     ``model.tflite``, opens in LiteRT (``roadseg.litert``), whose precision was fixed when it
-    was exported.  A missing, damaged or incomplete model is one ``UserError`` line naming
-    the file."""
-    from roadseg import litert  # it builds on this module
+    was exported; a folder holding ``model.xml`` in OpenVINO (``roadseg.openvino_model``).
+    A missing, damaged or incomplete model is one ``UserError`` line naming the file."""
+    from roadseg import litert, openvino_model  # they build on this module
+    if openvino_model.model_path(path):   # model.xml / model.bin: OpenVINO, fp32 or --precision bf16
+        return openvino_model.OpenVINOPredictor(path, precision=precision, tta=tta, log=log)
     if litert.model_path(path):
         if precision is not None:
             raise UserError(f"--precision does not apply to the LiteRT model {path}: its precision "

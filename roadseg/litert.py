@@ -76,7 +76,7 @@ def input_affine(sess, images, preprocessed):
     REVERSE_V2 copies its input's bytes under other quantisation parameters (measured on the
     CamVid model: 63 steps of RMS error, test mIoU 0.67 -> 0.36); a convolution quantises
     like every other layer."""
-    shape = [int(d) for d in images.shape]
+    shape = [-1] + [int(d) for d in images.shape[1:]]   # any batch size (OpenVINO's graph)
     probes = np.zeros([4] + shape[1:], np.float32)
     for channel in range(3):
         probes[channel + 1, ..., channel] = 100.0

@@ -39,9 +39,10 @@ class UserError(Exception):
 # What a full, read-only or forbidden disk says; TensorFlow and ffmpeg bury it among other lines.
 WRITE_REASONS = ("No space left on device", "Read-only file system", "Permission denied",
                  "Disk quota exceeded")
-# Lines that are not the reason: TensorFlow's preamble, node lists and hints.
+# Lines that are not the reason: TensorFlow's preamble, node lists and hints; OpenVINO's.
 _NOT_THE_REASON = ("Graph execution error", "Detected at node", "<stack traces", "[[", "Node:",
-                   "Hint:")
+                   "Hint:",
+                   "Exception from src/", "Check '")   # OpenVINO's: where, and which check, failed
 _ABORT_REASONS = (re.compile(r"aborted by: *(.+)"),          # a collective op's abort
                   re.compile(r'grpc_message:"([^"]+)"'))     # gRPC's status detail
 _REMOTE_USER_ERROR = re.compile(r"UserError: *(.+)")         # a worker's traceback (Beam)

@@ -28,17 +28,17 @@ import os
 
 import numpy as np
 
-from roadseg import datasets, inference
+from roadseg import datasets, inference, model
 from roadseg import precision as precision_module
-from roadseg.errors import UserError
+from roadseg.errors import UserError, reason
+from roadseg.log import channel
 from roadseg.run_folders import (
     check_can_create,
-    read_json,
     read_run_config,
+    refuse_existing,
     restore_checkpoint,
     run_checkpoint,
     staged_dir,
-    write_json,
 )
 from roadseg.schemes import get_scheme
 
@@ -59,18 +59,18 @@ def _import(name):
 
 
 # ============================================================================ export
-def export_openvino(run_dir, out_dir, quantize="none", calibration=None, which="best", log=print):
+def export_openvino(run_dir, out_dir, quantize="none", calibration=None, which="best", log=None):
     """Write ``model.xml`` / ``model.bin`` / ``export_info.json`` of a run into the new
     folder ``out_dir`` (staged: it appears only when complete); ``calibration``: the int8
     calibration images' folder (default: the run's training data)."""
     from roadseg import litert
+    log = channel(log)
     if quantize not in QUANTIZE:
         raise UserError(f"--quantize {quantize}: OpenVINO models take one of {', '.join(QUANTIZE)}")
     if calibration and quantize != "int8":
         raise UserError("--calibration is for --quantize int8 only (other models need no "
                         "representative images); leave it out")
-    if os.path.lexists(out_dir):
-        raise UserError(f"{out_dir} already exists; choose a new --out folder (nothing is overwritten)")
+    refuse_existing(out_dir, "choose a new --out folder")
     check_can_create(out_dir, "--out folder")
     config = read_run_config(run_dir)
     ov = _import("openvino")
@@ -79,50 +79,44 @@ def export_openvino(run_dir, out_dir, quantize="none", calibration=None, which="
         _import("nncf")
         paths = litert.calibration_images(calibration or config.get("data") or "")
         log(f"int8 calibration on {len(paths)} images of {calibration or config.get('data')}")
-    graph_def, info = frozen_graph(run_dir, which)
-    model = convert(graph_def, quantize, paths)
+    graph_def, spec, ckpt = frozen_graph(run_dir, which)
+    model_ir = convert(graph_def, quantize, paths)
+    facts = dict(checkpoint=os.path.basename(ckpt), run=os.path.abspath(run_dir))
+    if paths:
+        facts["calibration"] = dict(data=os.path.abspath(calibration or config["data"]),
+                                    images=len(paths))
     with staged_dir(out_dir) as tmp:
-        ov.save_model(model, os.path.join(tmp, MODEL_FILE), compress_to_fp16=False)
-        info.update(quantize=quantize, openvino=ov.get_version().split("-")[0])
-        if paths:
-            info["calibration"] = dict(data=os.path.abspath(calibration or config["data"]),
-                                       images=len(paths))
-        write_info(tmp, info)
+        ov.save_model(model_ir, os.path.join(tmp, MODEL_FILE), compress_to_fp16=False)
+        model.write_export_info(
+            tmp, spec, format=FORMAT, quantize=quantize, openvino=ov.get_version().split("-")[0],
+            input="images: uint8 [N, H, W, 3] RGB, any size (resized to image_shape inside)",
+            output="classes: uint8 [N, H, W] at the input size; probabilities: float32 "
+                   "[N, H, W, classes]", **facts)
     return out_dir
 
 
 def frozen_graph(run_dir, which="best"):
-    """``(GraphDef, info)``: the run's inference graph with its weights as constants -- uint8
-    ``images`` of any size -> ``classes``, ``probabilities`` -- and its export_info fields.
+    """``(GraphDef, ModelSpec, checkpoint)``: the run's inference graph with its weights as
+    constants -- uint8 ``images`` of any size -> ``classes``, ``probabilities``.
 
-    The SavedModel export's ops (``inference.resize_to_network``, ``segmentation_head``)
-    around the encoder as ``litert.encoder_layers`` rebuilds it: fc6 a plain 7x7 convolution
+    ``inference.build_inference`` (the SavedModel export's graph) with LiteRT's encoder
+    (``litert.encoder``): fc6 a plain 7x7 convolution
     instead of the encoder's patches x matrix, which OpenVINO runs as one int8 FullyConnected
     at a third of the int8 model's time (measured: int8 5.3 -> 7.7 images/s by CPU time at
     256x512; fp32 and bf16 unchanged), and the preprocessing as a 1x1 convolution."""
     import tensorflow as tf
 
-    from roadseg import fcn, litert
+    from roadseg import litert
     tf1 = tf.compat.v1
-    config = read_run_config(run_dir)
+    spec = model.ModelSpec.from_run(run_dir)
     ckpt = run_checkpoint(run_dir, which)
-    scheme = get_scheme(config["scheme"])
     with tf.Graph().as_default(), tf1.Session() as sess:
-        images = tf1.placeholder(tf.uint8, [None, None, None, 3], name="images")
-        x = inference.resize_to_network(images, fcn.check_image_shape(config["image_shape"]))
-        fcn.load_vgg(sess, config["vgg"], input_map={"image_input:0": x,
-                                                      "keep_prob:0": tf.constant(1.0)})
-        logits = fcn.layers(*litert.encoder_layers(sess, x), scheme.num_classes,
-                            **inference.decoder_kwargs(config))
-        inference.segmentation_head(logits, tf.shape(images)[1:3])
+        inference.build_inference(sess, spec, litert.encoder(sess, spec.vgg))
         restore_checkpoint(tf1.train.Saver(inference.model_variables()), sess, ckpt)
         outputs = ["classes", "probabilities"]
         graph_def = tf1.graph_util.extract_sub_graph(tf1.graph_util.convert_variables_to_constants(
             sess, sess.graph.as_graph_def(), outputs), outputs)
-    info = dict(scheme=scheme.name, class_names=list(scheme.class_names),
-                image_shape=list(config["image_shape"]), checkpoint=os.path.basename(ckpt),
-                run=os.path.abspath(run_dir))
-    return graph_def, info
+    return graph_def, spec, ckpt
 
 
 def convert(graph_def, quantize="none", calibration_paths=None):
@@ -130,32 +124,19 @@ def convert(graph_def, quantize="none", calibration_paths=None):
     probabilities); ``int8``: quantised by NNCF on ``calibration_paths``, each image at its
     own size."""
     ov = _import("openvino")
-    model = ov.convert_model(graph_def)
-    for port in (*model.inputs, *model.outputs):   # "images:0" -> "images"
+    ir = ov.convert_model(graph_def)
+    for port in (*ir.inputs, *ir.outputs):   # "images:0" -> "images"
         port.get_tensor().set_names({name.split(":")[0] for name in port.get_names()})
     if quantize == "int8":
         nncf = _import("nncf")
         images = [datasets.load_image(path)[None] for path in calibration_paths]
-        model = nncf.quantize(model, nncf.Dataset(images), subset_size=len(images))
-    return model
-
-
-def write_info(folder, info):
-    """``folder/export_info.json`` of an OpenVINO model: the SavedModel's fields (scheme,
-    class_names, image_shape, checkpoint, run) plus format, quantize, calibration."""
-    write_json(os.path.join(folder, inference.EXPORT_INFO), dict(
-        info, format=FORMAT,
-        input="images: uint8 [N, H, W, 3] RGB, any size (resized to image_shape inside)",
-        output="classes: uint8 [N, H, W] at the input size; probabilities: float32 [N, H, W, classes]"))
+        ir = nncf.quantize(ir, nncf.Dataset(images), subset_size=len(images))
+    return ir
 
 
 def read_info(folder):
-    """The ``export_info.json`` of an OpenVINO model folder; missing or damaged: one line."""
-    path = os.path.join(folder, inference.EXPORT_INFO)
-    if not os.path.isfile(path):
-        raise UserError(f"OpenVINO model {folder} has no {inference.EXPORT_INFO} (scheme and image "
-                        f"shape); {EXPORT_FIX}")
-    return read_json(path, EXPORT_FIX, required=("scheme", "image_shape"))
+    """The ``export_info.json`` of an OpenVINO model folder (``model.read_export_info``)."""
+    return model.read_export_info(folder, EXPORT_FIX)
 
 
 # ============================================================================ the predictor
@@ -199,19 +180,16 @@ def compile_model(folder, hint="f32", config=None):
                             f"{EXPORT_FIX}")
     core = ov.Core()
     try:
-        model = core.read_model(xml, weights)
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
-                                                     **(config or {})})
+        ir = core.read_model(xml, weights)
+        compiled = core.compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": hint, **(config or {})})
     except RuntimeError as err:
-        lines = [line.strip() for line in str(err).splitlines()
-                 if line.strip() and not line.startswith(("Exception from", "Check "))]
-        reason = (lines or ["unreadable"])[0]
-        raise UserError(f"OpenVINO model {folder} is damaged ({reason[:160]}); {EXPORT_FIX}") from None
+        raise UserError(f"OpenVINO model {folder} is damaged ({reason(err, 'unreadable')}); "
+                        f"{EXPORT_FIX}") from None
     names = {name for out in compiled.outputs for name in out.get_names()}
     if not {"classes", "probabilities"} <= names:
         raise UserError(f"OpenVINO model {xml} has outputs {sorted(names)}, not classes and "
                         f"probabilities; {EXPORT_FIX}")
-    return model, compiled
+    return ir, compiled
 
 
 class OpenVINOPredictor(inference.Predictor):

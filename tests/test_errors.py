@@ -53,6 +53,20 @@ def test_a_wrapped_user_error_keeps_its_whole_line():
     assert reason(wrapped) == line
 
 
+def test_beams_step_is_dropped_from_a_user_error_and_a_wrapped_one():
+    assert reason(UserError("cannot read video a.mp4 (moov atom not found) [while running 'split']")) \
+        == "cannot read video a.mp4 (moov atom not found)"
+    wrapped = RuntimeError("roadseg.errors.UserError: bad a.png [while running 'decode']")
+    assert reason(wrapped) == "bad a.png"
+
+
+def test_openvinos_where_and_which_check_lines_are_skipped():
+    err = RuntimeError("Exception from src/inference/src/cpp/core.cpp:97:\nException from "
+                       "src/inference/src/model_reader.cpp:159:\nCheck 'false' failed at "
+                       "src/frontends/ir/src/ir_deserializer.cpp:416:\nIncorrect weights in bin file!\n")
+    assert reason(err) == "Incorrect weights in bin file!"
+
+
 def test_an_exception_gives_its_first_line_a_log_its_last():
     assert reason(RuntimeError("Could not load meta information\n=== stderr ===\nmoov atom")) == \
         "Could not load meta information"

@@ -98,15 +98,22 @@ LOCAL_RUNNERS = (None, "FnApiRunner", "DirectRunner", "PrismRunner")
 
 
 class SegmentationModelHandler(ModelHandler):
-    """Beam ``ModelHandler`` for an exported model: uint8 RGB images (any size) -> uint8
-    class maps at the image's size.  Images of one size in a batch run together."""
+    """Beam ``ModelHandler`` for an exported model -- a SavedModel (any Beam filesystem), or
+    a LiteRT / OpenVINO model folder on a local path (``inference.load_predictor``): uint8
+    RGB images (any size) -> uint8 class maps at the image's size.  Images of one size in a
+    batch run together."""
 
     def __init__(self, export_dir, batch_size=4):
         self.export_dir, self.batch_size = export_dir, batch_size
 
     def load_model(self):
+        """``images -> class maps``, the model loaded once per worker."""
+        if _is_local_export(self.export_dir):
+            from roadseg.inference import load_predictor
+            return load_predictor(self.export_dir).predict
         import tensorflow as tf
-        return tf.saved_model.load(self.export_dir, tags=[SERVE_TAG]).signatures[SIGNATURE]
+        signature = tf.saved_model.load(self.export_dir, tags=[SERVE_TAG]).signatures[SIGNATURE]
+        return lambda images: signature(images=tf.constant(images))["classes"].numpy()
 
     def run_inference(self, batch, model, inference_args=None):
         maps = []
@@ -117,8 +124,7 @@ class SegmentationModelHandler(ModelHandler):
     @staticmethod
     def class_maps(model, images):
         """uint8 class maps ``(N, H, W)`` of same-size uint8 RGB images ``(N, H, W, 3)``."""
-        import tensorflow as tf
-        return model(images=tf.constant(images))["classes"].numpy()
+        return model(images)
 
     def batch_elements_kwargs(self):
         return {"max_batch_size": self.batch_size}
@@ -195,7 +201,7 @@ def _run_job(job, todo, paths, options, runner, fresh):
                 _PROGRESS[job.job_id] = bars
             counters = _run(_pipeline(job, todo, options, runner))
     except BaseException as err:
-        stopped = "interrupted" if isinstance(err, KeyboardInterrupt) else _first_line(err)
+        stopped = "interrupted" if isinstance(err, KeyboardInterrupt) else reason(err)
         lines = _merge_manifest(job.out, paths, f"not processed: the job stopped ({stopped})")
         _remove_leftovers(job.out, chunks=False)
         if fresh and not any(line["status"] == "ok" for line in lines.values()):
@@ -218,10 +224,6 @@ def _summary(out, paths, done_before, counters):
     return {"inputs": len(paths), "ok": statuses.count("ok"), "failed": statuses.count("failed"),
             "done_before": done_before, "frames": counters.get("frames", 0),
             "counters": counters}
-
-
-def _first_line(err):
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _pipeline(job, paths, options, runner):
@@ -572,7 +574,7 @@ def _local_copy(path):
             with FileSystems.open(path, compression_type="uncompressed") as f:
                 shutil.copyfileobj(f, local, 1 << 20)
         except Exception as err:   # BeamIOError and the storage client's own errors
-            raise UserError(f"cannot read {path} ({_first_line(err)}); check the path") from None
+            raise UserError(f"cannot read {path} ({reason(err)}); check the path") from None
         local.flush()
         yield local.name
 
@@ -674,11 +676,19 @@ def _exists(path):
 
 
 def _is_run_folder(model):
-    return os.path.isdir(model) and not os.path.isfile(os.path.join(model, "saved_model.pb"))
+    return (os.path.isdir(model) and not os.path.isfile(os.path.join(model, "saved_model.pb"))
+            and not _is_local_export(model))
+
+
+def _is_local_export(model):
+    """A LiteRT or OpenVINO model on this machine (``load_predictor`` opens it)."""
+    from roadseg import litert, openvino_model
+    return bool(litert.model_path(model) or openvino_model.model_path(model))
 
 
 def _export_info(model):
-    return read_export_info(model, read_text=_read_text)
+    folder = os.path.dirname(os.path.abspath(model)) if os.path.isfile(model) else model
+    return read_export_info(folder, read_text=_read_text)
 
 
 def _read_text(path):

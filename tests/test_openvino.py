@@ -184,3 +184,20 @@ def test_export_mistakes_are_one_line(exports, small_run, tmp_path, capsys, monk
     line = _one_line_error(capsys, "export", "--model", small_run, "--out", tmp_path / "q",
                            "--format", "openvino")
     assert "pip install" in line and "openvino" in line and not (tmp_path / "q").exists()
+
+
+def test_batch_predict_opens_openvino_and_litert_models(exports, small_run, demo_root, tmp_path):
+    """batch-predict (Apache Beam) takes an OpenVINO folder and a LiteRT one as --model: its
+    class-map PNGs are the ones that model's predictor gives."""
+    pytest.importorskip("apache_beam")
+    from roadseg import batch_predict, litert
+    tflite = litert.export_tflite(small_run, str(tmp_path / "tflite"), log=lambda *a: None)
+    paths = [s.image for s in datasets.find_dataset(demo_root).splits["val"]][:3]
+    for name, model in (("openvino", exports["none"]), ("litert", tflite)):
+        out = tmp_path / f"bp_{name}"
+        result = batch_predict.batch_predict(model, paths, str(out), log=lambda *a: None)
+        assert result["ok"] == len(paths) and result["failed"] == 0
+        expected = _maps(model, np.stack([datasets.load_image(p) for p in paths]))
+        for path, want in zip(paths, expected):
+            got = np.asarray(Image.open(out / f"{Path(path).stem}_classes.png"))
+            assert np.array_equal(got, want), name

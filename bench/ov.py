@@ -11,7 +11,6 @@ and OpenVINO's own GEMM limit.
   (with FakeQuantize on both operands of every product for int8: OpenVINO then runs them
   as int8 GEMMs), the limit rows' workload.
 """
-import json
 import os
 
 import common  # bench/ is on sys.path as the script's folder
@@ -28,8 +27,8 @@ def bench_run(vgg, work):
     """A run folder of the random-weight full-width model at 256x512, 19 classes (cached)."""
     import tensorflow as tf
 
-    from roadseg import demo_scenes, inference
-    from roadseg.schemes import get_scheme
+    from roadseg import demo_scenes, inference, model
+    from roadseg.run_folders import write_json
     tf1 = tf.compat.v1
     run = os.path.join(work, f"openvino_run_{os.path.basename(vgg)}")
     stamp = os.path.join(run, "vgg_stamp")
@@ -40,22 +39,19 @@ def bench_run(vgg, work):
         shutil.rmtree(run)
     data = os.path.join(work, DEMO)
     demo_scenes.make_demo_data(data, n=16, seed=0, size=common.IMAGE_SHAPE, val_fraction=0.0)
-    config = dict(scheme=common.SCHEME, image_shape=list(common.IMAGE_SHAPE), vgg=os.path.abspath(vgg),
-                  data=os.path.abspath(data), skip_scales=[0.01, 0.0001], l2_scale=1e-3)
+    spec = model.ModelSpec(common.SCHEME, tuple(common.IMAGE_SHAPE), os.path.abspath(vgg),
+                           skip_scales=(0.01, 0.0001), l2_scale=1e-3)
     # written in place; the stamp, written last, marks it complete (a staged folder would not
     # do: the checkpoint index names the folder it was saved in)
     os.makedirs(os.path.join(run, "checkpoints"))
-    scheme = get_scheme(common.SCHEME)
     with tf.Graph().as_default(), tf1.Session() as sess:
         tf1.set_random_seed(0)
-        inference.build_inference(sess, vgg, scheme.num_classes, common.IMAGE_SHAPE,
-                                  **inference.decoder_kwargs(config))
+        inference.build_inference(sess, spec)
         sess.run(tf1.variables_initializer([v for v in tf1.global_variables()
                                             if v.op.name.startswith("fcn8/")]))
         tf1.train.Saver(inference.model_variables()).save(
             sess, os.path.join(run, "checkpoints", "model.ckpt"), global_step=0)
-    with open(os.path.join(run, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    write_json(os.path.join(run, "config.json"), spec.run_config({"data": os.path.abspath(data)}))
     with open(stamp, "w") as f:
         f.write(_stamp(vgg))
     return run

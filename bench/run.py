@@ -241,7 +241,7 @@ def build_rows(results):
         kind, batch = key.split("_b")
         per_image = flops.get("forward") if kind == "infer" else flops.get(f"train_b{batch}")
         peer_key = f"peer_{key}"
-        compare = target = ""
+        compare = ""
         if _ok(results, key) and _ok(results, peer_key):
             ratio = results[key]["rate"] / results[peer_key]["rate"]
             results[key]["ours_over_peer"] = ratio
@@ -256,6 +256,12 @@ def build_rows(results):
             rows.append(_model_row(results, peer_key, f"  Keras 3 peer "
                                    f"{'predict' if kind == 'infer' else 'fit'} batch {batch}", per_image))
     rows += device_rows(results, flops.get("train_b4"))
+    return rows + pipeline_and_video_rows(results) + precision_rows(results) + openvino_rows(results)
+
+
+def pipeline_and_video_rows(results):
+    """The input pipeline against what training consumes; video end to end against the model."""
+    rows = []
     consumer = next((k for k in ("train_b8", "train_b4") if _ok(results, k)), None)
     for key, label in (("pipeline_png", "input pipeline from 2048x1024 PNGs"),
                        ("pipeline_cache", "input pipeline from its cache")):
@@ -280,7 +286,7 @@ def build_rows(results):
                      f"{r['peak_rss_mb']:.0f}",
                      f"{ratio:.0%} of model-only {r['model_only']:.3g} frames/s",
                      _verdict(ratio, TARGETS["video"], "{:.0%}")])
-    return rows + precision_rows(results) + openvino_rows(results)
+    return rows
 
 
 PRECISION_ROWS = (  # key, label, reference key, quality name, target

@@ -4,6 +4,7 @@ format reads back as a ``ModelSpec`` and predicts as before; export_info.json's 
 
 Width-1/16 random VGG16 (``vgg_dir``), demo scenes, ``small_run`` (conftest.py).
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -86,6 +87,9 @@ def test_every_path_builds_the_network_through_model_network(monkeypatch, small_
     assert count(lambda: inference.load_predictor(small_run).close()) == 1
     assert count(lambda: export.export(small_run, str(tmp_path / "saved"))) == 1
     assert count(lambda: litert.export_tflite(small_run, str(tmp_path / "lite"), log=print)) == 1
+    if importlib.util.find_spec("openvino"):
+        from roadseg import openvino_model
+        assert count(lambda: openvino_model.frozen_graph(small_run)) == 1
     assert all(spec == model.ModelSpec.from_run(small_run) for spec in calls)
     sys.path.insert(0, str(ROOT / "bench"))
     try:

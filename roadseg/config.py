@@ -194,7 +194,7 @@ class TrainConfig:
                                    check=_positive_int, type=int)
     cache: object = option(
         "auto", "keep decoded, resized training images after the first epoch: auto (in memory "
-        "when they take at most 1/16 of the available memory, else in a file cache under the run "
+        "when they take at most 1/64 of the available memory, else in a file cache under the run "
         "folder, removed when training finishes; a log line says which), memory, or file",
         check=_cache, flags=[("--cache", dict(choices=CACHE_MODES)),
                              ("--no-cache", dict(action="store_const", const=False,

@@ -49,7 +49,7 @@ from roadseg.schemes import IGNORE
 
 SHUFFLE_BUFFER = 1024       # decoded samples held for shuffling a cached dataset
 SHUFFLE_BYTES = 64 << 20    # ... at most this many bytes of them after a file cache
-MEMORY_CACHE_SHARE = 1 / 16  # a memory cache may take this share of the available memory
+MEMORY_CACHE_SHARE = 1 / 64  # a memory cache may take this share of the available memory
 DISK_CACHE_SHARE = 1 / 2    # a file cache this share of the free disk space
 SCALE_RANGE = (0.5, 2.0)    # random scale of augmentation
 # Augmentation levels: (scale range or None, colour jitter).  True means "full".
@@ -174,7 +174,7 @@ def choose_cache(mode, samples, image_shape, folder=None, reserve=0, log=None):
     if mode == "memory" or (mode == "auto" and size <= have * MEMORY_CACHE_SHARE):
         log(f"cache: in memory ({what}; {have / 1e9:.1f} GB available)")
         return True
-    why = f"{what}, over {MEMORY_CACHE_SHARE:.0%} of the {have / 1e9:.1f} GB available" \
+    why = f"{what}, over 1/{round(1 / MEMORY_CACHE_SHARE)} of the {have / 1e9:.1f} GB available" \
         if mode == "auto" else what
     if folder is None:
         log(f"cache: none ({why}, and there is no run folder for a file cache)")

@@ -80,15 +80,15 @@ def test_cache_policy_says_which(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(memory, "available_memory", lambda: 16e9)
     samples = list(range(3000))              # only their count matters to the policy
     said = []
-    # 3000 x 512x1024: 6.3 GB > 1/16 of 16 GB -> a file under the folder
+    # 3000 x 512x1024: 6.3 GB > 1/64 of 16 GB -> a file under the folder
     prefix = input_pipeline.choose_cache("auto", samples, SHAPE, str(tmp_path / "cache"), log=said.append)
     assert prefix == str(tmp_path / "cache" / "train")
     assert said[-1].startswith(f"cache: file in {tmp_path / 'cache'} (3000 decoded samples at "
-                               f"512x1024 take 6.29 GB, over 6% of the 16.0 GB available)")
-    # 300 of them (0.63 GB) fit in 1/16 of 16 GB: memory; with 8 GB held back for the step, not
-    assert input_pipeline.choose_cache(True, samples[:300], SHAPE, None, log=said.append) is True
-    assert said[-1] == "cache: in memory (300 decoded samples at 512x1024 take 0.63 GB; 16.0 GB available)"
-    assert input_pipeline.choose_cache("auto", samples[:300], SHAPE, None, reserve=8e9,
+                               f"512x1024 take 6.29 GB, over 1/64 of the 16.0 GB available)")
+    # 100 of them (0.21 GB) fit in 1/64 of 16 GB: memory; with 8 GB held back for the step, not
+    assert input_pipeline.choose_cache(True, samples[:100], SHAPE, None, log=said.append) is True
+    assert said[-1] == "cache: in memory (100 decoded samples at 512x1024 take 0.21 GB; 16.0 GB available)"
+    assert input_pipeline.choose_cache("auto", samples[:100], SHAPE, None, reserve=8e9,
                                        log=said.append) is None
     assert "no run folder for a file cache" in said[-1]
     assert input_pipeline.choose_cache("memory", samples, SHAPE, None, log=said.append) is True
@@ -101,7 +101,7 @@ def test_cache_policy_says_which(tmp_path, monkeypatch, caplog):
 
 
 def test_training_pipeline_memory_does_not_grow_with_the_data(big_set, tmp_path):
-    """auto on a machine with 1 GB available: 80 x 2 MB is over 1/16 of it -> a file cache,
+    """auto on a machine with 1 GB available: 80 x 2 MB is over 1/64 of it -> a file cache,
     read back twice; its shuffle buffer is bounded in bytes (SHUFFLE_BYTES)."""
     spec = dict(job="train", data=big_set, shape=SHAPE, available=1e9, cache="auto")
     one = peak(dict(spec, n=8, cache_dir=str(tmp_path / "c1")))

@@ -156,7 +156,8 @@ def choose_cache(mode, samples, image_shape, folder=None, reserve=0, log=None):
     mode     "auto" (or True): memory when the decoded samples (``decoded_bytes``) take at
              most ``MEMORY_CACHE_SHARE`` of the memory available after ``reserve`` bytes
              (the training step's own estimate), else a file cache in ``folder``; "memory"
-             or "file" as asked; False / None: no cache (decode every epoch).
+             or "file" as asked ("memory" larger than what is available is a UserError);
+             False / None: no cache (decode every epoch).
     A file cache that would take more than ``DISK_CACHE_SHARE`` of the free disk space (or
     with no ``folder``) is not made: the samples are decoded every epoch instead.
     Returns True (memory), a file prefix under ``folder`` or None.
@@ -171,6 +172,9 @@ def choose_cache(mode, samples, image_shape, folder=None, reserve=0, log=None):
     size, n = decoded_bytes(len(samples), image_shape), len(samples)
     have = max(memory.available_memory() - int(reserve), 0)
     what = f"{n} decoded samples at {image_shape[0]}x{image_shape[1]} take {size / 1e9:.2f} GB"
+    if mode == "memory" and size > have:
+        raise UserError(f"--cache memory: {what} but only {have / 1e9:.1f} GB of memory is "
+                        f"available after the training step's; use --cache auto or file")
     if mode == "memory" or (mode == "auto" and size <= have * MEMORY_CACHE_SHARE):
         log(f"cache: in memory ({what}; {have / 1e9:.1f} GB available)")
         return True

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from roadseg import input_pipeline, memory
+from roadseg.errors import UserError
 
 SHAPE = (512, 1024)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,6 +93,9 @@ def test_cache_policy_says_which(tmp_path, monkeypatch, caplog):
                                        log=said.append) is None
     assert "no run folder for a file cache" in said[-1]
     assert input_pipeline.choose_cache("memory", samples, SHAPE, None, log=said.append) is True
+    with pytest.raises(UserError, match=r"^--cache memory: 3000 decoded samples at 512x1024 take "
+                       r"6\.29 GB but only 4\.0 GB of memory is available .*use --cache auto or file$"):
+        input_pipeline.choose_cache("memory", samples, SHAPE, None, reserve=12e9)
     assert input_pipeline.choose_cache(False, samples, SHAPE, None, log=said.append) is None
     assert said[-1].startswith("cache: none (--no-cache)")
     # a cache larger than half the free disk is not made

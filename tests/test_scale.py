@@ -144,3 +144,23 @@ def test_training_file_cache_is_removed_and_disk_reported(demo_root, vgg_dir, tm
     assert len(removed) == 1, said
     size = input_pipeline.folder_bytes(str(run_dir))
     assert said[-1] == f"run folder {run_dir}: {size / 1e9:.2f} GB on disk"
+
+
+def test_an_interrupted_file_cache_is_rebuilt(tmp_path):
+    """What a killed run leaves (tf.data's lock file ``<name>_0.lockfile``, data without an
+    index) is removed and the cache made again; tf.data itself refuses it (AlreadyExistsError:
+    "There appears to be a concurrent caching iterator running")."""
+    from test_input_pipeline import ROAD4, batches, block_samples
+    samples = block_samples(tmp_path / "data", 4)
+    shape = (64, 128)
+    (ref, _), = batches(samples, ROAD4, shape, 4, shuffle=False)
+    prefix = str(tmp_path / "cache" / "train")
+    (tmp_path / "cache").mkdir()
+    batches(samples, ROAD4, shape, 4, shuffle=False, cache=prefix)
+    index = next((tmp_path / "cache").glob("*.index"))
+    name = str(index)[:-len(".index")]
+    index.unlink()
+    open(name + "_0.lockfile", "w").close()
+    (images, _), = batches(samples, ROAD4, shape, 4, shuffle=False, cache=prefix)
+    assert (images == ref).all()
+    assert index.exists() and not list((tmp_path / "cache").glob("*.lockfile"))

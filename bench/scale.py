@@ -260,17 +260,30 @@ def table(results):
     for r in results:
         ref = base.setdefault(r["case"], r["peak_tree_mb"])
         start = f"{r['startup_s']:.1f}" if r["startup_s"] is not None else "-"
-        rate = f"{r['rate']:.1f}" if r["rate"] else "-"
-        lines.append(f"| {r['case']} | {r['n']} {r['unit']} | {r['peak_tree_mb']:.0f} | "
+        r = dict(r, **_partial(r))
+        rate = f"{r['rate']:.2f}" if r["rate"] else "-"
+        n = f"{r['n']} {r['unit']}" + (f" (stopped after {r['done']})" if "done" in r else "")
+        lines.append(f"| {r['case']} | {n} | {r['peak_tree_mb']:.0f} | "
                      f"{r['peak_tree_mb'] / ref:.2f} | {r['maxrss_mb']:.0f} | {start} | {rate} | "
-                     f"{r['cpu_rate']:.1f} | {r['disk_peak_mb']:.0f} / {r['disk_end_mb']:.0f} | "
+                     f"{r['cpu_rate']:.2f} | {r['disk_peak_mb']:.0f} / {r['disk_end_mb']:.0f} | "
                      f"{r['load_before'][0]:.1f} | {r['code']} |")
     return "\n".join(lines)
+
+
+def _partial(r):
+    """A run stopped early (exit 130: SIGTERM, checkpoint saved): its rates from the work it
+    did (training steps x the batch of 4; the hook counted them)."""
+    if r["code"] == 0 or not r["case"].startswith("train") or not r["counted"]:
+        return {}
+    done = r["counted"] * 4
+    steady = r["wall_s"] - (r["startup_s"] or 0)
+    return dict(done=done, rate=done / steady, cpu_rate=done / r["cpu_s"])
 
 
 def plot(results, out_dir):
     """One PNG per case: peak RSS and throughput against the work."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     written = []
@@ -280,17 +293,22 @@ def plot(results, out_dir):
         ns = [r["n"] for r in rows]
         ax.plot(ns, [r["peak_tree_mb"] for r in rows], "o-", label="peak RSS, process tree (MiB)")
         ax.plot(ns, [r["disk_peak_mb"] for r in rows], "s--", label="disk peak (MiB)")
+        if case.startswith("train"):
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+            ax.axhline(total, color="grey", lw=0.8, ls=":", label="the machine's memory")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel(f"{rows[0]['unit']} ({case})")
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel(rows[0]["unit"])
         ax.set_ylabel("MiB")
         ax2 = ax.twinx()
         ax2.plot(ns, [r["cpu_rate"] for r in rows], "^:", color="C2", label=f"{rows[0]['unit']}/CPU s")
         ax2.set_ylabel(f"{rows[0]['unit']} per CPU second")
         ax2.set_ylim(bottom=0)
         handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-        ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left")
-        ax.set_title(f"segment.py {rows[0]['argv'][0]}: memory, disk, throughput", fontsize=9)
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower right", framealpha=0.85)
+        ax.set_title(f"{case} (segment.py {rows[0]['argv'][0]}): memory, disk, throughput", fontsize=9)
         fig.tight_layout()
         path = os.path.join(out_dir, f"scale-{case}.png")
         fig.savefig(path, dpi=110)

@@ -27,6 +27,7 @@ AUGMENT_LEVELS = ("flip", "mild", "full")
 LR_SCHEDULES = ("constant", "poly", "cosine")
 LOSSES = ("ce", "focal", "ohem")
 VGG_SOURCES = ("auto", "course", "keras-imagenet", "random")
+CACHE_MODES = ("auto", "memory", "file")   # input_pipeline.choose_cache (true: auto, false: off)
 VAL_SPLIT_HELP = ("validation: unset = the 'val' split, else a whole training sequence held out, "
                   "else every 10th training image; 'sequence:NAME', 'every-10th', 'none' or a "
                   "split name")
@@ -74,6 +75,10 @@ def _one_of(*choices):
 
 def _augment(v):
     return None if v in (False, True, *AUGMENT_LEVELS) else f"one of {', '.join(AUGMENT_LEVELS)}, or off"
+
+
+def _cache(v):
+    return None if v in (False, True, *CACHE_MODES) else f"one of {', '.join(CACHE_MODES)}, or off"
 
 
 def _image_shape(v):
@@ -187,8 +192,13 @@ class TrainConfig:
                                    check=_count, type=int)
     keep_checkpoints: int = option(3, "how many of the latest checkpoints to keep",
                                    check=_positive_int, type=int)
-    cache: bool = option(True, "keep decoded training images in memory after the first epoch",
-                         flags=[("--no-cache", dict(action="store_const", const=False))])
+    cache: object = option(
+        "auto", "keep decoded, resized training images after the first epoch: auto (in memory "
+        "when they take at most 1/64 of the available memory, else in a file cache under the run "
+        "folder, removed when training finishes; a log line says which), memory, or file",
+        check=_cache, flags=[("--cache", dict(choices=CACHE_MODES)),
+                             ("--no-cache", dict(action="store_const", const=False,
+                                                 help="decode the images again every epoch"))])
     skip_bad: bool = option(False, "leave out samples that cannot be read or whose image and "
                             "label differ in size (each is listed, the count reported)",
                             action="store_const", const=True)

@@ -12,6 +12,15 @@ nowhere.  The steps, in order::
 (without a cache the file order is shuffled; with one, the decoded samples are,
 as the cache replays the first epoch's order).
 
+Where decoded samples are kept is ``choose_cache``'s decision (training's ``--cache``):
+in memory when their estimated size (``decoded_bytes``) is a small share of the memory
+available, else in a file cache under the run folder (read back through the OS page
+cache, which the kernel can evict, so a Cityscapes-size set never meets the OOM killer),
+else -- no disk space for it -- not at all; a log line says which and why.  A file cache
+holds the samples in one fixed pseudo-random order (``_permuted``: the same in every
+process, so ``--resume`` replays the same batches) and is shuffled after it in a buffer
+bounded in bytes (``SHUFFLE_BYTES``), so memory does not grow with the dataset.
+
 Decoding goes through ``datasets.load_pair`` (a ``tf.numpy_function``), so the
 pipeline applies exactly the same conversions and checks as ``check-data``; PIL
 releases the GIL while decoding, so parallel calls do help.  Labels are never
@@ -22,19 +31,26 @@ with IGNORE.  Random choices come from stateless ops seeded per element by a
 ``numpy_batches(ds)`` iterates a dataset as numpy arrays (eagerly or in graph
 mode) and turns errors raised while decoding back into ``UserError``.
 """
+import glob
 import hashlib
+import os
 import re
+import shutil
 import time
 
 import numpy as np
 import tensorflow as tf
 
-from roadseg import datasets, fcn, inference
+from roadseg import datasets, fcn, inference, memory
+from roadseg.config import CACHE_MODES
 from roadseg.errors import UserError
 from roadseg.log import logger
 from roadseg.schemes import IGNORE
 
 SHUFFLE_BUFFER = 1024       # decoded samples held for shuffling a cached dataset
+SHUFFLE_BYTES = 64 << 20    # ... at most this many bytes of them after a file cache
+MEMORY_CACHE_SHARE = 1 / 64  # a memory cache may take this share of the available memory
+DISK_CACHE_SHARE = 1 / 2    # a file cache this share of the free disk space
 SCALE_RANGE = (0.5, 2.0)    # random scale of augmentation
 # Augmentation levels: (scale range or None, colour jitter).  True means "full".
 AUGMENT_LEVELS = {"flip": (None, False), "mild": ((0.8, 1.25), False), "full": (SCALE_RANGE, True)}
@@ -57,13 +73,15 @@ def make_dataset(samples, scheme, image_shape, batch_size, *, shuffle=True, augm
     cache        None; True (memory); or a file prefix: keeps decoded, resized samples
                  (before augmentation) after the first epoch.  A short hash of the
                  samples, scheme and shape is appended to a file prefix, so a cache
-                 made for other data is never reused.
+                 made for other data is never reused.  ``choose_cache`` picks one.
     repeat       repeat forever (count steps yourself) instead of one epoch
     skip_bad     leave out (with a warning) samples that cannot be read, instead of
                  failing with ``UserError``
     """
     image_shape = fcn.check_image_shape(image_shape)
     samples = _checked_samples(samples, batch_size)
+    if shuffle and isinstance(cache, str):
+        samples = _permuted(samples)
     ds = _decoded(samples, scheme, image_shape, shuffle and cache is None, seed, skip_bad)
     if cache is not None:
         ds = _cached(ds, cache, samples, scheme, image_shape, shuffle, seed)
@@ -111,11 +129,107 @@ def _decoded(samples, scheme, image_shape, shuffle, seed, skip_bad):
 
 def _cached(ds, cache, samples, scheme, image_shape, shuffle, seed):
     """``ds`` kept after its first pass (in memory for ``cache=True``, else in files named
-    by ``_cache_name``), shuffled after the cache if ``shuffle``."""
-    ds = ds.cache("" if cache is True else _cache_name(cache, samples, scheme, image_shape))
+    by ``_cache_name``), shuffled after the cache if ``shuffle``: from memory in a buffer of
+    up to ``SHUFFLE_BUFFER`` samples (they share the cache's buffers), from a file in one
+    of at most ``SHUFFLE_BYTES`` (each sample there is a copy)."""
+    buffer = min(len(samples), SHUFFLE_BUFFER)
+    if cache is True:
+        ds = ds.cache("")
+    else:
+        name = _cache_name(cache, samples, scheme, image_shape)
+        _remove_unfinished(name)
+        ds = ds.cache(name)
+        buffer = min(buffer, max(2, SHUFFLE_BYTES // decoded_bytes(1, image_shape)))
     if shuffle:
-        ds = ds.shuffle(min(len(samples), SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     return ds
+
+
+def decoded_bytes(n, image_shape):
+    """Bytes that ``n`` decoded, resized samples take in a cache: uint8 RGB + uint8 label."""
+    return int(n) * int(image_shape[0]) * int(image_shape[1]) * 4
+
+
+def choose_cache(mode, samples, image_shape, folder=None, reserve=0, log=None):
+    """The ``cache`` argument of ``make_dataset`` for ``--cache mode``, said in a log line.
+
+    mode     "auto" (or True): memory when the decoded samples (``decoded_bytes``) take at
+             most ``MEMORY_CACHE_SHARE`` of the memory available after ``reserve`` bytes
+             (the training step's own estimate), else a file cache in ``folder``; "memory"
+             or "file" as asked ("memory" larger than what is available is a UserError);
+             False / None: no cache (decode every epoch).
+    A file cache that would take more than ``DISK_CACHE_SHARE`` of the free disk space (or
+    with no ``folder``) is not made: the samples are decoded every epoch instead.
+    Returns True (memory), a file prefix under ``folder`` or None.
+    """
+    log = log or logger.info
+    if not mode:
+        log("cache: none (--no-cache): training images are decoded again every epoch")
+        return None
+    mode = "auto" if mode is True else mode
+    if mode not in CACHE_MODES:
+        raise UserError(f"unknown cache mode {mode!r}; use one of {', '.join(CACHE_MODES)}, or off")
+    size, n = decoded_bytes(len(samples), image_shape), len(samples)
+    have = max(memory.available_memory() - int(reserve), 0)
+    what = f"{n} decoded samples at {image_shape[0]}x{image_shape[1]} take {size / 1e9:.2f} GB"
+    if mode == "memory" and size > have:
+        raise UserError(f"--cache memory: {what} but only {have / 1e9:.1f} GB of memory is "
+                        f"available after the training step's; use --cache auto or file")
+    if mode == "memory" or (mode == "auto" and size <= have * MEMORY_CACHE_SHARE):
+        log(f"cache: in memory ({what}; {have / 1e9:.1f} GB available)")
+        return True
+    why = f"{what}, over 1/{round(1 / MEMORY_CACHE_SHARE)} of the {have / 1e9:.1f} GB available" \
+        if mode == "auto" else what
+    if folder is None:
+        log(f"cache: none ({why}, and there is no run folder for a file cache)")
+        return None
+    os.makedirs(folder, exist_ok=True)
+    free = shutil.disk_usage(folder).free + folder_bytes(folder)
+    if size > free * DISK_CACHE_SHARE:
+        log(f"cache: none ({why}, and a file cache would take over {DISK_CACHE_SHARE:.0%} of the "
+            f"{free / 1e9:.1f} GB free on {folder}'s disk): decoding every epoch")
+        return None
+    log(f"cache: file in {folder} ({why}); removed when training finishes")
+    return os.path.join(folder, "train")
+
+
+def release_cache(folder, log=None):
+    """Remove the file cache ``folder`` (if any), saying how much disk it had taken."""
+    if folder and os.path.isdir(folder):
+        size = folder_bytes(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        (log or logger.info)(f"cache: removed {folder} ({size / 1e9:.2f} GB)")
+
+
+def _permuted(samples):
+    """``samples`` in one fixed pseudo-random order (the same in every process): a file
+    cache keeps its first pass's order, and a dataset listed folder by folder (Cityscapes:
+    city by city) would otherwise be shuffled only within ``SHUFFLE_BYTES``."""
+    order = np.random.default_rng(0x5CA1E).permutation(len(samples))
+    return [samples[i] for i in order]
+
+
+def folder_bytes(folder):
+    """Bytes the files under ``folder`` take (0 if it does not exist)."""
+    total = 0
+    for where, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(where, name)).st_size
+            except OSError:   # removed while we walked
+                pass
+    return total
+
+
+def _remove_unfinished(name):
+    """Remove what an interrupted run left of the file cache ``name``: tf.data refuses a
+    cache whose lock file exists ("concurrent caching iterator") and rewrites one without an
+    index.  The run lock (``run_folders.run_lock``) keeps other runs out of this folder."""
+    if os.path.exists(name + ".index") and not glob.glob(glob.escape(name) + "*.lockfile"):
+        return
+    for path in glob.glob(glob.escape(name) + "*"):
+        if os.path.isfile(path):
+            os.remove(path)
 
 
 def _augmented(ds, augment, image_shape, seed):

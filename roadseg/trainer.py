@@ -50,7 +50,7 @@ from roadseg.checkpoints import Checkpointer, Progress, find_checkpoints, progre
 from roadseg.config import TrainConfig
 from roadseg.errors import UserError
 from roadseg.log import channel
-from roadseg.memory import check_training_memory
+from roadseg.memory import check_training_memory, estimate_training_memory
 from roadseg.schemes import get_scheme
 
 tf1 = tf.compat.v1
@@ -193,18 +193,21 @@ class TrainingGraph(NamedTuple):
     progress: tuple               # progress_variables(): (variables, feeds, assign)
 
 
-def build_training_graph(sess, cfg, samples, vgg_path, dist=None):
+def build_training_graph(sess, cfg, samples, vgg_path, dist=None, cache_dir=None):
     """Build the training graph of ``cfg`` in ``sess.graph``: ``model.training_step`` on one
     device, or replicated by ``dist.strategy`` (``roadseg.distribute``) with one more tower
     for validation.  VGG16's weights are restored, every variable added on top is
-    initialised."""
-    spec = model.ModelSpec.from_config(cfg.replace(vgg=vgg_path), vgg.read_vgg_info(vgg_path))
+    initialised.  ``cache_dir``: where a file cache may go (``--cache``)."""
+    vgg_info = vgg.read_vgg_info(vgg_path)
+    spec = model.ModelSpec.from_config(cfg.replace(vgg=vgg_path), vgg_info)
     tf1.set_random_seed(cfg.seed)
     epoch = tf1.placeholder_with_default(tf.constant(0, tf.int64), [], name="epoch")
     skip = tf1.placeholder_with_default(tf.constant(0, tf.int64), [], name="skip_batches")
+    step_bytes = estimate_training_memory(cfg.image_shape, cfg.batch_size, vgg_info.get("width", 1.0))
+    cache = input_pipeline.choose_cache(cfg.cache, samples, cfg.image_shape, cache_dir, step_bytes)
     ds = input_pipeline.make_dataset(samples, get_scheme(cfg.scheme), cfg.image_shape, cfg.batch_size,
                                      shuffle=True, augment=cfg.augment, seed=epoch * 1000003 + cfg.seed,
-                                     cache=cfg.cache or None, skip_bad=cfg.skip_bad)
+                                     cache=cache, skip_bad=cfg.skip_bad)
     iterator = tf1.data.make_initializable_iterator(ds.skip(skip))
     x, y = iterator.get_next()
     images = tf1.placeholder_with_default(x, [None, None, None, 3], name="image_feed")
@@ -259,6 +262,7 @@ def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False,
         raise UserError("--workers needs --run NAME (the same on every host): the chief writes "
                         "runs/NAME, the others read it on --resume")
     run_dir = run_dir or (_new_run_dir(runs_dir, run) if dist.is_chief else os.path.join(runs_dir, run))
+    cache_dir = os.path.join(run_dir, "cache" if dist.is_chief else f"cache-{dist.worker}")
     with _run_folder(run_dir, not resume, dist.is_chief):
         if dist.is_chief:
             run_folders.write_json(os.path.join(run_dir, run_folders.RUN_CONFIG),
@@ -272,7 +276,7 @@ def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False,
                 _StopFlag() as stop:
             if dist.strategy:
                 log(f"training on {dist.describe()}")
-            g = build_training_graph(sess, cfg, samples.train, cfg.vgg, dist)
+            g = build_training_graph(sess, cfg, samples.train, cfg.vgg, dist, cache_dir)
             ckpt = Checkpointer(sess, run_dir, inference.model_variables(), g.progress,
                                 cfg.keep_checkpoints, cfg.lr, log, writes=dist.is_chief)
             with distribute.one_line_errors(dist, ckpt):
@@ -285,6 +289,9 @@ def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False,
                                                agreed_options(cfg, spec))
                 history = _epochs(run_dir, cfg, samples, sess, g, ckpt, progress, stop, spe, log,
                                   dist.is_chief)
+    if not stop.signal:   # an interrupted run keeps its cache for --resume
+        input_pipeline.release_cache(cache_dir, log)
+    log(f"run folder {run_dir}: {input_pipeline.folder_bytes(run_dir) / 1e9:.2f} GB on disk")
     status = f"interrupted: {stop.signal}" if stop.signal else "finished"
     return dict(run_dir=run_dir, status=status, history=history, best_miou=progress.best_miou,
                 steps=progress.step, worker=dist.worker)

@@ -41,7 +41,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from roadseg import datasets, fcn, inference, memory
+from roadseg import datasets, fcn, inference, memory, run_folders
 from roadseg.config import CACHE_MODES
 from roadseg.errors import UserError
 from roadseg.log import logger
@@ -183,7 +183,7 @@ def choose_cache(mode, samples, image_shape, folder=None, reserve=0, log=None):
     if folder is None:
         log(f"cache: none ({why}, and there is no run folder for a file cache)")
         return None
-    os.makedirs(folder, exist_ok=True)
+    run_folders.make_dirs(folder)
     free = shutil.disk_usage(folder).free + folder_bytes(folder)
     if size > free * DISK_CACHE_SHARE:
         log(f"cache: none ({why}, and a file cache would take over {DISK_CACHE_SHARE:.0%} of the "

@@ -54,6 +54,34 @@ def small_run(tmp_path_factory, demo_root, vgg_dir):
     return result["run_dir"]
 
 
+@pytest.fixture(scope="session")
+def small_export(small_run, tmp_path_factory):
+    """``small_run`` exported as a SavedModel (``segment.py export``)."""
+    from roadseg import export
+    return export.export(small_run, str(tmp_path_factory.mktemp("small_export") / "savedmodel"))
+
+
+@pytest.fixture(scope="session")
+def export_formats(small_run, small_export, tmp_path_factory):
+    """``make(exporter, quantizes)``: ``{"savedmodel": small_export, quantize: the folder
+    exporter(small_run, out, quantize) wrote, ...}`` (LiteRT, OpenVINO)."""
+    def make(exporter, quantizes):
+        root = tmp_path_factory.mktemp(exporter.__name__)
+        made = {q: exporter(small_run, str(root / q), q, log=lambda *a: None) for q in quantizes}
+        return {"savedmodel": small_export, **made}
+    return make
+
+
+@pytest.fixture(scope="session")
+def demo_images(demo_root):
+    """Every image of ``demo_root`` (all splits), stacked: uint8 [N, 128, 256, 3]."""
+    import numpy as np
+
+    from roadseg import datasets
+    samples = [s for split in datasets.find_dataset(demo_root).splits.values() for s in split]
+    return np.stack([datasets.load_image(s.image) for s in samples])
+
+
 # ---- the course's tests (project_tests.py) take the functions under test as parameters:
 # these fixtures give them the project's ----
 

@@ -50,3 +50,16 @@ def export(run_dir, out_dir, which="best"):
         model.write_export_info(tmp, spec, checkpoint=os.path.basename(ckpt),
                                 run=os.path.abspath(run_dir))
     return out_dir
+
+
+def check_options(out_dir, quantize, calibration, choices, what):
+    """Before anything is computed, the options every export format shares: ``quantize`` one
+    of ``choices`` (``what``: the format's models, for the message), ``calibration`` only with
+    int8, and a new ``out_dir`` that can be made."""
+    if quantize not in choices:
+        raise UserError(f"--quantize {quantize}: {what} take one of {', '.join(choices)}")
+    if calibration and quantize != "int8":
+        raise UserError("--calibration is for --quantize int8 only (other models need no "
+                        "representative images); leave it out")
+    refuse_existing(out_dir, "choose a new --out folder")
+    check_can_create(out_dir, "--out folder")

@@ -27,10 +27,10 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from roadseg import datasets, fcn, inference, model, vgg
+from roadseg import datasets, export, fcn, inference, model, vgg
 from roadseg.errors import UserError, reason
 from roadseg.log import channel as log_channel
-from roadseg.run_folders import read_run_config, refuse_existing, run_checkpoint, staged_dir
+from roadseg.run_folders import read_run_config, run_checkpoint, staged_dir
 from roadseg.schemes import get_scheme
 
 tf1 = tf.compat.v1
@@ -150,12 +150,7 @@ def export_tflite(run_dir, out_dir, quantize="none", calibration=None, which="be
     ``out_dir``; ``calibration``: the int8 representative images' folder (default: the
     run's training data)."""
     log = log_channel(log)
-    if quantize not in QUANTIZE:
-        raise UserError(f"--quantize {quantize}: must be one of {', '.join(QUANTIZE)}")
-    if calibration and quantize != "int8":
-        raise UserError("--calibration is for --quantize int8 only (other models need no "
-                        "representative images); leave it out")
-    refuse_existing(out_dir, "choose a new --out folder")
+    export.check_options(out_dir, quantize, calibration, QUANTIZE, "LiteRT models")
     spec = model.ModelSpec.from_run(run_dir)
     ckpt = run_checkpoint(run_dir, which)
     facts = dict(checkpoint=os.path.basename(ckpt), run=os.path.abspath(run_dir))

@@ -28,14 +28,12 @@ import os
 
 import numpy as np
 
-from roadseg import datasets, inference, model
+from roadseg import datasets, export, inference, model
 from roadseg import precision as precision_module
 from roadseg.errors import UserError, reason
 from roadseg.log import channel
 from roadseg.run_folders import (
-    check_can_create,
     read_run_config,
-    refuse_existing,
     restore_checkpoint,
     run_checkpoint,
     staged_dir,
@@ -65,13 +63,7 @@ def export_openvino(run_dir, out_dir, quantize="none", calibration=None, which="
     calibration images' folder (default: the run's training data)."""
     from roadseg import litert
     log = channel(log)
-    if quantize not in QUANTIZE:
-        raise UserError(f"--quantize {quantize}: OpenVINO models take one of {', '.join(QUANTIZE)}")
-    if calibration and quantize != "int8":
-        raise UserError("--calibration is for --quantize int8 only (other models need no "
-                        "representative images); leave it out")
-    refuse_existing(out_dir, "choose a new --out folder")
-    check_can_create(out_dir, "--out folder")
+    export.check_options(out_dir, quantize, calibration, QUANTIZE, "OpenVINO models")
     config = read_run_config(run_dir)
     ov = _import("openvino")
     paths = None

@@ -9,24 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from roadseg import cli, datasets, export, fcn, inference, litert, metrics, video
+from roadseg import cli, datasets, fcn, inference, litert, metrics, video
 
 
 @pytest.fixture(scope="module")
-def exports(small_run, tmp_path_factory):
+def exports(export_formats):
     """The run as a SavedModel and as LiteRT models (none / float16 / int8)."""
-    root = tmp_path_factory.mktemp("exports")
-    out = {"savedmodel": export.export(small_run, str(root / "savedmodel"))}
-    for quantize in litert.QUANTIZE:
-        out[quantize] = litert.export_tflite(small_run, str(root / quantize), quantize,
-                                             log=lambda *a: None)
-    return out
+    return export_formats(litert.export_tflite, litert.QUANTIZE)
 
 
 @pytest.fixture(scope="module")
-def images(demo_root):
-    samples = [s for split in datasets.find_dataset(demo_root).splits.values() for s in split]
-    return np.stack([datasets.load_image(s.image) for s in samples])
+def images(demo_images):
+    return demo_images
 
 
 def _maps(model, images):

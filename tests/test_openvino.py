@@ -12,25 +12,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from roadseg import cli, datasets, export, inference, metrics, openvino_model, precision, video
+from roadseg import cli, datasets, inference, metrics, openvino_model, precision, video
 
 pytest.importorskip("openvino")
 
 
 @pytest.fixture(scope="module")
-def exports(small_run, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ov_exports")
-    out = {"savedmodel": export.export(small_run, str(root / "savedmodel"))}
-    for quantize in openvino_model.QUANTIZE:
-        out[quantize] = openvino_model.export_openvino(small_run, str(root / quantize), quantize,
-                                                       log=lambda *a: None)
-    return out
+def exports(export_formats):
+    """The run as a SavedModel and as OpenVINO models (none / int8)."""
+    return export_formats(openvino_model.export_openvino, openvino_model.QUANTIZE)
 
 
 @pytest.fixture(scope="module")
-def images(demo_root):
-    samples = [s for split in datasets.find_dataset(demo_root).splits.values() for s in split]
-    return np.stack([datasets.load_image(s.image) for s in samples])
+def images(demo_images):
+    return demo_images
 
 
 def _maps(model, images, **kwargs):

@@ -1,4 +1,5 @@
-"""What tests/test_overlays.py and tests/test_video.py share: colours, a fake model, a video reader."""
+"""What test modules share: colours, a fake model, a video reader (test_overlays, test_video); a
+model's class maps (test_litert, test_openvino)."""
 import imageio_ffmpeg
 import numpy as np
 
@@ -28,3 +29,22 @@ def read_video(path):
 
 def blend(image_rgb, color_rgb, alpha=0.5):
     return tuple(int(np.rint((1 - alpha) * i + alpha * c)) for i, c in zip(image_rgb, color_rgb))
+
+
+def class_maps(model, images, **kwargs):
+    """The class maps ``inference.load_predictor(model, **kwargs)`` gives for ``images``."""
+    from roadseg import inference
+    with inference.load_predictor(model, **kwargs) as predictor:
+        return predictor.predict(images)
+
+
+def val_mious(models, data_root):
+    """``{name: mean IoU}`` of each model folder in ``models`` on ``data_root``'s val split."""
+    from roadseg import datasets, inference, metrics
+    val = datasets.find_dataset(data_root).splits["val"]
+    scores = {}
+    for name, model in models.items():
+        with inference.load_predictor(model) as predictor:
+            scores[name] = metrics.evaluate(predictor.predict, val, predictor.scheme,
+                                            progress=False)["mean_iou"]
+    return scores

@@ -7,25 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fakes import class_maps, val_mious
 from PIL import Image
 
-from roadseg import cli, datasets, fcn, inference, litert, metrics, video
+from roadseg import cli, datasets, fcn, inference, litert, video
 
 
 @pytest.fixture(scope="module")
 def exports(export_formats):
     """The run as a SavedModel and as LiteRT models (none / float16 / int8)."""
     return export_formats(litert.export_tflite, litert.QUANTIZE)
-
-
-@pytest.fixture(scope="module")
-def images(demo_images):
-    return demo_images
-
-
-def _maps(model, images):
-    with inference.load_predictor(model) as predictor:
-        return predictor.predict(images)
 
 
 def test_tflite_folder_is_complete_and_says_what_it_is(exports, small_run):
@@ -39,32 +30,27 @@ def test_tflite_folder_is_complete_and_says_what_it_is(exports, small_run):
     assert sizes["int8"] < 0.35 * sizes["none"] and sizes["float16"] < 0.6 * sizes["none"]
 
 
-def test_float_tflite_gives_the_savedmodels_class_maps(exports, images):
-    reference = _maps(exports["savedmodel"], images)
+def test_float_tflite_gives_the_savedmodels_class_maps(exports, demo_images):
+    reference = class_maps(exports["savedmodel"], demo_images)
     assert len(np.unique(reference)) >= 3
-    agree = np.mean(_maps(exports["none"], images) == reference)
+    agree = np.mean(class_maps(exports["none"], demo_images) == reference)
     assert agree >= 0.999, agree                       # measured 1.0
-    agree16 = np.mean(_maps(os.path.join(exports["float16"], "model.tflite"), images) == reference)
+    agree16 = np.mean(class_maps(os.path.join(exports["float16"], "model.tflite"), demo_images) == reference)
     assert agree16 >= 0.995, agree16                   # measured 0.99992
     with inference.load_predictor(exports["none"]) as predictor:
-        odd = np.ascontiguousarray(images[:2, :100, :150])   # any size: resized, maps at its size
+        odd = np.ascontiguousarray(demo_images[:2, :100, :150])   # any size: resized, maps at its size
         assert predictor.predict(odd).shape == (2, 100, 150)
-        assert predictor.predict(images[0]).shape == images.shape[1:3]
-        probs = predictor.predict_proba(images[:1])
-        assert probs.shape == (1, *images.shape[1:3], predictor.scheme.num_classes)
+        assert predictor.predict(demo_images[0]).shape == demo_images.shape[1:3]
+        probs = predictor.predict_proba(demo_images[:1])
+        assert probs.shape == (1, *demo_images.shape[1:3], predictor.scheme.num_classes)
         np.testing.assert_allclose(probs.sum(-1), 1, atol=1e-5)
 
 
-def test_int8_tflite_is_close_to_float(exports, images, demo_root):
-    reference = _maps(exports["savedmodel"], images)
-    agree = np.mean(_maps(exports["int8"], images) == reference)
+def test_int8_tflite_is_close_to_float(exports, demo_images, demo_root):
+    reference = class_maps(exports["savedmodel"], demo_images)
+    agree = np.mean(class_maps(exports["int8"], demo_images) == reference)
     assert agree >= 0.9, agree                         # measured 0.959 (a tiny, briefly trained model)
-    val = datasets.find_dataset(demo_root).splits["val"]
-    scores = {}
-    for name in ("savedmodel", "int8"):
-        with inference.load_predictor(exports[name]) as predictor:
-            scores[name] = metrics.evaluate(predictor.predict, val, predictor.scheme,
-                                            progress=False)["mean_iou"]
+    scores = val_mious({name: exports[name] for name in ("savedmodel", "int8")}, demo_root)
     assert abs(scores["int8"] - scores["savedmodel"]) < 0.03, scores   # measured 0.005
 
 
@@ -152,12 +138,22 @@ def test_bad_inputs_are_one_line_errors(exports, small_run, demo_root, tmp_path,
     line = _one_line_error(capsys, "export", "--model", small_run, "--out", tmp_path / "q",
                            "--quantize", "int8")
     assert "--format tflite" in line
-    line = _one_line_error(capsys, "export", "--model", small_run, "--out", tmp_path / "q",
-                           "--format", "tflite", "--calibration", demo_root)
-    assert "--quantize int8 only" in line
-    line = _one_line_error(capsys, "export", "--model", small_run, "--out", exports["none"],
-                           "--format", "tflite")
-    assert "already exists" in line
     (tmp_path / "model.bin").write_text("x")
     line = _one_line_error(capsys, "predict", "--model", tmp_path / "model.bin", image)
     assert "not a .tflite model" in line
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "openvino"])
+def test_every_export_format_checks_the_shared_options_first(fmt, small_run, demo_root, tmp_path,
+                                                             capsys):
+    """``export.check_options``, before anything is built: --calibration without int8, and an
+    --out that exists (nothing is overwritten)."""
+    if fmt == "openvino":
+        pytest.importorskip("openvino")
+    line = _one_line_error(capsys, "export", "--model", small_run, "--out", tmp_path / "q",
+                           "--format", fmt, "--calibration", demo_root)
+    assert "--quantize int8 only" in line and not (tmp_path / "q").exists()
+    (tmp_path / "taken").mkdir()
+    line = _one_line_error(capsys, "export", "--model", small_run, "--out", tmp_path / "taken",
+                           "--format", fmt)
+    assert "already exists" in line and os.listdir(tmp_path / "taken") == []

@@ -45,7 +45,6 @@ import io
 import json
 import logging
 import os
-import posixpath
 import shutil
 import tempfile
 import threading
@@ -553,8 +552,7 @@ def _outputs(path):
         [f"{stem}.png", f"{stem}_classes.png"]
 
 
-def _join(out, *names):
-    return posixpath.join(out, *names) if "://" in out else os.path.join(out, *names)
+_join = run_folders.join_path   # any Beam filesystem
 
 
 def _part_name(out, path, start, count):

@@ -133,6 +133,17 @@ def calibration_images(data_dir, count=CALIBRATION_IMAGES):
     return [paths[int(i * step)] for i in range(min(count, len(paths)))]
 
 
+def calibration_set(run_dir, calibration, facts, log):
+    """The int8 calibration images of a run (every int8 export's choice): ``calibration_images``
+    of ``calibration``, else of the run's training data; said in ``log`` and recorded in
+    ``facts["calibration"]`` for export_info.json."""
+    calibration = calibration or read_run_config(run_dir).get("data") or ""
+    paths = calibration_images(calibration)
+    log(f"int8 calibration on {len(paths)} images of {calibration}")
+    facts["calibration"] = dict(data=os.path.abspath(calibration), images=len(paths))
+    return paths
+
+
 def _representative(paths, image_shape):
     """The representative dataset: each image resized as every inference path does."""
     def generate():
@@ -154,12 +165,7 @@ def export_tflite(run_dir, out_dir, quantize="none", calibration=None, which="be
     spec = model.ModelSpec.from_run(run_dir)
     ckpt = run_checkpoint(run_dir, which)
     facts = dict(checkpoint=os.path.basename(ckpt), run=os.path.abspath(run_dir))
-    paths = None
-    if quantize == "int8":
-        calibration = calibration or read_run_config(run_dir).get("data") or ""
-        paths = calibration_images(calibration)
-        log(f"int8 calibration on {len(paths)} images of {calibration}")
-        facts["calibration"] = dict(data=os.path.abspath(calibration), images=len(paths))
+    paths = calibration_set(run_dir, calibration, facts, log) if quantize == "int8" else None
     with tf.Graph().as_default(), tf1.Session() as sess:
         x, logits = _network(sess, spec, ckpt)
         tflite = convert(sess, x, logits, quantize, paths)

@@ -35,7 +35,7 @@ import tensorflow as tf
 from roadseg import fcn, precision
 from roadseg.config import TrainConfig
 from roadseg.errors import UserError
-from roadseg.run_folders import RUN_CONFIG, read_json, read_run_config, staged_file
+from roadseg.run_folders import RUN_CONFIG, join_path, read_json, read_run_config, staged_file
 from roadseg.schemes import get_scheme
 
 tf1 = tf.compat.v1
@@ -241,7 +241,7 @@ def read_export_info(folder, fix=EXPORT_FIX, read_text=None):
     """The dict in ``folder/export_info.json`` with a checked ``scheme`` and ``image_shape``.
     Missing, damaged or without a key: one UserError line ending in ``fix``.  ``read_text``
     (path -> text, FileNotFoundError when absent) reads other file systems (Beam's)."""
-    path = _join(folder, EXPORT_INFO)
+    path = join_path(folder, EXPORT_INFO)
     try:
         text = None if read_text is None else read_text(path)
     except FileNotFoundError:
@@ -262,6 +262,3 @@ def _missing(folder, fix):
     return UserError(f"{folder} has no {EXPORT_INFO} (scheme and image shape): it is not a model "
                      f"exported by this project, or an incomplete one; {fix}")
 
-
-def _join(folder, name):
-    return f"{folder.rstrip('/')}/{name}" if "://" in folder else os.path.join(folder, name)

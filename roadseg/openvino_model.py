@@ -33,7 +33,6 @@ from roadseg import precision as precision_module
 from roadseg.errors import UserError, reason
 from roadseg.log import channel
 from roadseg.run_folders import (
-    read_run_config,
     restore_checkpoint,
     run_checkpoint,
     staged_dir,
@@ -64,19 +63,14 @@ def export_openvino(run_dir, out_dir, quantize="none", calibration=None, which="
     from roadseg import litert
     log = channel(log)
     export.check_options(out_dir, quantize, calibration, QUANTIZE, "OpenVINO models")
-    config = read_run_config(run_dir)
     ov = _import("openvino")
-    paths = None
+    facts, paths = {}, None
     if quantize == "int8":
         _import("nncf")
-        paths = litert.calibration_images(calibration or config.get("data") or "")
-        log(f"int8 calibration on {len(paths)} images of {calibration or config.get('data')}")
+        paths = litert.calibration_set(run_dir, calibration, facts, log)
     graph_def, spec, ckpt = frozen_graph(run_dir, which)
     model_ir = convert(graph_def, quantize, paths)
-    facts = dict(checkpoint=os.path.basename(ckpt), run=os.path.abspath(run_dir))
-    if paths:
-        facts["calibration"] = dict(data=os.path.abspath(calibration or config["data"]),
-                                    images=len(paths))
+    facts.update(checkpoint=os.path.basename(ckpt), run=os.path.abspath(run_dir))
     with staged_dir(out_dir) as tmp:
         ov.save_model(model_ir, os.path.join(tmp, MODEL_FILE), compress_to_fp16=False)
         model.write_export_info(

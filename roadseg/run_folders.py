@@ -22,6 +22,7 @@ import fcntl
 import glob
 import json
 import os
+import posixpath
 import re
 import shutil
 import time
@@ -47,6 +48,11 @@ def is_write_error(err):
         return True
     text = str(getattr(err, "message", "") or err)
     return any(reason in text for reason in WRITE_REASONS)
+
+
+def join_path(folder, *names):
+    """``folder/names...`` on this machine or on any Beam filesystem (``gs://...``: '/')."""
+    return posixpath.join(folder, *names) if "://" in folder else os.path.join(folder, *names)
 
 
 def new_run_dir(runs_dir, name=None):

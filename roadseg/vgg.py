@@ -496,7 +496,11 @@ def _built(data_dir, source, width):
     """(path, pretrained) of the model built from source, building it if needed."""
     path = _built_dir(data_dir, source, width)
     if not os.path.exists(path):
-        build_vgg_savedmodel(path, source=source, width=width)
+        try:
+            build_vgg_savedmodel(path, source=source, width=width)
+        except UserError:   # another job built it meanwhile: same source, width, seed, weights
+            if not os.path.exists(path):
+                raise
     check_vgg_dir(path)
     pretrained = bool(read_vgg_info(path).get("pretrained"))
     if not pretrained:

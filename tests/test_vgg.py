@@ -299,6 +299,24 @@ def test_obtain_random_builds_once_in_its_own_folder(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["vgg_random_w0.0625"]
 
 
+def test_obtain_random_twice_at_once_both_use_the_model_that_landed(monkeypatch, tmp_path):
+    """Two training jobs started together on a fresh machine: the second to finish its
+    build finds the folder taken, and goes on with the first one's (identical) model."""
+    real_weights = vgg._random_weights
+    target = tmp_path / "vgg_random_w0.0625"
+
+    def other_job_finishes_first(width, seed):
+        monkeypatch.setattr(vgg, "_random_weights", real_weights)
+        vgg.build_vgg_savedmodel(str(target), width=width, seed=seed)
+        return real_weights(width, seed)
+
+    monkeypatch.setattr(vgg, "_random_weights", other_job_finishes_first)
+    path, pretrained = vgg.obtain_vgg(str(tmp_path), source="random", width=WIDTH)
+    assert (path, pretrained) == (str(target), False)
+    assert vgg.read_vgg_info(path)["seed"] == 0 and vgg.check_vgg_dir(path)
+    assert sorted(os.listdir(tmp_path)) == ["vgg_random_w0.0625"]   # no hidden half-build left
+
+
 def test_obtain_course_uses_the_course_url(server, monkeypatch, tmp_path):
     monkeypatch.setattr(vgg, "COURSE_VGG_URL", server.url + "/vgg.zip")
     assert vgg.obtain_vgg(str(tmp_path)) == (str(tmp_path / "vgg"), True)   # auto: course first

@@ -146,7 +146,7 @@ class Job:
 
 
 def batch_predict(model, inputs, out, runner=None, beam_args=(), batch_size=4, log=None,
-                  chunk_seconds=None, skip_bad=False, resume=False):
+                  chunk_seconds=None, skip_bad=False, resume=False, backend="auto"):
     """Segment every image and video of ``inputs`` into the new folder ``out`` (with
     ``resume``: complete what ``out``'s manifest does not list as ok).  Returns the counts
     ``{"inputs", "ok", "failed", "done_before", "frames"}``."""
@@ -171,10 +171,9 @@ def batch_predict(model, inputs, out, runner=None, beam_args=(), batch_size=4, l
                 raise UserError(f"--runner {runner} runs on other machines: export the run first "
                                 f"('segment.py export --model {model} --out DIR', to storage the "
                                 f"workers read) and pass --model DIR")
-            from roadseg import export
+            from roadseg import inference
             scratch = tempfile.mkdtemp(prefix="roadseg-batch-")
-            log(f"exporting {model} for Beam")
-            model = export.export(model, os.path.join(scratch, "export"))
+            model = inference.worker_model(model, scratch, backend, log)
         job = Job(out, model, _export_info(model)["scheme"], batch_size, chunk_seconds, skip_bad,
                   uuid.uuid4().hex)
         options = PipelineOptions(list(beam_args), **({"runner": runner} if runner else {}))

@@ -162,7 +162,8 @@ def cmd_evaluate(a):
 
 def _predictor(a):
     """The model of ``--model`` at ``--precision``, with ``--tta``."""
-    return inference.load_predictor(a.model, precision=a.precision, log=logger.info, tta=a.tta)
+    return inference.load_predictor(a.model, precision=a.precision, log=logger.info, tta=a.tta,
+                                    backend=a.backend)
 
 
 def _image_paths(inputs):
@@ -212,7 +213,7 @@ def cmd_batch_predict(a):
     _at_least_one(a, "batch_size")
     r = batch_predict.batch_predict(a.model, a.inputs, a.out, a.runner, a.beam_args,
                                     batch_size=a.batch_size, chunk_seconds=a.chunk_seconds,
-                                    skip_bad=a.skip_bad, resume=a.resume)
+                                    skip_bad=a.skip_bad, resume=a.resume, backend=a.backend)
     logger.info(f"{r['ok']} of {r['inputs']} inputs done ({r['done_before']} before this run), "
                 f"{r['failed']} failed; outputs and {batch_predict.MANIFEST} in {a.out}")
 
@@ -255,6 +256,14 @@ def add_tta(sp):
     sp.add_argument("--tta", default="none", choices=inference.TTA_MODES,
                     help="test-time augmentation: 'flip' averages the class probabilities of each "
                     "image and its mirror image (twice the compute; default none)")
+
+
+def add_backend(sp):
+    sp.add_argument("--backend", default="auto", choices=inference.BACKENDS,
+                    help="what runs a runs/<name> folder: auto (default: OpenVINO in fp32 when it "
+                    "is installed, converted once and cached in the run folder; TensorFlow "
+                    "otherwise and for --precision bf16/fp16), tensorflow or openvino; exported "
+                    "models run on their own")
 
 
 def add_precision(sp, what="of the model's arithmetic"):
@@ -334,6 +343,7 @@ def _model_commands(add):
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--out", help="JSON path (default: in the model folder)")
     add_precision(sp)
+    add_backend(sp)
     sp.add_argument("--cityscapes-out", help="also write Cityscapes labelIds PNGs here for "
                     "csEvalPixelLevelSemanticLabeling")
     sp.add_argument("--official", action="store_true", help="then score them with the official "
@@ -345,6 +355,7 @@ def _model_commands(add):
     add_tta(sp)
     sp.add_argument("--out", help="new output folder (default: runs/predict-<timestamp>)")
     add_precision(sp)
+    add_backend(sp)
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--runs", default=DEFAULT_RUNS, help=argparse.SUPPRESS)
 
@@ -364,6 +375,7 @@ def _model_commands(add):
                     "as failed in manifest.jsonl and go on (default: the first one ends the job)")
     sp.add_argument("--resume", action="store_true", help="complete an earlier job into the same "
                     "--out: only the inputs its manifest.jsonl does not list as ok")
+    add_backend(sp)
 
     sp = add("video", cmd_video, "overlay every frame of a video, write an H.264 mp4")
     sp.add_argument("--model", required=True)
@@ -373,6 +385,7 @@ def _model_commands(add):
     sp.add_argument("--max-frames", type=int)
     add_tta(sp)
     add_precision(sp)
+    add_backend(sp)
 
 
 def _export_and_demo_commands(add):

@@ -46,7 +46,7 @@ def test_batch_predict_writes_what_predict_writes(setup, tmp_path, capsys):
     images = setup["images"]
     folder = images[0].parent
     assert cli_main(["predict", "--model", setup["run"], *map(str, images), "--out",
-                     str(tmp_path / "predict")]) == 0
+                     str(tmp_path / "predict"), "--backend", "tensorflow"]) == 0   # as the export
     expected = _files(tmp_path / "predict")
     assert len(expected) == 2 * len(images)
     # an export, a folder + a glob; then the run folder itself (exported on the fly)
@@ -54,8 +54,8 @@ def test_batch_predict_writes_what_predict_writes(setup, tmp_path, capsys):
     glob = str(others[0].rsplit(os.sep, 1)[0]) + "/*.png" if others else None
     for model, inputs, out in [(setup["export"], [str(folder)] + ([glob] if glob else []), "beam_export"),
                                (setup["run"], list(map(str, images)), "beam_run")]:
-        assert cli_main(["batch-predict", "--model", model, *inputs, "--out",
-                         str(tmp_path / out)]) == 0, capsys.readouterr().err
+        assert cli_main(["batch-predict", "--model", model, *inputs, "--out", str(tmp_path / out),
+                         "--backend", "tensorflow"]) == 0, capsys.readouterr().err
         assert _files(tmp_path / out) == expected
         lines = _manifest(tmp_path / out)
         assert sorted(line["input"] for line in lines) == sorted(map(str, images))

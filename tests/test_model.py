@@ -84,7 +84,7 @@ def test_every_path_builds_the_network_through_model_network(monkeypatch, small_
     cfg = TrainConfig.from_dict(OPTIONS)
     assert count(lambda: _training_graph(cfg, train_samples, vgg_dir, 1)) == 1
     assert count(lambda: _training_graph(cfg, train_samples, vgg_dir, 2)) == 3   # 2 replicas + eval
-    assert count(lambda: inference.load_predictor(small_run).close()) == 1
+    assert count(lambda: inference.load_predictor(small_run, backend="tensorflow").close()) == 1
     assert count(lambda: export.export(small_run, str(tmp_path / "saved"))) == 1
     assert count(lambda: litert.export_tflite(small_run, str(tmp_path / "lite"), log=print)) == 1
     if importlib.util.find_spec("openvino"):
@@ -136,7 +136,7 @@ def test_a_run_in_todays_config_format_reads_back_and_predicts_identically(small
                        .splits["val"]])
     before = _reference_maps(str(run), today, images)
     assert len(np.unique(before)) >= 3
-    with inference.load_predictor(str(run)) as predictor:
+    with inference.load_predictor(str(run), backend="tensorflow") as predictor:   # the same graph
         np.testing.assert_array_equal(predictor.predict(images), before)
     # written back unchanged by the trainer's writer: the same flat object
     assert spec.run_config(TrainConfig.from_dict(

@@ -89,7 +89,8 @@ def test_fp16_loss_scaling_leaves_adam_and_checkpoints_unchanged():
 def test_bf16_and_fp32_class_maps_agree_on_a_trained_model(small_run, demo_root):
     images = np.stack([datasets.load_image(s.image) for split in
                        datasets.find_dataset(demo_root).splits.values() for s in split])
-    with inference.load_predictor(small_run) as fp32:
+    # TensorFlow's fp32 against TensorFlow's bf16 rewrite (auto would run fp32 in OpenVINO)
+    with inference.load_predictor(small_run, backend="tensorflow") as fp32:
         ref = fp32.predict(images)
         ref_probs = fp32.predict_proba(images[:2])
     with inference.load_predictor(small_run, precision="bf16") as bf16:

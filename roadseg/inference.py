@@ -227,9 +227,9 @@ def load_predictor(path, which="best", precision=None, log=None, tta="none", bac
 def _export_backend(path, backend, own):
     """An export runs on its own backend (``own``; None: neither of ``BACKENDS``)."""
     if backend not in ("auto", own):
-        kind = {"openvino": "an OpenVINO", "tensorflow": "a SavedModel", None: "a LiteRT"}[own]
-        raise UserError(f"--backend {backend} does not apply to {path}: it is {kind} model, which "
-                        f"runs on its own; leave --backend out (it chooses for a runs/<name> folder)")
+        kind = {"openvino": "an OpenVINO model", "tensorflow": "a SavedModel", None: "a LiteRT model"}[own]
+        raise UserError(f"--backend {backend} does not apply to {path}: it is {kind}, which runs "
+                        f"on its own; leave --backend out (it chooses for a runs/<name> folder)")
 
 
 def _load_tensorflow(path, which, precision, log, tta):

@@ -31,6 +31,7 @@ tensor's crc32c), which checkpoint (best / latest), the image shape, the model s
 OpenVINO version -- and reuses it until the checkpoint changes (then it converts again and
 removes the older conversion of that checkpoint kind).  ``run_predictor`` opens it.
 """
+import glob
 import hashlib
 import json
 import os
@@ -243,16 +244,18 @@ class OpenVINOPredictor(inference.Predictor):
 def cache_key(spec, which, ckpt):
     """The name of a checkpoint's conversion in its run's cache: ``<which>-<H>x<W>-<digest>``,
     the digest (sha256) over the checkpoint's ``.index`` file (every tensor's name, shape and
-    crc32c), the model spec, the OpenVINO version and ``CACHE_FORMAT``."""
+    crc32c), its data files' sizes (a truncated one is converted again, and refused), the
+    model spec, the OpenVINO version and ``CACHE_FORMAT``."""
     digest = hashlib.sha256()
     try:
         with open(ckpt + ".index", "rb") as f:
             digest.update(f.read())
+        sizes = [os.path.getsize(p) for p in sorted(glob.glob(glob.escape(ckpt) + ".data-*"))]
     except OSError as err:
         raise UserError(f"checkpoint {ckpt} is damaged ({reason(err)}); restore it from a "
                         f"backup, or train again") from None
     version = _import("openvino").get_version()
-    digest.update(json.dumps([spec.identity(), version, CACHE_FORMAT], sort_keys=True).encode())
+    digest.update(json.dumps([spec.identity(), sizes, version, CACHE_FORMAT], sort_keys=True).encode())
     height, width = spec.image_shape
     return f"{which}-{height}x{width}-{digest.hexdigest()[:16]}"
 

@@ -12,7 +12,7 @@ mirror image, mirrored back, before the argmax (``flip_averaged``).
 A run folder runs on one of ``BACKENDS`` (``run_backend``): ``auto`` (the default) is
 OpenVINO in fp32 when it is installed -- the run's checkpoint converted once and cached in
 the run folder (``openvino_model.run_model``); on CPUs without AVX-512 TensorFlow's fp32
-reaches two thirds of the machine's matrix-multiply limit where OpenVINO reaches all of it --
+reaches two thirds of the machine's matrix-multiply limit where OpenVINO reaches over 90% --
 and this module's TensorFlow graph otherwise and for ``--precision`` bf16 / fp16;
 ``tensorflow`` or ``openvino`` choose.  Class maps are the same on both.
 """

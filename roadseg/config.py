@@ -26,7 +26,7 @@ from roadseg.schemes import SCHEMES
 AUGMENT_LEVELS = ("flip", "mild", "full")
 LR_SCHEDULES = ("constant", "poly", "cosine")
 LOSSES = ("ce", "focal", "ohem")
-VGG_SOURCES = ("auto", "course", "keras-imagenet", "random")
+VGG_SOURCES = ("auto", "course", "keras-imagenet", "hed-bsds500", "random")
 CACHE_MODES = ("auto", "memory", "file")   # input_pipeline.choose_cache (true: auto, false: off)
 VAL_SPLIT_HELP = ("validation: unset = the 'val' split, else a whole training sequence held out, "
                   "else every 10th training image; 'sequence:NAME', 'every-10th', 'none' or a "
@@ -113,6 +113,10 @@ def _width(v):
     return None if v is None else _positive(v)
 
 
+def _fc_width(v):
+    return None if v is None else _positive_int(v)
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run is made of.  ``data``/``vgg``: what it trains on; the rest:
@@ -127,6 +131,9 @@ class TrainConfig:
     width: Optional[float] = option(None, "channel width of a random VGG16 built here (below 1 "
                                     "means random weights; default: 1, or 0.25 for auto's "
                                     "offline fallback)", check=_width, type=float)
+    fc_width: Optional[int] = option(None, "channels of fc6/fc7 of a VGG16 built here (random or "
+                                     "hed-bsds500; default 4096 x width; the course and Keras "
+                                     "ImageNet models have 4096 only)", check=_fc_width, type=int)
     # --- the model
     scheme: str = option("road4", "class scheme", check=_one_of(*SCHEMES), choices=SCHEMES)
     image_shape: list = option([256, 512], "network input H W, divisible by 32",

@@ -76,7 +76,8 @@ def resolve_config(options, recipe=None, runs_dir="runs", run=None, resume=False
     cfg = TrainConfig.from_dict({**saved, **explicit, **options}).validate()
     if not cfg.data:
         raise UserError("no dataset: pass --data DIR (or set \"data\" in the --config file)")
-    vgg_path = cfg.vgg or vgg.obtain_vgg(vgg.DATA_ROOT, cfg.vgg_source, cfg.width)[0]
+    vgg_path = cfg.vgg or vgg.obtain_vgg(vgg.DATA_ROOT, cfg.vgg_source, cfg.width,
+                                         fc_width=cfg.fc_width)[0]
     vgg.check_vgg_dir(vgg_path)
     cfg = cfg.replace(vgg=os.path.abspath(vgg_path), data=os.path.abspath(cfg.data))
     spec = model.ModelSpec.from_config(cfg, vgg.read_vgg_info(vgg_path))
@@ -126,7 +127,8 @@ def _setting(key, value):
     """A setting as the user knows it (a VGG16 by source, width and seed)."""
     if key == "vgg_info":
         return ("/".join(f"{k} {value[k]:g}" if isinstance(value[k], float) else f"{k} {value[k]}"
-                         for k in ("source", "width", "seed") if k in value) or "course VGG16")
+                         for k in ("source", "width", "fc_width", "seed") if k in value)
+                or "course VGG16")
     return value
 
 

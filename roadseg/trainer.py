@@ -101,7 +101,11 @@ def _resume_dir(runs_dir, run):
 # multi-worker run must start with the same (distribute.check_agreement).
 STEP_OPTIONS = ("batch_size", "epochs", "lr", "lr_schedule", "warmup_epochs", "loss", "focal_gamma",
                 "ohem_fraction", "dice_weight", "class_weights", "keep_prob", "augment", "seed",
-                "precision", "val_split", "skip_bad", "devices", "workers")
+                "precision", "val_split", "skip_bad", "devices", "workers", "encoder_lr_scale",
+                "reinit")
+# Options a resumed run keeps: its checkpoints hold the Adam slots that the encoder's
+# learning rate decides (none for frozen layers), and re-initialising is done once.
+KEPT_ON_RESUME = ("batch_size", "encoder_lr_scale", "reinit")
 
 
 def agreed_options(cfg, spec):
@@ -110,12 +114,12 @@ def agreed_options(cfg, spec):
 
 
 def _check_resumable(run_dir, old, spec, cfg):
-    """The run's ModelSpec and batch size (its position in the epoch is counted in batches)
-    must be the new ones; a field the run's config.json lacks (an early version) is not
-    compared."""
+    """The run's ModelSpec, batch size (its position in the epoch is counted in batches) and
+    the encoder's learning (``KEPT_ON_RESUME``) must be the new ones; a field the run's
+    config.json lacks (an early version) is not compared."""
     path = os.path.join(run_dir, run_folders.RUN_CONFIG)
     changed = model.ModelSpec.from_dict(old, path).differences(spec)
-    changed += [("batch_size", old.get("batch_size"), cfg.batch_size)]
+    changed += [(name, old.get(name), getattr(cfg, name)) for name in KEPT_ON_RESUME]
     for key, was, now in changed:
         if key in old and json.dumps(was, default=list) != json.dumps(now, default=list):
             was, now = _setting(key, was), _setting(key, now)
@@ -195,7 +199,21 @@ class TrainingGraph(NamedTuple):
     progress: tuple               # progress_variables(): (variables, feeds, assign)
 
 
-def build_training_graph(sess, cfg, samples, vgg_path, dist=None, cache_dir=None):
+def _reinitialize(sess, cfg, vgg_variables, log=None):
+    """``--reinit``: new random weights for those VGG16 layers (a resumed run's checkpoint
+    then restores its own); say which, and how the encoder learns when not at ``lr``."""
+    log = channel(log)
+    if cfg.reinit:
+        names = vgg.reinitialize(sess, vgg_variables, cfg.reinit, cfg.seed)
+        log(f"re-initialised randomly (He-normal, zero biases, seed {cfg.seed}): {', '.join(names)}")
+    if cfg.encoder_lr_scale != 1:
+        learns = ("frozen (no gradients)" if cfg.encoder_lr_scale == 0 else
+                  f"at lr x {cfg.encoder_lr_scale:g}")
+        log(f"VGG16's pretrained conv layers {learns}; fc6/fc7, re-initialised layers and the "
+            f"decoder at lr")
+
+
+def build_training_graph(sess, cfg, samples, vgg_path, dist=None, cache_dir=None, log=None):
     """Build the training graph of ``cfg`` in ``sess.graph``: ``model.training_step`` on one
     device, or replicated by ``dist.strategy`` (``roadseg.distribute``) with one more tower
     for validation.  VGG16's weights are restored, every variable added on top is
@@ -226,7 +244,8 @@ def build_training_graph(sess, cfg, samples, vgg_path, dist=None, cache_dir=None
         progress = progress_variables()
         step = model.training_step(spec, images, labels, keep_prob, lr, progress[0]["step"], encoder,
                                    model.LossOptions.from_config(cfg),
-                                   precision.needs_loss_scaling(cfg.precision), strategy)
+                                   precision.needs_loss_scaling(cfg.precision), strategy,
+                                   model.EncoderOptions.from_config(cfg))
         logits = step.logits
         if strategy:   # validation: one more tower on the first replica's copy of the weights
             with tf.device(distribute.eval_device(strategy)), \
@@ -240,6 +259,7 @@ def build_training_graph(sess, cfg, samples, vgg_path, dist=None, cache_dir=None
     else:
         sess.run([tf1.global_variables_initializer(), tf1.local_variables_initializer()])
         vgg16.restore(sess)
+    _reinitialize(sess, cfg, (vgg16 if strategy else encoder).variables, log)
     return TrainingGraph(iterator.initializer, epoch, skip, images, labels, keep_prob, lr, logits,
                          step.loss, step.data_loss, step.train_op, raw,
                          inference.resize_to_network(raw, cfg.image_shape), out_size, classes, progress)
@@ -278,7 +298,7 @@ def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False,
                 _StopFlag() as stop:
             if dist.strategy:
                 log(f"training on {dist.describe()}")
-            g = build_training_graph(sess, cfg, samples.train, cfg.vgg, dist, cache_dir)
+            g = build_training_graph(sess, cfg, samples.train, cfg.vgg, dist, cache_dir, log)
             ckpt = Checkpointer(sess, run_dir, inference.model_variables(), g.progress,
                                 cfg.keep_checkpoints, cfg.lr, log, writes=dist.is_chief)
             with distribute.one_line_errors(dist, ckpt):

@@ -43,6 +43,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import urllib.parse
 
@@ -505,6 +506,40 @@ def _keras_imagenet_vgg16():
                                 "Offline, the source 'random' works, but that model is NOT "
                                 "pretrained (random weights)") from err
     return keras.applications.VGG16(include_top=True, weights=path)
+
+
+# ----------------------------------------------------------------------------- layer groups
+
+_GROUP = re.compile(r"(?:^|/)(?:(conv[1-5])_\d+|(fc[67]))/")
+
+
+def layer_group(name):
+    """The VGG16 layer group ("conv1" .. "conv5", "fc6", "fc7") of a variable's name
+    (``conv3_2/weights``, the course's ``conv3_2/filter``, a replica's copy
+    ``conv3_2/weights/replica_1``), or None for every other variable (the decoder's ``fcn8/``,
+    counters, optimizer slots of those)."""
+    found = _GROUP.search(name if name.endswith("/") else name + "/")
+    return (found.group(1) or found.group(2)) if found and not name.startswith("fcn8/") else None
+
+
+def reinitialize(sess, variables, groups, seed):
+    """Give the variables of VGG16's layer ``groups`` (of ``variables``, in sess's graph) new
+    random values: He-normal (fan-in) kernels, zero biases, from ``seed`` in name order;
+    returns the names.  Assigns through placeholders (fc6 would be a 400 MB constant)."""
+    chosen = sorted((v for v in variables if layer_group(v.op.name) in groups), key=lambda v: v.op.name)
+    rng = np.random.default_rng(seed)
+    feeds, ops = {}, []
+    for var in chosen:
+        shape = var.shape.as_list()
+        if len(shape) == 4:
+            value = _he_normal(rng, shape[0], shape[2], shape[3])[0]
+        else:
+            value = np.zeros(shape, np.float32)
+        value_in = tf.compat.v1.placeholder(tf.float32, shape)
+        feeds[value_in] = value
+        ops.append(var.assign(value_in, read_value=False))
+    sess.run(ops, feeds)
+    return [v.op.name for v in chosen]
 
 
 # ----------------------------------------------------------------------------- SavedModel

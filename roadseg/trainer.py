@@ -55,7 +55,7 @@ from roadseg.schemes import get_scheme
 
 tf1 = tf.compat.v1
 
-RUN_FACTS = ("vgg_info",)   # in config.json, about the run rather than an option
+RUN_FACTS = ("vgg_info", "precision_used")   # in config.json, about the run rather than options
 
 
 # ============================================================================ config
@@ -265,8 +265,9 @@ def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False,
     cache_dir = os.path.join(run_dir, "cache" if dist.is_chief else f"cache-{dist.worker}")
     with _run_folder(run_dir, not resume, dist.is_chief):
         if dist.is_chief:
+            ran = {"precision_used": precision.computed(cfg.precision)}   # what auto / bf16 ran
             run_folders.write_json(os.path.join(run_dir, run_folders.RUN_CONFIG),
-                                   spec.run_config(cfg.to_dict()))
+                                   spec.run_config({**cfg.to_dict(), **ran}))
         spe = math.ceil(len(samples.train) / cfg.batch_size)
         log(f"run {run_dir}: {samples.layout} data, {len(samples.train)} train / "
             f"{len(samples.val)} val images, scheme {cfg.scheme}, {cfg.image_shape[0]}x"

@@ -313,12 +313,12 @@ def _epochs(run_dir, cfg, samples, sess, g, ckpt, progress, stop, spe, log, chie
             log(f"{run_dir} has {progress.epochs_done} epochs already; pass a larger --epochs "
                 f"to train on")
         while progress.epochs_done < cfg.epochs and not stop.signal:
-            if not train_one_epoch(sess, g, ckpt, cfg, progress, stop, spe, writer):
-                log(f"{stop.signal} received: checkpoint saved at step {progress.step}; "
-                    f"resume with --resume")
-                break
-            if chief:
+            if train_one_epoch(sess, g, ckpt, cfg, progress, stop, spe, writer) and chief:
                 close_epoch(run_dir, cfg, samples.val, sess, g, ckpt, progress, history, writer, log)
+        if stop.signal:   # whenever it came: mid-epoch, at an epoch's end, in validation
+            ckpt.save_for_resume(progress)
+            log(f"{stop.signal} received: checkpoint saved at step {progress.step}; "
+                f"resume with --resume")
     finally:
         writer.close()
     return history
@@ -338,7 +338,8 @@ def learning_rate(step, total_steps, base, schedule="constant", warmup_steps=0):
 
 def train_one_epoch(sess, g, ckpt, cfg, progress, stop, spe, writer):
     """Train the rest of epoch ``progress.epochs_done``; checkpoints at its end.  Returns
-    False when SIGINT/SIGTERM stopped it (after saving a checkpoint)."""
+    True when the epoch is complete, False when SIGINT/SIGTERM stopped it before its last
+    step (the caller saves).  A signal during the last step leaves a complete epoch."""
     epoch = progress.epochs_done
     progress.start_epoch()
     sess.run(g.data_init, {g.skip: progress.epoch_step, g.epoch: epoch})
@@ -367,8 +368,7 @@ def train_one_epoch(sess, g, ckpt, cfg, progress, stop, spe, writer):
                 _summary(writer, progress.step, loss=value, data_loss=data_value, learning_rate=rate)
             if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
                 ckpt.save(progress)
-    if stop.signal:
-        ckpt.save(progress)
+    if stop.signal and progress.epoch_step < spe:   # stopped before its last step
         return False
     progress.end_epoch()
     ckpt.save(progress)

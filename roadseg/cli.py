@@ -260,9 +260,11 @@ def add_tta(sp):
 
 def add_precision(sp, what="of the model's arithmetic"):
     sp.add_argument("--precision", choices=precision.PRECISIONS, help=f"precision {what}: "
-                    "bf16 (oneDNN bfloat16, for AVX512_BF16/AMX CPUs) or fp16 (GPU) mixed "
-                    "precision; OpenVINO models: bf16 sets OpenVINO's inference precision; not for "
-                    ".tflite models (default fp32)")
+                    "auto (bf16 where the CPU computes bfloat16 natively, else fp32), bf16 (oneDNN "
+                    "bfloat16: native on AVX512_BF16/AMX CPUs, emulated and slower on other AVX-512 "
+                    "CPUs, plain fp32 without AVX-512) or fp16 (GPU) mixed precision; OpenVINO "
+                    "models: bf16 sets OpenVINO's inference precision; not for .tflite models "
+                    "(default fp32)")
 
 
 def add_verbosity(sp):

@@ -107,7 +107,7 @@ def _precision_here(v):
     if v not in _precision.PRECISIONS:
         return f"one of {', '.join(_precision.PRECISIONS)}"
     found = _precision.problem(v)
-    return f"fp32 or bf16 here ({found})" if found else None
+    return f"auto, fp32 or bf16 here ({found})" if found else None
 
 
 def _width(v):
@@ -196,10 +196,13 @@ class TrainConfig:
     workers: int = option(1, "train on W hosts together, each named in TF_CONFIG "
                           "(MultiWorkerMirroredStrategy; see docs/scaling.md)", check=_positive_int,
                           type=int)
-    precision: str = option("fp32", "arithmetic of the training step: bf16 (oneDNN bfloat16 on "
-                            "AVX512_BF16/AMX CPUs) or fp16 (GPU, with loss scaling) mixed "
-                            "precision; variables and checkpoints stay fp32, so a run may be "
-                            "resumed at another precision", check=_precision_here,
+    precision: str = option("fp32", "arithmetic of the training step: auto (bf16 where the CPU "
+                            "computes bfloat16 natively -- AVX512_BF16 or AMX -- else fp32; the "
+                            "recipes' choice), bf16 (oneDNN bfloat16; emulated and slower on "
+                            "AVX-512 CPUs without it, plain fp32 on CPUs without AVX-512) or fp16 "
+                            "(GPU, with loss scaling) mixed precision; variables and checkpoints "
+                            "stay fp32, so a run may be resumed at another precision; config.json "
+                            "records what ran (precision_used)", check=_precision_here,
                             choices=_precision.PRECISIONS)
     # --- bookkeeping
     val_split: Optional[str] = option(None, VAL_SPLIT_HELP)

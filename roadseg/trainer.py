@@ -55,7 +55,7 @@ from roadseg.schemes import get_scheme
 
 tf1 = tf.compat.v1
 
-RUN_FACTS = ("vgg_info",)   # in config.json, about the run rather than an option
+RUN_FACTS = ("vgg_info", "precision_used")   # in config.json, about the run rather than options
 
 
 # ============================================================================ config
@@ -287,8 +287,9 @@ def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False,
     cache_dir = os.path.join(run_dir, "cache" if dist.is_chief else f"cache-{dist.worker}")
     with _run_folder(run_dir, not resume, dist.is_chief):
         if dist.is_chief:
+            ran = {"precision_used": precision.computed(cfg.precision)}   # what auto / bf16 ran
             run_folders.write_json(os.path.join(run_dir, run_folders.RUN_CONFIG),
-                                   spec.run_config(cfg.to_dict()))
+                                   spec.run_config({**cfg.to_dict(), **ran}))
         spe = math.ceil(len(samples.train) / cfg.batch_size)
         log(f"run {run_dir}: {samples.layout} data, {len(samples.train)} train / "
             f"{len(samples.val)} val images, scheme {cfg.scheme}, {cfg.image_shape[0]}x"
@@ -334,12 +335,12 @@ def _epochs(run_dir, cfg, samples, sess, g, ckpt, progress, stop, spe, log, chie
             log(f"{run_dir} has {progress.epochs_done} epochs already; pass a larger --epochs "
                 f"to train on")
         while progress.epochs_done < cfg.epochs and not stop.signal:
-            if not train_one_epoch(sess, g, ckpt, cfg, progress, stop, spe, writer):
-                log(f"{stop.signal} received: checkpoint saved at step {progress.step}; "
-                    f"resume with --resume")
-                break
-            if chief:
+            if train_one_epoch(sess, g, ckpt, cfg, progress, stop, spe, writer) and chief:
                 close_epoch(run_dir, cfg, samples.val, sess, g, ckpt, progress, history, writer, log)
+        if stop.signal:   # whenever it came: mid-epoch, at an epoch's end, in validation
+            ckpt.save_for_resume(progress)
+            log(f"{stop.signal} received: checkpoint saved at step {progress.step}; "
+                f"resume with --resume")
     finally:
         writer.close()
     return history
@@ -359,7 +360,8 @@ def learning_rate(step, total_steps, base, schedule="constant", warmup_steps=0):
 
 def train_one_epoch(sess, g, ckpt, cfg, progress, stop, spe, writer):
     """Train the rest of epoch ``progress.epochs_done``; checkpoints at its end.  Returns
-    False when SIGINT/SIGTERM stopped it (after saving a checkpoint)."""
+    True when the epoch is complete, False when SIGINT/SIGTERM stopped it before its last
+    step (the caller saves).  A signal during the last step leaves a complete epoch."""
     epoch = progress.epochs_done
     progress.start_epoch()
     sess.run(g.data_init, {g.skip: progress.epoch_step, g.epoch: epoch})
@@ -388,8 +390,7 @@ def train_one_epoch(sess, g, ckpt, cfg, progress, stop, spe, writer):
                 _summary(writer, progress.step, loss=value, data_loss=data_value, learning_rate=rate)
             if cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0:
                 ckpt.save(progress)
-    if stop.signal:
-        ckpt.save(progress)
+    if stop.signal and progress.epoch_step < spe:   # stopped before its last step
         return False
     progress.end_epoch()
     ckpt.save(progress)

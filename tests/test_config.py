@@ -97,7 +97,8 @@ def test_recipe_then_flags_then_config_json(demo_root, vgg_dir, tmp_path):
     assert (saved["image_shape"], saved["epochs"], saved["batch_size"]) == ([64, 128], 1, 4)
     assert saved["lr"] == 0.003                                     # the flag wins
     assert saved["vgg"] == vgg_dir and saved["vgg_info"]["width"] == 1 / 16
-    assert TrainConfig.from_dict({k: v for k, v in saved.items() if k != "vgg_info"}).validate()
+    assert saved["precision_used"] == "fp32"
+    assert TrainConfig.from_dict({k: v for k, v in saved.items() if k not in trainer.RUN_FACTS}).validate()
 
 
 # config.json as the version before fc_width wrote it (every option of that version, the spec)

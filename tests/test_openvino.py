@@ -70,7 +70,8 @@ def test_int8_predicts_close_to_fp32(exports, demo_images, demo_root):
     assert abs(scores["int8"] - scores["none"]) < 0.03, scores
 
 
-@pytest.mark.skipif(not precision.native_bf16(), reason="this CPU has no native bfloat16")
+@pytest.mark.skipif(not precision.native_bf16(), reason="needs a CPU with native bfloat16 "
+                    "(avx512_bf16 or amx_bf16 in /proc/cpuinfo); this one has neither")
 def test_bf16_sets_openvinos_inference_precision(exports, demo_images):
     with inference.load_predictor(exports["none"], precision="bf16") as predictor:
         assert predictor.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "bf16"
@@ -176,3 +177,11 @@ def test_batch_predict_opens_openvino_and_litert_models(exports, small_run, demo
         for path, want in zip(paths, expected):
             got = np.asarray(Image.open(out / f"{Path(path).stem}_classes.png"))
             assert np.array_equal(got, want), name
+
+
+@pytest.mark.parametrize("native, hint", [(False, "f32"), (True, "bf16")])
+def test_auto_precision_on_openvino_follows_the_cpu(monkeypatch, native, hint):
+    monkeypatch.setattr(precision, "has_gpu", lambda: False)
+    monkeypatch.setattr(precision, "native_bf16", lambda: native)
+    assert openvino_model.check_precision("auto") == hint
+    assert openvino_model.check_precision(None) == "f32"

@@ -89,8 +89,9 @@ def test_resume_without_a_usable_checkpoint_index_finds_the_files(tiny, vgg_dir,
 # ----------------------------------------------------------------------------- epoch bookkeeping
 def test_an_epoch_stopped_at_its_last_step_is_recorded_on_resume(tiny, vgg_dir, tmp_path,
                                                                 monkeypatch):
-    """SIGTERM during the last step of epoch 1: checkpoint, no validation; --resume
-    records epoch 1 (with the mean loss of all its steps) before training epoch 2."""
+    """SIGTERM during the last step of epoch 1: the epoch is complete, so it is validated and
+    recorded (with the mean loss of all its steps) before the run stops; --resume trains
+    epoch 2 only."""
     runs = tmp_path / "runs"
     real = Progress.add_step
     losses = []
@@ -103,7 +104,7 @@ def test_an_epoch_stopped_at_its_last_step_is_recorded_on_resume(tiny, vgg_dir, 
     monkeypatch.setattr(Progress, "add_step", add_step)
     first = train(tiny, vgg_dir, runs)
     assert first["status"] == "interrupted: SIGTERM" and first["steps"] == 5
-    assert not (Path(first["run_dir"]) / "history.json").exists()
+    assert [h["epoch"] for h in first["history"]] == [1]
     monkeypatch.setattr(Progress, "add_step", real)
     second = train(tiny, vgg_dir, runs, resume=True)
     assert second["status"] == "finished" and second["steps"] == 10

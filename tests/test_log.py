@@ -55,6 +55,26 @@ def test_levels_quiet_normal_verbose(capsys):
     assert len([h for h in logger.handlers if isinstance(h, log.TqdmHandler)]) == 1
 
 
+def test_quiet_silences_progress_bars_of_every_kind(capsys):
+    from tqdm.auto import tqdm as auto_tqdm
+    for verbosity, drawn in (("quiet", False), ("normal", True)):
+        log.configure(verbosity)
+        for kind in (tqdm, auto_tqdm):
+            for _ in kind(range(3), desc="bar", file=sys.stderr, mininterval=0):
+                pass
+        err = capsys.readouterr().err
+        assert (err.count("bar: 100%") >= 2) if drawn else err == "", err
+    with tqdm(range(2), disable=False, file=sys.stderr) as explicit:   # its own choice stands
+        assert explicit.disable is False
+
+
+def test_cli_quiet_draws_no_bar(tmp_path, capsys):
+    assert cli.main(["make-demo-data", str(tmp_path / "a"), "--n", "2", "--size", "64", "128", "-q"]) == 0
+    assert capsys.readouterr().err == ""
+    assert cli.main(["make-demo-data", str(tmp_path / "b"), "--n", "2", "--size", "64", "128"]) == 0
+    assert "drawing demo scenes:   0%" in capsys.readouterr().err   # (leave=False: cleared at the end)
+
+
 def test_channel_is_the_given_callback_or_the_logger(capsys):
     said = []
     log.channel(said.append)("to the caller")

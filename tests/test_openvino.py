@@ -71,7 +71,8 @@ def test_int8_predicts_close_to_fp32(exports, demo_images, demo_root):
     assert abs(scores["int8"] - scores["none"]) < 0.03, scores
 
 
-@pytest.mark.skipif(not precision.native_bf16(), reason="this CPU has no native bfloat16")
+@pytest.mark.skipif(not precision.native_bf16(), reason="needs a CPU with native bfloat16 "
+                    "(avx512_bf16 or amx_bf16 in /proc/cpuinfo); this one has neither")
 def test_bf16_sets_openvinos_inference_precision(exports, demo_images):
     with inference.load_predictor(exports["none"], precision="bf16") as predictor:
         assert predictor.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "bf16"
@@ -311,3 +312,11 @@ def test_backend_option(small_run, small_export, demo_root, tmp_path, capsys, mo
         (png,) = (tmp_path / name).glob("*_classes.png")
         assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(
             tmp_path / "auto" / png.name)))
+
+
+@pytest.mark.parametrize("native, hint", [(False, "f32"), (True, "bf16")])
+def test_auto_precision_on_openvino_follows_the_cpu(monkeypatch, native, hint):
+    monkeypatch.setattr(precision, "has_gpu", lambda: False)
+    monkeypatch.setattr(precision, "native_bf16", lambda: native)
+    assert openvino_model.check_precision("auto") == hint
+    assert openvino_model.check_precision(None) == "f32"

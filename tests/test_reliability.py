@@ -522,6 +522,38 @@ def test_sigint_and_sigterm_save_and_exit_130(tiny, vgg_dir, tmp_path):
                 proc.wait()
 
 
+@pytest.mark.parametrize("when", ["last step", "validation"])
+def test_a_signal_at_an_epochs_end_saves_says_and_resumes_exactly(tiny, vgg_dir, tmp_path, monkeypatch,
+                                                                  when):
+    """SIGTERM during the last step of epoch 2 (one step an epoch) or during its validation:
+    the epoch is complete and recorded, the checkpoint of step 2 is there and said, and
+    ``--resume`` to 4 epochs records epochs 1..4 exactly once each."""
+    from roadseg import checkpoints, trainer
+    owner, name = (checkpoints.Progress, "add_step") if when == "last step" else (trainer, "validate")
+    real, calls = getattr(owner, name), []
+
+    def signalling(*args, **kwargs):   # one call an epoch: add_step (1 step), validate (every epoch)
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)   # the handler only sets a flag
+        return result
+    said = []
+    options = dict(image_shape=[64, 128], batch_size=N_TRAIN, epochs=4, val_split="every-10th",
+                   max_eval_images=1, log=said.append)
+    with monkeypatch.context() as m:
+        m.setattr(owner, name, signalling)
+        first = trainer.train(tiny, vgg_dir, runs_dir=str(tmp_path), run="r", **options)
+    assert first["status"] == "interrupted: SIGTERM" and first["steps"] == 2, first
+    assert "SIGTERM received: checkpoint saved at step 2; resume with --resume" in said, said[-5:]
+    assert ckpt_step(tf1.train.latest_checkpoint(str(tmp_path / "r" / "checkpoints"))) == 2
+    assert [h["epoch"] for h in first["history"]] == [1, 2]
+    again = trainer.train(tiny, vgg_dir, runs_dir=str(tmp_path), run="r", resume=True, **options)
+    assert again["status"] == "finished" and again["steps"] == 4
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and all("miou" in h for h in history)
+
+
 def test_crash_while_saving_keeps_the_previous_checkpoint(tiny, vgg_dir, tmp_path, monkeypatch,
                                                           capsys):
     """The save of step 4 writes its data files, then the disk is full before the

@@ -220,6 +220,8 @@ def test_a_run_folder_runs_in_openvino_with_tensorflows_class_maps(small_run, de
     assert inference.run_backend("auto") == ("openvino", inference.run_backend()[1])
     for asked in ("bf16", "fp16"):
         assert inference.run_backend("auto", asked)[0] == "tensorflow"
+    auto = "openvino" if precision.resolve("auto") == "fp32" else "tensorflow"   # by the CPU
+    assert inference.run_backend("auto", "auto")[0] == auto
 
 
 def test_the_conversion_is_cached_and_rebuilt_when_the_checkpoint_changes(small_run, demo_images,

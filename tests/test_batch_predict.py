@@ -1,6 +1,8 @@
 """``segment.py batch-predict``: Apache Beam RunInference (in-process FnApiRunner, offline)
 writes what ``segment.py predict`` writes, byte for byte; videos give what ``segment.py video``
-writes plus per-frame class shares, chunked or not, with a manifest, --skip-bad and --resume."""
+writes plus per-frame class shares, chunked or not, with a manifest, --skip-bad and --resume.
+Faults (issue 31): a job killed at three moments, a full disk, a second job, another model
+on --resume, a truncated video -- each ends in one line and resumes to a clean run's files."""
 import csv
 import json
 import os
@@ -337,7 +339,6 @@ def _finals_are_complete(out, clean):
     for name, data in finals.items():
         if name != "job.json":
             assert data == reference[name], name
-    return finals
 
 
 def _stderr_lines(text):

@@ -126,7 +126,8 @@ def test_a_run_in_todays_config_format_reads_back_and_predicts_identically(small
     shutil.copytree(small_run, run)
     saved = json.loads((run / "config.json").read_text())
     # config.json exactly as the trainer wrote it before ModelSpec: TrainConfig.to_dict() + vgg_info
-    today = {**TrainConfig.from_dict({k: v for k, v in saved.items() if k != "vgg_info"}).to_dict(),
+    today = {**TrainConfig.from_dict({k: v for k, v in saved.items()
+                                      if k not in trainer.RUN_FACTS}).to_dict(),
              "vgg_info": saved["vgg_info"]}
     (run / "config.json").write_text(json.dumps(today, indent=2))
     spec = model.ModelSpec.from_run(str(run))

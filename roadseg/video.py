@@ -161,13 +161,16 @@ def _write_batches(batches, path, size, fps, name=None):
         finally:
             if writer is not None:
                 writer.close()  # waits until ffmpeg has finished the file
-        if writer is not None and not os.path.exists(path):   # not the disk: someone else
+        log.seek(0)
+        said = reason(log) if writer is not None and log.read().strip() else ""   # ffmpeg's word
+        if writer is not None and not os.path.exists(path) and not failed and not said:
+            # ffmpeg wrote and said nothing wrong, yet the file is gone: someone else removed it
             raise UserError(f"could not write the video {name or path}: its temporary file "
                             f"{path} was deleted while it was being written; let one job at a "
                             f"time write into {os.path.dirname(os.path.abspath(path))}")
         if writer is not None and (failed or _count_frames(path) != frames):
             raise UserError(f"could not write the video {name or path} "
-                            f"({reason(log, 'ffmpeg wrote an incomplete file')}); {WRITE_FIX}")
+                            f"({said or 'ffmpeg wrote an incomplete file'}); {WRITE_FIX}")
 
 
 def _count_frames(path):

@@ -6,7 +6,9 @@ and OpenVINO's own GEMM limit.
   own export paths run on it unchanged: ``export.export`` (SavedModel),
   ``openvino_model.export_openvino`` (none / int8).  Made once per VGG16 build, kept in
   ``work``.
-* ``exported(vgg, work, quantize)`` -- that run's OpenVINO model folder (made once).
+* ``exported(vgg, work, quantize)`` -- that run's OpenVINO model folder (made once);
+  ``savedmodel(vgg, work)`` its SavedModel export.  Both, and ``bench_run``, take a
+  ``scheme`` and ``image_shape`` too (default: 19 classes at 256x512).
 * ``gemm_model(n, reps, int8)`` -- a chain of ``reps`` n x n MatMuls as an OpenVINO model
   (with FakeQuantize on both operands of every product for int8: OpenVINO then runs them
   as int8 GEMMs), the limit rows' workload.
@@ -89,6 +91,22 @@ def exported(vgg, work, quantize="none", calibration=8, scheme=common.SCHEME,
                 os.symlink(os.path.abspath(path), link)
     openvino_model.export_openvino(run, out, quantize, cal)
     return out
+
+
+def savedmodel(vgg, work, scheme=common.SCHEME, image_shape=common.IMAGE_SHAPE):
+    """The bench run (``bench_run``) as ``segment.py export`` writes it (a SavedModel, run by
+    TensorFlow whatever backend a run folder would get), made once."""
+    from roadseg import export
+    run = bench_run(vgg, work, scheme, image_shape)
+    out = os.path.join(work, f"savedmodel_{os.path.basename(vgg)}{_variant(scheme, image_shape)}")
+    stamp = os.path.join(run, "vgg_stamp")
+    if os.path.isfile(os.path.join(out, "export_info.json")) and \
+            os.path.getmtime(os.path.join(out, "export_info.json")) > os.path.getmtime(stamp):
+        return out
+    if os.path.isdir(out):
+        import shutil
+        shutil.rmtree(out)
+    return export.export(run, out)
 
 
 def gemm_model(n, reps, int8=False):

@@ -15,8 +15,11 @@ OpenVINO or LiteRT folder).  Stages, each as ``segment.py video`` runs it:
                    at its intermediate tensors; other backends get one ``model`` row, and a
                    ``model at network size`` row: the frames pre-resized to the network's
                    input, so the difference is what the resizes cost there)
-* ``model``        ``predictor.predict`` on the batch, everything in it
-* ``overlay``      ``overlays.overlay`` blending the class colours over the frames
+* ``model``        ``predictor.predict`` on the batch, everything in it; OpenVINO: also the
+                   same model with its ``classes`` output alone (``predict`` computes the
+                   full-size ``probabilities`` too)
+* ``overlay``      ``overlays.overlay`` blending the class colours over the frames (its
+                   lookup table, and the float32 arithmetic it replaced: the same bytes)
 * ``encode``       libx264 at each ``--preset`` (its process) + sending the frames to it;
                    the file's size and its PSNR against the overlays that went in
 
@@ -74,7 +77,7 @@ def tf_stages(predictor, batches):
 
 def other_stages(predictor, batches):
     """Any other predictor: the whole of ``predict``, and ``predict`` on frames already at the
-    network's input size."""
+    network's input size; OpenVINO: also the model with its classes output alone."""
     import numpy as np
     import tensorflow as tf
 
@@ -85,8 +88,44 @@ def other_stages(predictor, batches):
     predictor.predict(small[0])
     whole, t_all = timed(lambda: [predictor.predict(b) for b in batches])
     _, t_small = timed(lambda: [predictor.predict(b) for b in small])
-    return whole, [(f"model at network size {shape[0]}x{shape[1]} (no resize)", t_small),
-                   ("model (predict, all of it)", t_all)]
+    rows = [(f"model at network size {shape[0]}x{shape[1]} (no resize)", t_small),
+            ("model (predict, all of it)", t_all)]
+    if hasattr(predictor, "compiled"):   # OpenVINO: predict computes both outputs
+        request = classes_only(predictor.source).create_infer_request()
+        request.infer({0: batches[0]})
+        maps, t_classes = timed(lambda: [request.infer({0: b})[0].copy() for b in batches])
+        assert all(np.array_equal(a, b) for a, b in zip(maps, whole)), "classes-only differs"
+        rows.append(("model, the classes output only (no probabilities)", t_classes))
+    return whole, rows
+
+
+def classes_only(folder):
+    """The OpenVINO model in ``folder`` compiled (fp32 hint, as the predictor) with its
+    ``classes`` output only."""
+    import openvino as ov
+
+    from roadseg import openvino_model
+    core = ov.Core()
+    model = core.read_model(os.path.join(openvino_model.model_path(folder) or folder,
+                                         openvino_model.MODEL_FILE))
+    classes = next(out for out in model.outputs if "classes" in out.get_names())
+    only = ov.Model([ov.opset13.result(classes.node.input_value(0))], model.get_parameters(), "classes")
+    return core.compile_model(only, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+def float_overlay(images, maps, scheme, alpha=0.5):
+    """``overlays.overlay`` as it was before issue 34: the blend in float32 on every pixel."""
+    import numpy as np
+
+    from roadseg.overlays import _palette
+    painted = np.zeros(256, bool)
+    painted[:len(scheme.colors)] = True
+    painted[list(scheme.unpainted)] = False
+    blend = images.astype(np.float32)
+    blend *= 1.0 - alpha
+    blend += np.take(_palette(scheme.colors).astype(np.float32) * alpha, maps, axis=0)
+    np.rint(blend, out=blend)
+    return np.where(np.take(painted, maps)[..., None], blend.astype(np.uint8), images)
 
 
 def encode(batches, size, fps, preset):
@@ -100,7 +139,7 @@ def encode(batches, size, fps, preset):
         _, t = timed(lambda: video._write_batches(batches, path, size, fps, preset=preset))
         mb = os.path.getsize(path) / 2 ** 20
         decoded = np.concatenate(list(video.read_frame_batches(path, 8)))
-    error = np.mean((decoded.astype(np.float32) - np.concatenate(batches)) ** 2)
+    error = np.mean((decoded.astype(np.float32) - np.concatenate([np.stack(b) for b in batches])) ** 2)
     return t, mb, 10 * np.log10(255 ** 2 / error)
 
 
@@ -108,10 +147,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
     p.add_argument("clip")
-    p.add_argument("--frames", type=int, default=96)
+    p.add_argument("--frames", type=int, default=221, help="the first N frames (default 221)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--preset", nargs="+", default=["medium", "veryfast"])
     a = p.parse_args(argv)
+
+    import numpy as np
 
     from roadseg import inference, overlays, video
     size, fps, _ = video.probe_video(a.clip)
@@ -124,8 +165,13 @@ def main(argv=None):
         maps, model_rows = stages(predictor, batches)
         kind = type(predictor).__name__
     rows += model_rows
-    blended, t_ov = timed(lambda: [overlays.overlay(b, m, predictor.scheme) for b, m in zip(batches, maps)])
-    rows.append(("overlay", t_ov))
+    pairs = list(zip(batches, maps))   # before: a batch at a time; now: a frame at a time
+    blended, t_ov = timed(lambda: [[overlays.overlay(f, m, predictor.scheme) for f, m in zip(*p)]
+                                   for p in pairs])
+    before, t_float = timed(lambda: [float_overlay(b, m, predictor.scheme) for b, m in pairs])
+    assert all(np.array_equal(np.stack(a), b) for a, b in zip(blended, before)), "overlays differ"
+    rows += [("overlay, float32 blend of a batch (before)", t_float),
+             ("overlay, lookup table a frame at a time (now)", t_ov)]
     for preset in a.preset:
         t_enc, mb, psnr = encode(blended, size, fps, preset)
         rows.append((f"encode libx264 -crf {video.CRF} -preset {preset} ({mb:.2f} MiB, "

@@ -39,8 +39,8 @@ from roadseg.run_folders import WRITE_FIX, check_can_create, refuse_existing, st
 
 CRF = 18          # libx264 constant rate factor: 18 is close to visually lossless
 # libx264's speed presets, fastest first.  The default, veryfast, encodes a 960x540 overlay
-# in 25 CPU ms against medium's (x264's own default) 55, its PSNR 0.4 dB lower and its file
-# no larger (bench/README.md, "The video path at frame rate").
+# in 21-29 CPU ms against medium's (x264's own default) 47-69, its PSNR 0.4 dB lower and its
+# file no larger (bench/README.md, "The video path at frame rate").
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
            "veryslow")
 PRESET = "veryfast"
@@ -392,8 +392,8 @@ def _overlay_frames(pairs, scheme, alpha, tally):
     every frame's time; its latency is taken as each overlay is handed on."""
     last, previous = -1, None
     for frames, maps in pairs:
-        for index, image, decoded_at in zip(frames.indices, overlay(frames.images, maps, scheme, alpha),
-                                            frames.times):
+        for index, frame, class_map, decoded_at in zip(frames.indices, frames.images, maps, frames.times):
+            image = overlay(frame, class_map, scheme, alpha)   # a frame at a time: in the cache
             for _ in range(index - last - 1):
                 yield [image if previous is None else previous]
             tally.latencies.append(time.perf_counter() - decoded_at)

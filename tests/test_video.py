@@ -80,6 +80,9 @@ def test_process_video_errors_in_any_stage_propagate(tmp_path, monkeypatch):
     with pytest.raises(ZeroDivisionError, match="model broke"):
         video.process_video(src, tmp_path / "a.mp4", model_fails, COLORS, batch_size=2)
     assert pipeline_threads() == []                                 # joined before raising
+    with pytest.raises(ZeroDivisionError, match="model broke"):     # the camera waits for a first
+        video.process_video(src, tmp_path / "a.mp4", model_fails, COLORS, realtime=True)  # overlay
+    assert pipeline_threads() == []
 
     def encoder_fails(*args):
         raise OSError("disk full")

@@ -309,6 +309,34 @@ def openvino(spec):
                 export_seconds=round(export_s, 1), streams=streams)
 
 
+def run_folder(spec):
+    """``inference.load_predictor`` on a run folder -- what ``segment.py predict / evaluate /
+    video`` open -- at ``backend`` (default auto: OpenVINO fp32 when installed), on random
+    uint8 256x512 batches, class maps out.  The run is ``ov.bench_run`` (the full-width random
+    model saved as a run); its OpenVINO cache is removed first, so the first load converts
+    (``first_load_s``) and the second reuses the conversion (``load_s``)."""
+    import shutil
+
+    import numpy as np
+    import ov
+
+    from roadseg import inference, openvino_model
+    run = ov.bench_run(spec["vgg"], spec["work"])
+    shutil.rmtree(os.path.join(run, openvino_model.CACHE_DIR), ignore_errors=True)
+    backend, batch, lines, loads = spec.get("backend", "auto"), spec["batch"], [], []
+    for _ in range(2):
+        start = time.perf_counter()
+        predictor = inference.load_predictor(run, backend=backend, log=lines.append)
+        loads.append(round(time.perf_counter() - start, 1))
+        if len(loads) == 1:
+            predictor.close()
+    data = np.random.default_rng(0).integers(0, 256, (batch, *common.IMAGE_SHAPE, 3), np.uint8)
+    with predictor:
+        timing = common.time_steps(lambda: predictor.predict(data), spec["warmup"], spec["iters"])
+    return dict(common.rates(timing, batch), unit="images/s", predictor=type(predictor).__name__,
+                first_load_s=loads[0], load_s=loads[1], log=lines)
+
+
 def gemm_openvino(spec):
     """OpenVINO's own GEMM: a chain of ``reps`` n x n MatMuls (``ov.gemm_model``) compiled for
     the CPU at ``precision`` (f32 / bf16 inference precision hint) or as int8 (FakeQuantize
@@ -416,7 +444,7 @@ def video_line(line):
 CASES = dict(prepare=prepare, gemm=gemm, flops=flops, infer=infer, check_variants=check_variants, train=train,
              pipeline=input_pipeline, video=video, peer_infer=peer_infer,
              peer_train=peer_train, litert=litert, quality=quality, openvino=openvino,
-             gemm_openvino=gemm_openvino, realtime=realtime)
+             gemm_openvino=gemm_openvino, run_folder=run_folder, realtime=realtime)
 
 
 def main(argv):

@@ -65,6 +65,9 @@ def main_plan(quick):
                                 iters=q(40, 10))),
         ("video", dict(case="video", frames=q(32, 12), batch=4, warmup=1)),
     ]
+    plan += [   # issue 31: a run folder as segment.py predict / evaluate / video open it
+        ("run_folder_b8", dict(case="run_folder", batch=8, warmup=1, iters=q(4, 2))),
+    ]
     return [(key, spec, {}) for key, spec in
             plan + precision_plan(quick) + openvino_plan(quick) + realtime_plan(quick)]
 
@@ -279,7 +282,7 @@ def build_rows(results):
                                    f"{'predict' if kind == 'infer' else 'fit'} batch {batch}", per_image))
     rows += device_rows(results, flops.get("train_b4"))
     return (rows + pipeline_and_video_rows(results) + precision_rows(results) + openvino_rows(results)
-            + realtime_rows(results))
+            + run_folder_rows(results) + realtime_rows(results))
 
 
 def realtime_rows(results):
@@ -490,6 +493,42 @@ def openvino_rows(results):
     if notes and rows:
         rows.append(["  TF / LiteRT rows against their own limit", "", "", "", "", "", "; ".join(notes), ""])
     return rows
+
+
+def run_folder_rows(results):
+    """Issue 31: inference on a run folder (``load_predictor``'s default backend, what
+    ``segment.py predict / evaluate / video`` run) against the best fp32 GEMM measured (TF's or
+    OpenVINO's) and the Keras peer, by CPU time and by wall clock."""
+    key, r = "run_folder_b8", results.get("run_folder_b8")
+    if r is None:
+        return []
+    flops = results["flops"] if _ok(results, "flops") else {}
+    per_image = flops.get("forward")
+    label = "run folder inference batch 8 (segment.py predict)"
+    if "error" in r or not per_image:
+        return [_model_row(results, key, label, per_image)]
+    label += f": {r['predictor'].replace('Predictor', '') or 'TensorFlow'}"
+    lim, lim_keys = limits(results)
+    fp32_keys = [k for k in ("gemm", "gemm_ov_fp32") if _ok(results, k)]
+    best_wall = max((results[k]["rate"] for k in fp32_keys), default=None)
+    frac_cpu = own_limit(results, key, "fp32", per_image)
+    r["fraction_of_best_fp32_gemm"] = frac_wall = (r["rate"] * per_image / 1e9 / best_wall
+                                                   if best_wall else None)
+    compare = [f"{_f(frac_cpu, '{:.0%}')} of the fp32 limit by CPU ({lim_keys.get('fp32')}), "
+               f"{_f(frac_wall, '{:.0%}')} wall; load {r['first_load_s']} s converting, "
+               f"{r['load_s']} s cached"]
+    verdicts = [_verdict(frac_cpu, TARGETS["infer"], "{:.0%} of the fp32 limit", "{:.0%} by CPU")]
+    peer = results.get("peer_infer_b8")
+    if _ok(results, "peer_infer_b8"):
+        r["cpu_over_peer"] = cpu = r["cpu_rate"] / peer["cpu_rate"] if "cpu_rate" in peer else None
+        r["over_peer"] = wall = r["rate"] / peer["rate"]
+        compare.append(f"{_f(cpu, '{:.2f}x')} the Keras peer by CPU ({wall:.2f}x wall)")
+        verdicts.append(_verdict(cpu, TARGETS["peer"], "{:.1f}x the peer", "{:.2f}x by CPU"))
+    if _ok(results, "infer_b8"):
+        r["cpu_over_infer_b8"] = results[key]["cpu_rate"] / results["infer_b8"]["cpu_rate"]
+        compare.append(f"{r['cpu_over_infer_b8']:.2f}x TF infer_b8 by CPU")
+    row = _model_row(results, key, label, per_image, "; ".join(compare), "; ".join(verdicts))
+    return [row]
 
 
 def device_rows(results, per_image):

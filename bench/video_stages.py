@@ -1,10 +1,11 @@
 """Where a frame's CPU time goes in ``segment.py video`` (issue 34): each stage of the
 pipeline run alone, one after the other, on the same frames, timed by CPU time.
 
-    python bench/video_stages.py MODEL CLIP [--frames N] [--batch B] [--preset P ...]
+    python bench/video_stages.py MODEL CLIP [--frames N] [--batch B] [--preset P ...] [--backend B]
 
 MODEL is anything ``segment.py video --model`` takes (a run folder, a SavedModel, an
-OpenVINO or LiteRT folder).  Stages, each as ``segment.py video`` runs it:
+OpenVINO or LiteRT folder; ``--backend`` as ``segment.py video``'s for a run folder).
+Stages, each as ``segment.py video`` runs it:
 
 * ``decode``       ffmpeg decoding to RGB (its process, by ``RUSAGE_CHILDREN``) + reading
                    the frames into batches in Python (``video.read_frame_batches``)
@@ -150,6 +151,7 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=221, help="the first N frames (default 221)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--preset", nargs="+", default=["medium", "veryfast"])
+    p.add_argument("--backend", default="auto", help="what runs a run folder: auto, tensorflow, openvino")
     a = p.parse_args(argv)
 
     import numpy as np
@@ -160,7 +162,7 @@ def main(argv=None):
     batches, t_dec = decode(a.clip, a.frames, a.batch)
     n = sum(len(b) for b in batches)
     rows = [("decode (ffmpeg + reading)", t_dec)]
-    with inference.load_predictor(a.model) as predictor:
+    with inference.load_predictor(a.model, backend=a.backend) as predictor:
         stages = tf_stages if predictor.graph is not None else other_stages
         maps, model_rows = stages(predictor, batches)
         kind = type(predictor).__name__

@@ -20,11 +20,13 @@ One module per concept:
 ``roadseg.checkpoints``       latest / best checkpoints and where training stands
 ``roadseg.memory``            the memory a training step needs
 ``roadseg.precision``         ``--precision`` fp32 / bf16 / fp16: the session's rewrite
-``roadseg.inference``         the one inference head; predictors for runs and exports
+``roadseg.inference``         the one inference head; predictors for runs and exports,
+                              which backend runs a run folder (``--backend``)
 ``roadseg.export``            a run as a self-contained SavedModel
 ``roadseg.batch_predict``     batch inference on Apache Beam (``batch-predict``)
 ``roadseg.litert``            a run as a LiteRT model (float, int8); its predictor
-``roadseg.openvino_model``    a run as an OpenVINO model (fp32/bf16, int8); its predictor
+``roadseg.openvino_model``    a run as an OpenVINO model (fp32/bf16, int8); its predictor;
+                              a run folder's cached conversion
 ``roadseg.metrics``           confusion matrix, IoU, evaluation of a predictor
 ``roadseg.cityscapes_eval``   Cityscapes labelIds export and the official evaluator
 ``roadseg.overlays``          class maps as colours, overlays, PNGs

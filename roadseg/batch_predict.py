@@ -15,14 +15,27 @@ parallel (their class maps go to hidden part files), then one join renders the o
 the table from the source and those maps: the same frames, in the same order, as one pass.
 
 ``DIR/manifest.jsonl`` has a line per input: ``status`` ok / failed / skipped, ``reason``,
-``frames``, ``seconds`` (worker time).  Each worker writes its input's line as a small file
-under ``DIR/.manifest/`` when the input is complete; the command merges them into the
-manifest at the end, after a failure or Ctrl-C too, and before a ``--resume``.  A bad input
-(unreadable, damaged) ends the job with one line, or with ``--skip-bad`` is listed as failed
-and the job goes on.  ``--resume`` runs the same command into the same ``DIR`` for the inputs
-the manifest does not list as ok; finished outputs are never rewritten (every output is
+``frames``, ``seconds`` (worker time); for a video also ``frames_expected``, the count its
+header promises (fewer frames read -- a truncated file -- is a warning line, not a failure).
+Each worker writes its input's line as a small file under ``DIR/.manifest/`` when the input
+is complete; the command merges them into the manifest at the end, after a failure or
+Ctrl-C too, and before a ``--resume``.  A bad input (unreadable, damaged) ends the job with
+one line, or with ``--skip-bad`` is listed as failed and the job goes on; an output that
+cannot be written (a full disk) ends it either way.  Beam's own log of a failed step goes to
+the debug lines (``-v``).
+
+``DIR/job.json`` records the model the job started with (its path and ``model_identity``, a
+sha256 of its weights and export_info.json): ``--resume`` with another model is refused
+before anything in ``DIR`` changes; the same model at another path, or the run it was
+exported from, resumes.  While a job runs on this machine it holds ``DIR/.lock``
+(``run_folders.run_lock``): a second job on ``DIR`` is refused.  ``--resume`` runs the same
+command into the same ``DIR`` for the inputs the manifest does not list as ok: whatever a
+stopped job left for them is its own -- temporary files are removed, outputs under their
+final names are written again (the new file replaces them in one rename), chunk files are
+reused when their gzip stream reads whole, else done again -- so the result is a clean
+run's, byte for byte; outputs of inputs listed as ok are never rewritten.  Every output is
 written under a hidden temporary name and renamed when complete, so a killed job leaves no
-partial file under a final name), and finished chunks of a video are reused.
+partial file under a final name.
 
 Without ``--runner`` it runs in this process on Beam's ``FnApiRunner`` (offline; Beam's
 ``DirectRunner`` would first try to download a runner binary), with progress bars over inputs
@@ -35,21 +48,26 @@ load our TF1-style SavedModel under Keras 3, so ``SegmentationModelHandler`` loa
 ``tf.saved_model.load(dir, tags=['serve']).signatures['predict']``.  A run folder is first
 exported to a temporary folder (for runners in this process or on this host; remote
 workers need an export on storage they read).  Inputs are listed here first, so that a
-missing input, an empty folder or two inputs with the same name fail before anything runs.
+missing input, an empty folder or two inputs with the same name (or one named as an input
+done earlier into ``DIR``) fail before anything runs.
 """
+import collections
 import contextlib
 import csv
 import dataclasses
 import gzip
+import hashlib
 import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
 import time
 import uuid
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -78,7 +96,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from roadseg import datasets, overlays, run_folders, video  # noqa: E402
 from roadseg.errors import UserError, reason  # noqa: E402
 from roadseg.inference import SERVE_TAG, SIGNATURE, same_size_batches  # noqa: E402
-from roadseg.log import channel  # noqa: E402
+from roadseg.log import channel, logger  # noqa: E402
 from roadseg.model import read_export_info  # noqa: E402
 from roadseg.run_folders import refuse_existing  # noqa: E402
 from roadseg.schemes import get_scheme  # noqa: E402
@@ -86,6 +104,7 @@ from roadseg.schemes import get_scheme  # noqa: E402
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv")
 MANIFEST = "manifest.jsonl"
+JOB_RECORD = "job.json"   # the model the job was started with (its path and sha256)
 RECORDS = ".manifest"     # the finished inputs' manifest lines while a job runs
 PARTIAL = ".partial-"     # prefix of outputs being written
 PART = ".chunk-"          # prefix of a video chunk's class maps (until its video is joined)
@@ -146,48 +165,165 @@ class Job:
 
 
 def batch_predict(model, inputs, out, runner=None, beam_args=(), batch_size=4, log=None,
-                  chunk_seconds=None, skip_bad=False, resume=False):
+                  chunk_seconds=None, skip_bad=False, resume=False, backend="auto"):
     """Segment every image and video of ``inputs`` into the new folder ``out`` (with
-    ``resume``: complete what ``out``'s manifest does not list as ok).  Returns the counts
-    ``{"inputs", "ok", "failed", "done_before", "frames"}``."""
+    ``resume``: complete what ``out``'s manifest does not list as ok, with the model the job
+    was started with).  Returns the counts ``{"inputs", "ok", "failed", "done_before", "frames"}``."""
     if chunk_seconds is not None and not chunk_seconds > 0:
         raise UserError(f"--chunk-seconds must be a positive number of seconds, not {chunk_seconds}")
     log = channel(log)
     if not resume:
         refuse_existing(out, "choose a new --out folder", exists=_exists)
     paths = list_inputs(inputs)
-    fresh = not _exists(out)
-    done = {} if fresh else {p for p, line in _merge_manifest(out, paths).items()
-                              if line["status"] == "ok"}
-    todo = [p for p in paths if p not in done]
-    if done:
-        log(f"resuming {out}: {len(done)} of {len(paths)} inputs are done, {len(todo)} to do")
-    if not todo:
-        return _summary(out, paths, len(done), {})
-    scratch = None
-    try:
-        if _is_run_folder(model):
-            if runner not in LOCAL_RUNNERS:
-                raise UserError(f"--runner {runner} runs on other machines: export the run first "
-                                f"('segment.py export --model {model} --out DIR', to storage the "
-                                f"workers read) and pass --model DIR")
-            from roadseg import export
-            scratch = tempfile.mkdtemp(prefix="roadseg-batch-")
-            log(f"exporting {model} for Beam")
-            model = export.export(model, os.path.join(scratch, "export"))
-        job = Job(out, model, _export_info(model)["scheme"], batch_size, chunk_seconds, skip_bad,
-                  uuid.uuid4().hex)
+    with contextlib.ExitStack() as stack:
+        exported = _exported_model(model, runner, stack, log, backend)
+        fresh = not _exists(out)
+        stack.enter_context(_job_folder(out, fresh, model, model_identity(exported), log))
+        done = set() if fresh else _prepare(out, paths)
+        todo = [p for p in paths if p not in done]
+        if done:
+            log(f"resuming {out}: {len(done)} of {len(paths)} inputs are done, {len(todo)} to do")
+        if not todo:
+            _remove_leftovers(out)
+            return _summary(out, paths, len(done), {})
+        job = Job(out, exported, _export_info(exported)["scheme"], batch_size, chunk_seconds,
+                  skip_bad, uuid.uuid4().hex)
         options = PipelineOptions(list(beam_args), **({"runner": runner} if runner else {}))
         n_videos = sum(_is_video(p) for p in todo)
         log(f"{len(todo) - n_videos} images and {n_videos} videos on "
             f"{runner or 'FnApiRunner (in this process)'}")
-        if fresh:
-            FileSystems.mkdirs(out)
         counters = _run_job(job, todo, paths, options, runner, fresh)
-    finally:
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
+    _warn_short_videos(out, todo)
     return _summary(out, paths, len(done), counters)
+
+
+def _exported_model(model, runner, stack, log, backend="auto"):
+    """The export the workers load: ``model``, or for runners on this host a run folder's
+    model at ``backend`` (``inference.worker_model``: its cached OpenVINO conversion, or a
+    SavedModel exported to a temporary folder removed when ``stack`` closes)."""
+    if not _is_run_folder(model):
+        return model
+    if runner not in LOCAL_RUNNERS:
+        raise UserError(f"--runner {runner} runs on other machines: export the run first "
+                        f"('segment.py export --model {model} --out DIR', to storage the "
+                        f"workers read) and pass --model DIR")
+    from roadseg import inference
+    scratch = tempfile.mkdtemp(prefix="roadseg-batch-")
+    stack.callback(shutil.rmtree, scratch, ignore_errors=True)
+    return inference.worker_model(model, scratch, backend, log)
+
+
+def model_identity(model):
+    """sha256 of what decides an export's class maps, not of where it lies: its
+    export_info.json (without the source run's path) and its weights -- a SavedModel's
+    variables index, which holds a checksum of every tensor; a LiteRT or OpenVINO model's
+    files.  A run folder is exported first: the same checkpoint gives the same identity."""
+    info = {key: value for key, value in _export_info(model).items() if key != "run"}
+    digest = hashlib.sha256(json.dumps(info, sort_keys=True).encode())
+    for path in _weight_files(model):
+        digest.update(path.replace("\\", "/").rsplit("/", 1)[-1].encode())
+        try:
+            with FileSystems.open(path, compression_type="uncompressed") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except Exception as err:   # BeamIOError, OSError, a storage client's error
+            raise UserError(f"model {model} is incomplete: cannot read {path} ({reason(err)}); "
+                            f"export it again") from None
+    return digest.hexdigest()
+
+
+def _weight_files(model):
+    from roadseg import litert, openvino_model
+    if _is_local_export(model):
+        tflite = litert.model_path(model)
+        if tflite:
+            return [tflite]
+        folder = openvino_model.model_path(model)
+        return [os.path.join(folder, openvino_model.MODEL_FILE),
+                os.path.join(folder, openvino_model.WEIGHTS_FILE)]
+    return [_join(model, "variables", "variables.index")]
+
+
+@contextlib.contextmanager
+def _job_folder(out, fresh, model, identity, log):
+    """Hold ``out`` for this job: a resumed folder must have been started with the same model
+    (``job.json``: refused before anything in it changes); a new one is made, atomically (of
+    two jobs started at once, the second is refused).  On this machine a lock (``.lock``,
+    ``run_folders.run_lock``) refuses a second job while this one runs."""
+    record = None if fresh else _check_same_model(out, model, identity, log)
+    if fresh and "://" in out:
+        FileSystems.mkdirs(out)
+    elif fresh:
+        run_folders.make_dirs(os.path.dirname(os.path.abspath(out)))
+        try:
+            with run_folders.write_errors_as_user_error(out):
+                os.mkdir(out)
+        except FileExistsError:
+            refuse_existing(out, "choose a new --out folder")
+    with contextlib.nullcontext() if "://" in out else run_folders.run_lock(out, "written"):
+        if record is None:
+            line = {"model": model if "://" in model else os.path.abspath(model),
+                    "model_sha256": identity}
+            _put(_join(out, JOB_RECORD), io.BytesIO(json.dumps(line, indent=2).encode()))
+        yield
+
+
+def _check_same_model(out, model, identity, log):
+    """``out``'s job.json, when its model is ``model``'s identity; else the refusal.  None for
+    a folder without one (made before job.json was): it gets this model's."""
+    path = _join(out, JOB_RECORD)
+    if not _exists(path):
+        return None
+    record = run_folders.read_json(path, "restore it, or delete it to resume with the --model "
+                                   "you pass (the one the job started with)",
+                                   required=("model", "model_sha256"), read_text=_read_text)
+    if record["model_sha256"] != identity:
+        raise UserError(f"cannot resume {out}: it was started with the model {record['model']} "
+                        f"(sha256 {record['model_sha256'][:12]}), and {model} is another model "
+                        f"(sha256 {identity[:12]}); pass --model {record['model']} (or a copy of "
+                        f"it), or choose a new --out folder")
+    if os.path.abspath(model) != record["model"] and model != record["model"]:
+        log(f"{model} is the model {out} was started with ({record['model']}; same sha256)")
+    return record
+
+
+def _prepare(out, paths):
+    """Before a job runs in ``out`` (held by it): what a stopped job left is put in order --
+    its manifest lines merged, its temporary files removed, its chunks of inputs now done
+    removed (chunks of inputs to do are checked when reused).  Returns the inputs done."""
+    leftovers = _match(_join(out, PARTIAL + "*")) + _match(_join(out, RECORDS, PARTIAL + "*"))
+    if leftovers:
+        FileSystems.delete(leftovers)
+    lines = _read_lines(out)
+    earlier = {_stem(p): p for p, line in lines.items() if p not in set(paths)}
+    for path in paths:
+        if _stem(path) in earlier:
+            raise UserError(f"{path} and {earlier[_stem(path)]} (done earlier into {out}) would "
+                            f"both be saved as {_outputs(path)[0]}; rename one of them")
+    done = {p for p in paths if lines.get(p, {}).get("status") == "ok"}
+    _merge_manifest(out, paths)
+    stale = [part for part in _match(_join(out, PART + "*"))
+             if not any(_is_part_of(part, p) for p in paths if p not in done)]
+    if stale:
+        FileSystems.delete(stale)
+    return done
+
+
+def _warn_short_videos(out, todo):
+    """A warning per video of ``todo`` that gave fewer frames than its header promised."""
+    lines = _read_manifest(out)
+    for path in todo:
+        line = lines.get(path, {})
+        frames, expected = line.get("frames", 0), line.get("frames_expected")
+        if line.get("status") == "ok" and expected and _short(frames, expected):
+            logger.warning(f"warning: {path}: {frames} of the {expected} frames its header "
+                           f"promises could be read (a truncated file?); its outputs hold those "
+                           f"{frames}")
+
+
+def _short(frames, expected):
+    """Fewer frames than a header's estimate by more than one frame and more than 1%."""
+    return expected - frames > max(1, expected // 100)
 
 
 def _run_job(job, todo, paths, options, runner, fresh):
@@ -201,12 +337,19 @@ def _run_job(job, todo, paths, options, runner, fresh):
             counters = _run(_pipeline(job, todo, options, runner))
     except BaseException as err:
         stopped = "interrupted" if isinstance(err, KeyboardInterrupt) else reason(err)
-        lines = _merge_manifest(job.out, paths, f"not processed: the job stopped ({stopped})")
-        _remove_leftovers(job.out, chunks=False)
+        try:
+            lines = _merge_manifest(job.out, paths, f"not processed: the job stopped ({stopped})")
+        except (OSError, UserError):   # a full disk: the lines wait in .manifest/ for --resume
+            logger.debug("the manifest could not be merged:", exc_info=True)
+            lines = _read_lines(job.out)
+        with contextlib.suppress(OSError):
+            _remove_leftovers(job.out, chunks=False)
         if fresh and not any(line["status"] == "ok" for line in lines.values()):
             FileSystems.delete([job.out])   # nothing to resume from: no output folder at all
-        failed = any(line["status"] == "failed" for line in lines.values())
-        if isinstance(err, UserError) and failed:
+        if isinstance(err, UserError) and _is_write_failure(err):
+            raise UserError(err.base, "--resume", "(then the same command with --resume "
+                            "completes the job; what is done is kept)") from None
+        if isinstance(err, UserError) and any(line["status"] == "failed" for line in lines.values()):
             raise UserError(err.base, "--skip-bad", "(pass --skip-bad to list bad inputs in "
                             f"{MANIFEST} and go on; --resume keeps what is done)") from None
         raise
@@ -215,6 +358,13 @@ def _run_job(job, todo, paths, options, runner, fresh):
     _merge_manifest(job.out, paths)
     _remove_leftovers(job.out)
     return counters
+
+
+def _is_write_failure(err):
+    """An output that could not be written (a full or read-only disk): every line saying so
+    starts 'could not write' (``run_folders.write_errors_as_user_error``, ``video``'s writer).
+    Not a bad input: it ends the job even with --skip-bad."""
+    return str(err).startswith("could not write")
 
 
 def _summary(out, paths, done_before, counters):
@@ -255,10 +405,12 @@ def _pipeline(job, paths, options, runner):
 
 def _run(pipeline):
     """Run and wait; returns the ``roadseg`` counters.  A UserError raised on a worker (an
-    undecodable image) stays one line."""
+    undecodable image) stays one line: Beam's own log of it (``ERROR:apache_beam...`` and
+    the traceback) becomes a debug line (``-v``)."""
     try:
-        result = pipeline.run()
-        result.wait_until_finish()
+        with _beam_errors_as_debug():
+            result = pipeline.run()
+            result.wait_until_finish()
     except Exception as err:   # Beam wraps what its workers raise, or adds to its message
         text = str(err)
         if isinstance(err, UserError) or "UserError: " in text:
@@ -270,6 +422,31 @@ def _run(pipeline):
             name = counter.key.metric.name
             counters[name] = counters.get(name, 0) + counter.committed
     return counters
+
+
+@contextlib.contextmanager
+def _beam_errors_as_debug():
+    """While a pipeline runs here, Beam's log records of an exception (a step that raised:
+    Beam logs it, then raises it to the command) go to the package logger's debug lines
+    instead of the root logger's handlers (which Beam's ``PipelineOptions`` set up with
+    ``logging.basicConfig``); every other record passes."""
+    def demote(record):
+        if not (record.name.startswith("apache_beam") and record.exc_info
+                and record.levelno >= logging.ERROR):
+            return True
+        if not getattr(record, "roadseg_demoted", False):   # once, whatever the handlers
+            record.roadseg_demoted = True
+            logger.debug(f"Beam: {record.getMessage()}", exc_info=record.exc_info)
+        return False
+
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(demote)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(demote)
 
 
 # ============================================================================ progress, manifest
@@ -316,9 +493,15 @@ def _record(job, path, status, reason=None, frames=0, seconds=0.0, **more):
 
 
 def _fail(job, path, err, started):
-    """A bad input: its manifest line says why; without --skip-bad the job ends here."""
-    _record(job, path, "failed", reason=str(err), seconds=time.time() - started)
-    if not job.skip_bad:
+    """A bad input: its manifest line says why; without --skip-bad the job ends here.  An
+    output that could not be written ends it anyway (every input after it would fail too)."""
+    try:
+        _record(job, path, "failed", reason=str(err), seconds=time.time() - started)
+    except UserError:   # the full disk that failed the output takes no line either
+        if not _is_write_failure(err):
+            raise
+        logger.debug(f"no manifest line for {path}:", exc_info=True)
+    if not job.skip_bad or _is_write_failure(err):
         raise err
 
 
@@ -330,12 +513,27 @@ def _read_manifest(out):
         return {}
     with FileSystems.open(path, compression_type="uncompressed") as f:
         text = f.read().decode("utf-8", "replace")
-    lines = {}
-    for raw in text.splitlines():
-        with contextlib.suppress(ValueError):
-            line = json.loads(raw)
-            if isinstance(line, dict) and "input" in line and "status" in line:
-                lines[line["input"]] = line
+    lines = (_parse_line(raw) for raw in text.splitlines())
+    return {line["input"]: line for line in lines if line}
+
+
+def _parse_line(text):
+    """A manifest line as a dict, or None when it does not parse (its input is not done)."""
+    try:
+        line = json.loads(text)
+    except ValueError:
+        return None
+    return line if isinstance(line, dict) and "input" in line and "status" in line else None
+
+
+def _read_lines(out):
+    """``{input: line}`` of the manifest and of the finished inputs' lines not merged yet."""
+    lines = _read_manifest(out)
+    for record in _match(_join(out, RECORDS, "*.json")):
+        with FileSystems.open(record, compression_type="uncompressed") as f:
+            line = _parse_line(f.read().decode("utf-8", "replace"))
+        if line:
+            lines[line["input"]] = line
     return lines
 
 
@@ -343,13 +541,8 @@ def _merge_manifest(out, paths, stopped="not processed yet"):
     """Merge the finished inputs' lines (``out/.manifest/``) into ``out/manifest.jsonl``, a line
     for each of ``paths`` in order (``skipped`` for one not done: ``stopped`` says why) and
     then the lines of earlier commands' other inputs; returns ``{input: line}``."""
-    lines = _read_manifest(out)
     records = _match(_join(out, RECORDS, "*.json"))
-    for record in records:
-        with FileSystems.open(record, compression_type="uncompressed") as f:
-            with contextlib.suppress(ValueError):
-                line = json.loads(f.read().decode("utf-8", "replace"))
-                lines[line["input"]] = line
+    lines = _read_lines(out)
     for path in paths:
         lines.setdefault(path, {"input": path, "status": "skipped", "reason": stopped,
                                 "frames": 0, "seconds": 0.0})
@@ -416,18 +609,19 @@ class SegmentVideo(beam.DoFn):
         job, started = self.job, time.time()
         if n_chunks == 1:
             try:
-                frames, fps = _render_video(path, job, self._predict)
+                frames, fps, expected = _render_video(path, job, self._predict)
             except UserError as err:
                 _fail(job, path, err, started)
                 return
-            _record(job, path, "ok", frames=frames, seconds=time.time() - started, fps=fps)
+            _record(job, path, "ok", frames=frames, seconds=time.time() - started, fps=fps,
+                    frames_expected=expected)
             return
         part = _part_name(job.out, path, start, count)
         try:
-            if not _exists(part):   # a chunk a killed job finished is reused
+            if not _complete_part(part):   # a chunk a stopped job finished is reused
                 _write_maps(path, part, start, count, job.batch_size, self._predict)
         except UserError as err:
-            if not job.skip_bad:
+            if not job.skip_bad or _is_write_failure(err):
                 _fail(job, path, err, started)
             yield path, (start, count, time.time() - started, str(err))
             return
@@ -439,6 +633,20 @@ def _write_maps(path, part, start, count, batch_size, predict):
     with _local_copy(path) as local, _staged_output(part) as tmp, gzip.open(tmp, "wb", 1) as f:
         for images in video.read_frame_batches(local, batch_size, start, count):
             np.lib.format.write_array(f, predict(images), allow_pickle=False)
+
+
+def _complete_part(part):
+    """Whether the part file ``part`` is there and whole: its gzip stream reads to its end
+    (its CRC and length checked) as a sequence of ``.npy`` arrays.  One that is not is done
+    again (the new one replaces it)."""
+    if not _exists(part):
+        return False
+    try:
+        collections.deque(_read_maps(part), maxlen=0)
+    except (OSError, EOFError, ValueError, zlib.error) as err:
+        logger.debug(f"{part} is damaged ({reason(err)}): its frames are segmented again")
+        return False
+    return True
 
 
 def _read_maps(part):
@@ -469,23 +677,24 @@ def join_chunks(keyed, job):
         return np.stack(got)
 
     try:
-        frames, fps = _render_video(path, job, take)
+        frames, fps, expected = _render_video(path, job, take)
     except UserError as err:
         _fail(job, path, err, started)
         return
     if next(maps, None) is not None:
         raise RuntimeError(f"the chunks of {path} hold more frames than the video ({frames})")
     _record(job, path, "ok", frames=frames, seconds=worked + time.time() - started, fps=fps,
-            chunks=len(chunks))
+            chunks=len(chunks), frames_expected=expected)
     FileSystems.delete(parts)
 
 
 def _render_video(path, job, maps_fn):
     """``<name>_overlay.mp4`` (``video.render_overlay``, as ``segment.py video``) and
-    ``<name>_classes.csv`` of a whole video; returns (frames, fps)."""
+    ``<name>_classes.csv`` of a whole video; returns (frames, fps, the frame count its
+    header promises or None)."""
     stem, scheme = _join(job.out, _stem(path)), get_scheme(job.scheme)
     with _local_copy(path) as local:
-        size, fps, _ = video.probe_video(local)
+        size, fps, expected = video.probe_video(local)
         with _staged_output(stem + "_classes.csv") as table_path, \
                 _staged_output(stem + "_overlay.mp4") as overlay_path, \
                 open(table_path, "w", newline="") as f:
@@ -495,7 +704,7 @@ def _render_video(path, job, maps_fn):
                                           on_batch=lambda images, maps: table.add(maps))
             if frames == 0:
                 raise UserError(f"video {path} has no frames; check the file")
-    return frames, float(fps)
+    return frames, float(fps), expected
 
 
 class ClassTable:
@@ -559,6 +768,13 @@ def _part_name(out, path, start, count):
     return _join(out, f"{PART}{_stem(path)}-{start}-{count or 'end'}.maps.gz")
 
 
+def _is_part_of(part, path):
+    """Whether ``part`` (a ``_part_name``) holds frames of the video ``path``."""
+    name = part.replace("\\", "/").rsplit("/", 1)[-1]
+    head = f"{PART}{_stem(path)}-"
+    return name.startswith(head) and bool(re.fullmatch(r"\d+-(\d+|end)\.maps\.gz", name[len(head):]))
+
+
 @contextlib.contextmanager
 def _local_copy(path):
     """A path ffmpeg can open: ``path`` itself on this machine, else a temporary local copy
@@ -580,10 +796,11 @@ def _local_copy(path):
 @contextlib.contextmanager
 def _staged_output(target):
     """Yield a local path to write ``target``'s content to.  When the block ends without an
-    error it gets ``target``'s name -- unless a complete ``target`` is already there (a
-    --resume), which is kept as it is; on any error nothing is left.  On this machine the
-    temporary file is ``.partial-*`` next to it (``run_folders.publish``: never replacing a
-    file); for another filesystem it is uploaded under such a name and renamed."""
+    error it gets ``target``'s name in one rename; on any error nothing is left.  A
+    ``target`` already there is replaced: in a job's own folder it is what a stopped job
+    wrote for an input its manifest does not list as ok (done again, as a clean run does).
+    On this machine the temporary file is ``.partial-*`` next to it; for another filesystem
+    it is uploaded under such a name and renamed."""
     remote = "://" in target
     folder = tempfile.gettempdir() if remote else run_folders.make_dirs(os.path.dirname(
         os.path.abspath(target)))
@@ -592,10 +809,8 @@ def _staged_output(target):
     try:
         with run_folders.write_errors_as_user_error(target):
             yield tmp
-            if _exists(target):
-                return
             if not remote:
-                run_folders.publish(tmp, target)
+                os.replace(tmp, target)
                 return
             with open(tmp, "rb") as src:
                 _put(target, src)
@@ -650,11 +865,12 @@ def write_outputs(keyed, job):
 def _put(target, src):
     """Write the file object ``src`` to ``target`` on any Beam filesystem, under a
     ``.partial-`` name renamed when complete (replacing an older ``target``: the manifest);
-    the local outputs go through ``run_folders.publish`` instead (``_staged_output``)."""
+    a full or read-only disk is one UserError line ('could not write ...')."""
     partial = _partial_name(target)
-    with FileSystems.create(partial) as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    FileSystems.rename([partial], [target])
+    with run_folders.write_errors_as_user_error(target):
+        with FileSystems.create(partial) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        FileSystems.rename([partial], [target])
 
 
 def _partial_name(target):

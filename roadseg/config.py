@@ -26,7 +26,8 @@ from roadseg.schemes import SCHEMES
 AUGMENT_LEVELS = ("flip", "mild", "full")
 LR_SCHEDULES = ("constant", "poly", "cosine")
 LOSSES = ("ce", "focal", "ohem")
-VGG_SOURCES = ("auto", "course", "keras-imagenet", "random")
+VGG_SOURCES = ("auto", "course", "keras-imagenet", "hed-bsds500", "random")
+VGG_GROUPS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")   # --reinit: VGG16's layer groups
 CACHE_MODES = ("auto", "memory", "file")   # input_pipeline.choose_cache (true: auto, false: off)
 VAL_SPLIT_HELP = ("validation: unset = the 'val' split, else a whole training sequence held out, "
                   "else every 10th training image; 'sequence:NAME', 'every-10th', 'none' or a "
@@ -113,6 +114,15 @@ def _width(v):
     return None if v is None else _positive(v)
 
 
+def _fc_width(v):
+    return None if v is None else _positive_int(v)
+
+
+def _groups(v):
+    ok = isinstance(v, list) and all(g in VGG_GROUPS for g in v) and len(set(v)) == len(v)
+    return None if ok else f"a list of distinct VGG16 layer groups out of {', '.join(VGG_GROUPS)}"
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run is made of.  ``data``/``vgg``: what it trains on; the rest:
@@ -127,6 +137,16 @@ class TrainConfig:
     width: Optional[float] = option(None, "channel width of a random VGG16 built here (below 1 "
                                     "means random weights; default: 1, or 0.25 for auto's "
                                     "offline fallback)", check=_width, type=float)
+    fc_width: Optional[int] = option(None, "channels of fc6/fc7 of a VGG16 built here (random or "
+                                     "hed-bsds500; default 4096 x width; the course and Keras "
+                                     "ImageNet models have 4096 only)", check=_fc_width, type=int)
+    encoder_lr_scale: float = option(1.0, "learning rate of VGG16's conv layers = lr x this (fine-"
+                                     "tuning); 0 freezes them: no gradients, no Adam slots. fc6/fc7 "
+                                     "and re-initialised layers train at lr", check=_non_negative,
+                                     type=float)
+    reinit: list = option([], "re-initialise these VGG16 layer groups randomly (He-normal, zero "
+                          "biases, from --seed) before training", check=_groups, nargs="+",
+                          choices=VGG_GROUPS, metavar="GROUP")
     # --- the model
     scheme: str = option("road4", "class scheme", check=_one_of(*SCHEMES), choices=SCHEMES)
     image_shape: list = option([256, 512], "network input H W, divisible by 32",
@@ -284,7 +304,7 @@ def add_arguments(parser, skip=()):
 
 def _shown(f):
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    return " ".join(map(str, default)) if isinstance(default, list) else default
+    return (" ".join(map(str, default)) or "none") if isinstance(default, list) else default
 
 
 def given_options(args):

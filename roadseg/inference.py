@@ -8,6 +8,13 @@ maps at their own image size.  ``load_predictor`` opens either a run folder or a
 ``predict_batch`` / ``same_size_batches`` feed any such ``predict_fn`` image by image.
 ``tta="flip"`` (test-time flip) averages the class probabilities of each image and of its
 mirror image, mirrored back, before the argmax (``flip_averaged``).
+
+A run folder runs on one of ``BACKENDS`` (``run_backend``): ``auto`` (the default) is
+OpenVINO in fp32 when it is installed -- the run's checkpoint converted once and cached in
+the run folder (``openvino_model.run_model``); on CPUs without AVX-512 TensorFlow's fp32
+reaches two thirds of the machine's matrix-multiply limit where OpenVINO reaches over 90% --
+and this module's TensorFlow graph otherwise and for ``--precision`` bf16 / fp16;
+``tensorflow`` or ``openvino`` choose.  Class maps are the same on both.
 """
 import os
 
@@ -17,6 +24,7 @@ import tensorflow as tf
 from roadseg import model
 from roadseg import precision as precision_module
 from roadseg.errors import UserError, reason
+from roadseg.log import channel
 from roadseg.run_folders import RUN_CONFIG, restore_checkpoint, run_checkpoint
 from roadseg.schemes import get_scheme
 
@@ -25,6 +33,7 @@ tf1 = tf.compat.v1
 SERVE_TAG = "serve"
 SIGNATURE = "predict"
 TTA_MODES = ("none", "flip")
+BACKENDS = ("auto", "tensorflow", "openvino")   # what runs a run folder (run_backend)
 
 
 def resize_to_network(images, image_shape):
@@ -152,17 +161,51 @@ class Predictor:
         self.close()
 
 
-def load_predictor(path, which="best", precision=None, log=None, tta="none"):
+def run_backend(backend="auto", precision=None):
+    """``(backend, why)``: what runs a run folder at ``precision`` -- ``"openvino"`` or
+    ``"tensorflow"`` -- and why, for the log line.  ``auto``: OpenVINO in fp32 when it is
+    installed, else TensorFlow."""
+    from roadseg import openvino_model
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend == "openvino":
+        openvino_model.check_precision(precision)
+        if not openvino_model.available():
+            raise UserError(f"--backend openvino needs OpenVINO: {openvino_model.INSTALL}; or "
+                            f"leave --backend out")
+        return backend, "--backend openvino"
+    if backend == "tensorflow":
+        return backend, "--backend tensorflow"
+    ran = precision_module.check(precision)   # --precision auto: bf16 or fp32 by the CPU
+    if ran != "fp32":
+        return "tensorflow", f"auto: {ran} runs in TensorFlow"
+    if not openvino_model.available():
+        return "tensorflow", (f"auto: OpenVINO is not installed; {openvino_model.INSTALL} for "
+                              f"faster fp32")
+    return "openvino", "auto: OpenVINO is installed; --backend tensorflow for TensorFlow"
+
+
+def _say_backend(log, path, backend, why, precision):
+    name = {"openvino": "OpenVINO", "tensorflow": "TensorFlow"}[backend]
+    channel(log)(f"backend: {name} {precision_module.check(precision)} for {path} ({why})")
+
+
+def load_predictor(path, which="best", precision=None, log=None, tta="none", backend="auto"):
     """Open an exported model (``export``) or a run folder (``runs/<name>``) for inference,
     computing at ``precision`` (``roadseg.precision``; None = fp32); ``log`` gets its notes;
-    ``tta``: "none" or "flip" (``Predictor``).  A ``.tflite`` file, or a folder holding
+    ``tta``: "none" or "flip" (``Predictor``); ``backend``: what runs a run folder
+    (``run_backend``; an export runs on its own).  A ``.tflite`` file, or a folder holding
     ``model.tflite``, opens in LiteRT (``roadseg.litert``), whose precision was fixed when it
     was exported; a folder holding ``model.xml`` in OpenVINO (``roadseg.openvino_model``).
     A missing, damaged or incomplete model is one ``UserError`` line naming the file."""
     from roadseg import litert, openvino_model  # they build on this module
+    if backend not in BACKENDS:
+        run_backend(backend)   # the one refusal of an unknown backend
     if openvino_model.model_path(path):   # model.xml / model.bin: OpenVINO, fp32 or --precision bf16
+        _export_backend(path, backend, "openvino")
         return openvino_model.OpenVINOPredictor(path, precision=precision, tta=tta, log=log)
     if litert.model_path(path):
+        _export_backend(path, backend, None)
         if precision is not None:
             raise UserError(f"--precision does not apply to the LiteRT model {path}: its precision "
                             f"was fixed at export (--quantize); leave --precision out")
@@ -172,6 +215,26 @@ def load_predictor(path, which="best", precision=None, log=None, tta="none"):
                         f"an exported model folder or a .tflite file")
     if not os.path.isdir(path):
         raise UserError(f"model {path} does not exist; pass a runs/<name> folder or an exported model")
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        _export_backend(path, backend, "tensorflow")
+    elif os.path.isfile(os.path.join(path, RUN_CONFIG)):
+        chosen, why = run_backend(backend, precision)
+        _say_backend(log, path, chosen, why, precision)
+        if chosen == "openvino":
+            return openvino_model.run_predictor(path, which, precision, tta, log)
+    return _load_tensorflow(path, which, precision, log, tta)
+
+
+def _export_backend(path, backend, own):
+    """An export runs on its own backend (``own``; None: neither of ``BACKENDS``)."""
+    if backend not in ("auto", own):
+        kind = {"openvino": "an OpenVINO model", "tensorflow": "a SavedModel", None: "a LiteRT model"}[own]
+        raise UserError(f"--backend {backend} does not apply to {path}: it is {kind}, which runs "
+                        f"on its own; leave --backend out (it chooses for a runs/<name> folder)")
+
+
+def _load_tensorflow(path, which, precision, log, tta):
+    """A ``Predictor`` on an exported SavedModel or a run folder, in TensorFlow."""
     graph = tf.Graph()
     sess = precision_module.session(precision, graph, log)
     try:
@@ -192,6 +255,19 @@ def load_predictor(path, which="best", precision=None, log=None, tta="none"):
     except BaseException:
         sess.close()
         raise
+
+
+def worker_model(run_dir, scratch, backend="auto", log=None):
+    """A model folder of a run for workers on this machine (``batch-predict``): the run's
+    cached OpenVINO conversion when ``run_backend`` chooses OpenVINO (fp32), else a SavedModel
+    export into the folder ``scratch`` (which the caller removes)."""
+    from roadseg import export, openvino_model
+    chosen, why = run_backend(backend)
+    _say_backend(log, run_dir, chosen, why, None)
+    if chosen == "openvino":
+        return openvino_model.run_model(run_dir, log=log, scratch=scratch)
+    channel(log)(f"exporting {run_dir} for Beam")
+    return export.export(run_dir, os.path.join(scratch, "export"))
 
 
 def _load_export(sess, path):

@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 
 import tensorflow as tf
 
-from roadseg import fcn, precision
+from roadseg import fcn, precision, vgg
 from roadseg.config import TrainConfig
 from roadseg.errors import UserError
 from roadseg.run_folders import RUN_CONFIG, join_path, read_json, read_run_config, staged_file
@@ -189,6 +189,59 @@ def tower(spec, images, labels, keep_prob, encoder, options=LossOptions(), share
     return (logits, *replica_objective(spec, logits, labels, l2, options, share, replicas))
 
 
+class EncoderOptions(NamedTuple):
+    """How VGG16's layers learn: the conv layers at ``lr x lr_scale`` (0: frozen) and the
+    layer groups in ``reinit`` (re-initialised randomly, ``vgg.reinitialize``) at ``lr``."""
+    lr_scale: float = 1.0
+    reinit: tuple = ()
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(float(cfg.encoder_lr_scale), tuple(cfg.reinit))
+
+    def scaled(self, name):
+        """Does the variable ``name`` learn at ``lr x lr_scale`` (a pretrained conv layer)?"""
+        group = vgg.layer_group(name)
+        return bool(group) and group.startswith("conv") and group not in self.reinit
+
+
+class _EncoderScaledAdam(tf1.train.AdamOptimizer):
+    """Adam with the learning rate times ``options.lr_scale`` on the variables
+    ``options.scaled`` picks (one optimizer, one backward pass, one set of slot names)."""
+
+    def __init__(self, lr, options):
+        super().__init__(lr)
+        self._options = options
+
+    def _with_lr(self, apply, grad, var):
+        if not self._options.scaled(var.op.name):
+            return apply(grad, var)
+        lr = self._lr_t   # set by _prepare for this apply_gradients
+        self._lr_t = lr * self._options.lr_scale
+        try:
+            return apply(grad, var)
+        finally:
+            self._lr_t = lr
+
+    def _apply_dense(self, grad, var):
+        return self._with_lr(super()._apply_dense, grad, var)
+
+    def _resource_apply_dense(self, grad, var):
+        return self._with_lr(super()._resource_apply_dense, grad, var)
+
+
+def optimizer(lr, options=EncoderOptions()):
+    """``(optimizer, var_list)`` of the training step: Adam over every trainable variable
+    (``var_list`` None) when the conv layers learn at lr; with ``lr_scale`` 0 they are left
+    out of ``var_list`` (no gradients, no Adam slots), else they get ``lr x lr_scale``."""
+    if options.lr_scale == 1:
+        return tf1.train.AdamOptimizer(lr), None
+    if options.lr_scale == 0:
+        return tf1.train.AdamOptimizer(lr), [v for v in tf1.trainable_variables()
+                                             if not options.scaled(v.op.name)]
+    return _EncoderScaledAdam(lr, options), None
+
+
 class TrainingStep(NamedTuple):
     logits: object          # the replica's logits (one device: [N, H, W, C] of ``images``)
     loss: tf.Tensor         # the global batch's loss (summed over replicas, with the L2 terms)
@@ -197,11 +250,14 @@ class TrainingStep(NamedTuple):
 
 
 def training_step(spec, images, labels, keep_prob, lr, global_step, encoder,
-                  options=LossOptions(), loss_scaling=False, strategy=None):
+                  options=LossOptions(), loss_scaling=False, strategy=None,
+                  encoder_options=EncoderOptions()):
     """One Adam step over every replica of ``strategy`` (None: one device, the default
     strategy's single replica).  Replica ``i`` of ``R`` takes rows ``[n*i//R, n*(i+1)//R)``
     of the global batch of ``n``; its gradients come from ``precision.minimize`` (loss
-    scaling for fp16) and are summed over replicas.  The global step counts every step."""
+    scaling for fp16) and are summed over replicas.  The global step counts every step.
+    ``encoder_options``: VGG16's conv layers at another learning rate, or frozen
+    (``optimizer``)."""
     strategy = strategy or tf.distribute.get_strategy()
 
     @tf.autograph.experimental.do_not_convert
@@ -216,7 +272,8 @@ def training_step(spec, images, labels, keep_prob, lr, global_step, encoder,
             images, labels = images[lo:hi], labels[lo:hi]
         logits, objective, data = tower(spec, images, labels, keep_prob, encoder, options, share,
                                         count)
-        train_op = precision.minimize(tf1.train.AdamOptimizer(lr), objective, None, loss_scaling)
+        adam, var_list = optimizer(lr, encoder_options)
+        train_op = precision.minimize(adam, objective, None, loss_scaling, var_list)
         return logits, objective, data, train_op
 
     logits, objective, data, train_ops = strategy.extended.call_for_each_replica(

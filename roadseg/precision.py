@@ -188,9 +188,9 @@ def needs_loss_scaling(precision):
     return check(precision) == "fp16"
 
 
-
-def minimize(optimizer, loss, global_step=None, loss_scaling=False):
-    """``optimizer.minimize(loss, global_step)``; with ``loss_scaling`` (fp16 training) the
+def minimize(optimizer, loss, global_step=None, loss_scaling=False, var_list=None):
+    """``optimizer.minimize(loss, global_step)`` over ``var_list`` (None: every trainable
+    variable); with ``loss_scaling`` (fp16 training) the
     gradients come from the loss times a dynamic scale (x2 every 2000 finite steps, /2 and the
     step skipped on Inf/NaN gradients) and are divided by it before Adam sees them.
 
@@ -202,10 +202,10 @@ def minimize(optimizer, loss, global_step=None, loss_scaling=False):
     import tensorflow as tf
     tf1 = tf.compat.v1
     if not loss_scaling:
-        return optimizer.minimize(loss, global_step=global_step)
+        return optimizer.minimize(loss, global_step=global_step, var_list=var_list)
     before = set(tf1.global_variables())
     scaled = tf1.mixed_precision.MixedPrecisionLossScaleOptimizer(optimizer, "dynamic")
-    train_op = scaled.minimize(loss)
+    train_op = scaled.minimize(loss, var_list=var_list)
     globals_ = tf1.get_collection_ref(tf1.GraphKeys.GLOBAL_VARIABLES)
     for var in [v for v in globals_ if v not in before and _is_loss_scale(v)]:
         globals_.remove(var)

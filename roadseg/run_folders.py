@@ -12,6 +12,7 @@
   temporary name, replacing it when complete
 * ``publish(tmp_path, out_path)``  -> a finished temporary file gets its final name,
   never replacing a file
+* ``run_lock(run_dir)`` -> one process at a time in a folder (a training run, an output folder)
 * ``read_json(path, fix)``, ``read_run_config(run_dir)``, ``run_checkpoint(run_dir)``,
   ``restore_checkpoint(saver, sess, ckpt)`` -> what a training run holds, a damaged file
   being one ``UserError`` line
@@ -185,11 +186,12 @@ def staged_dir(out_dir, create=True, replace_empty=False):
 
 
 @contextlib.contextmanager
-def run_lock(run_dir):
-    """Hold the run folder's lock while training: a second ``train --resume`` of the same run
-    is refused instead of both overwriting each other.  An ``flock`` on ``.lock``: the
-    system releases it when the process ends, however it ends, so a killed run never leaves
-    a lock behind (the file itself stays, harmless)."""
+def run_lock(run_dir, doing="trained"):
+    """Hold the run folder's lock while training (``doing``: what the holder does to it, for
+    the refusal; ``batch-predict`` locks its output folder too): a second ``train --resume``
+    of the same run is refused instead of both overwriting each other.  An ``flock`` on
+    ``.lock``: the system releases it when the process ends, however it ends, so a killed run
+    never leaves a lock behind (the file itself stays, harmless)."""
     path = os.path.join(run_dir, ".lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -197,7 +199,7 @@ def run_lock(run_dir):
     except BlockingIOError:
         holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise UserError(f"{run_dir} is being trained by {holder} right now; wait for it to "
+        raise UserError(f"{run_dir} is being {doing} by {holder} right now; wait for it to "
                         f"finish (or stop it), then --resume") from None
     try:
         os.ftruncate(fd, 0)

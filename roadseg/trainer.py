@@ -76,7 +76,8 @@ def resolve_config(options, recipe=None, runs_dir="runs", run=None, resume=False
     cfg = TrainConfig.from_dict({**saved, **explicit, **options}).validate()
     if not cfg.data:
         raise UserError("no dataset: pass --data DIR (or set \"data\" in the --config file)")
-    vgg_path = cfg.vgg or vgg.obtain_vgg(vgg.DATA_ROOT, cfg.vgg_source, cfg.width)[0]
+    vgg_path = cfg.vgg or vgg.obtain_vgg(vgg.DATA_ROOT, cfg.vgg_source, cfg.width,
+                                         fc_width=cfg.fc_width)[0]
     vgg.check_vgg_dir(vgg_path)
     cfg = cfg.replace(vgg=os.path.abspath(vgg_path), data=os.path.abspath(cfg.data))
     spec = model.ModelSpec.from_config(cfg, vgg.read_vgg_info(vgg_path))
@@ -100,7 +101,11 @@ def _resume_dir(runs_dir, run):
 # multi-worker run must start with the same (distribute.check_agreement).
 STEP_OPTIONS = ("batch_size", "epochs", "lr", "lr_schedule", "warmup_epochs", "loss", "focal_gamma",
                 "ohem_fraction", "dice_weight", "class_weights", "keep_prob", "augment", "seed",
-                "precision", "val_split", "skip_bad", "devices", "workers")
+                "precision", "val_split", "skip_bad", "devices", "workers", "encoder_lr_scale",
+                "reinit")
+# Options a resumed run keeps: its checkpoints hold the Adam slots that the encoder's
+# learning rate decides (none for frozen layers), and re-initialising is done once.
+KEPT_ON_RESUME = ("batch_size", "encoder_lr_scale", "reinit")
 
 
 def agreed_options(cfg, spec):
@@ -109,12 +114,12 @@ def agreed_options(cfg, spec):
 
 
 def _check_resumable(run_dir, old, spec, cfg):
-    """The run's ModelSpec and batch size (its position in the epoch is counted in batches)
-    must be the new ones; a field the run's config.json lacks (an early version) is not
-    compared."""
+    """The run's ModelSpec, batch size (its position in the epoch is counted in batches) and
+    the encoder's learning (``KEPT_ON_RESUME``) must be the new ones; a field the run's
+    config.json lacks (an early version) is not compared."""
     path = os.path.join(run_dir, run_folders.RUN_CONFIG)
     changed = model.ModelSpec.from_dict(old, path).differences(spec)
-    changed += [("batch_size", old.get("batch_size"), cfg.batch_size)]
+    changed += [(name, old.get(name), getattr(cfg, name)) for name in KEPT_ON_RESUME]
     for key, was, now in changed:
         if key in old and json.dumps(was, default=list) != json.dumps(now, default=list):
             was, now = _setting(key, was), _setting(key, now)
@@ -126,7 +131,8 @@ def _setting(key, value):
     """A setting as the user knows it (a VGG16 by source, width and seed)."""
     if key == "vgg_info":
         return ("/".join(f"{k} {value[k]:g}" if isinstance(value[k], float) else f"{k} {value[k]}"
-                         for k in ("source", "width", "seed") if k in value) or "course VGG16")
+                         for k in ("source", "width", "fc_width", "seed") if k in value)
+                or "course VGG16")
     return value
 
 
@@ -193,7 +199,21 @@ class TrainingGraph(NamedTuple):
     progress: tuple               # progress_variables(): (variables, feeds, assign)
 
 
-def build_training_graph(sess, cfg, samples, vgg_path, dist=None, cache_dir=None):
+def _reinitialize(sess, cfg, vgg_variables, log=None):
+    """``--reinit``: new random weights for those VGG16 layers (a resumed run's checkpoint
+    then restores its own); say which, and how the encoder learns when not at ``lr``."""
+    log = channel(log)
+    if cfg.reinit:
+        names = vgg.reinitialize(sess, vgg_variables, cfg.reinit, cfg.seed)
+        log(f"re-initialised randomly (He-normal, zero biases, seed {cfg.seed}): {', '.join(names)}")
+    if cfg.encoder_lr_scale != 1:
+        learns = ("frozen (no gradients)" if cfg.encoder_lr_scale == 0 else
+                  f"at lr x {cfg.encoder_lr_scale:g}")
+        log(f"VGG16's pretrained conv layers {learns}; fc6/fc7, re-initialised layers and the "
+            f"decoder at lr")
+
+
+def build_training_graph(sess, cfg, samples, vgg_path, dist=None, cache_dir=None, log=None):
     """Build the training graph of ``cfg`` in ``sess.graph``: ``model.training_step`` on one
     device, or replicated by ``dist.strategy`` (``roadseg.distribute``) with one more tower
     for validation.  VGG16's weights are restored, every variable added on top is
@@ -224,7 +244,8 @@ def build_training_graph(sess, cfg, samples, vgg_path, dist=None, cache_dir=None
         progress = progress_variables()
         step = model.training_step(spec, images, labels, keep_prob, lr, progress[0]["step"], encoder,
                                    model.LossOptions.from_config(cfg),
-                                   precision.needs_loss_scaling(cfg.precision), strategy)
+                                   precision.needs_loss_scaling(cfg.precision), strategy,
+                                   model.EncoderOptions.from_config(cfg))
         logits = step.logits
         if strategy:   # validation: one more tower on the first replica's copy of the weights
             with tf.device(distribute.eval_device(strategy)), \
@@ -238,6 +259,7 @@ def build_training_graph(sess, cfg, samples, vgg_path, dist=None, cache_dir=None
     else:
         sess.run([tf1.global_variables_initializer(), tf1.local_variables_initializer()])
         vgg16.restore(sess)
+    _reinitialize(sess, cfg, (vgg16 if strategy else encoder).variables, log)
     return TrainingGraph(iterator.initializer, epoch, skip, images, labels, keep_prob, lr, logits,
                          step.loss, step.data_loss, step.train_op, raw,
                          inference.resize_to_network(raw, cfg.image_shape), out_size, classes, progress)
@@ -277,7 +299,7 @@ def train(data_dir=None, vgg_path=None, runs_dir="runs", run=None, resume=False,
                 _StopFlag() as stop:
             if dist.strategy:
                 log(f"training on {dist.describe()}")
-            g = build_training_graph(sess, cfg, samples.train, cfg.vgg, dist, cache_dir)
+            g = build_training_graph(sess, cfg, samples.train, cfg.vgg, dist, cache_dir, log)
             ckpt = Checkpointer(sess, run_dir, inference.model_variables(), g.progress,
                                 cfg.keep_checkpoints, cfg.lr, log, writes=dist.is_chief)
             with distribute.one_line_errors(dist, ckpt):

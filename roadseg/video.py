@@ -211,6 +211,10 @@ def _write_batches(batches, path, size, fps, name=None, preset=PRESET):
         finally:
             if writer is not None:
                 writer.close()  # waits until ffmpeg has finished the file
+        if writer is not None and not os.path.exists(path):   # not the disk: someone else
+            raise UserError(f"could not write the video {name or path}: its temporary file "
+                            f"{path} was deleted while it was being written; let one job at a "
+                            f"time write into {os.path.dirname(os.path.abspath(path))}")
         if writer is not None and (failed or _count_frames(path) != frames):
             raise UserError(f"could not write the video {name or path} "
                             f"({reason(log, 'ffmpeg wrote an incomplete file')}); {WRITE_FIX}")

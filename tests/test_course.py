@@ -333,8 +333,9 @@ def test_the_course_zip_keeps_its_weights_through_the_initializer(tmp_path):
 
 # ============================================================ one inference path
 def test_every_inference_path_gives_the_same_class_maps(vgg_dir, tmp_path):
-    """The notebook's session_predict_fn, load_predictor on a run (segment.py predict), an
-    export and training's validation: the same class maps for the same weights and images."""
+    """The notebook's session_predict_fn, load_predictor on a run in TensorFlow (segment.py
+    predict --backend tensorflow), an export and training's validation: the same class maps
+    for the same weights and images (the OpenVINO backend: test_openvino.py)."""
     data = demo_scenes.make_demo_data(str(tmp_path / "demo"), n=10, seed=0, size=(128, 256))
     result = trainer.train(data, vgg_dir, runs_dir=str(tmp_path / "runs"), run="r",
                            image_shape=[64, 128], epochs=1, batch_size=2, log=lambda *a: None)
@@ -349,7 +350,8 @@ def test_every_inference_path_gives_the_same_class_maps(vgg_dir, tmp_path):
         tf.train.Saver(inference.model_variables()).restore(sess, run_folders.run_checkpoint(run_dir))
         notebook = helper.session_predict_fn(sess, [64, 128], logits, keep, image, 5)(images)
     exported = export.export(run_dir, str(tmp_path / "export"))
-    with inference.load_predictor(run_dir) as live, inference.load_predictor(exported) as served:
+    with inference.load_predictor(run_dir, backend="tensorflow") as live, \
+            inference.load_predictor(exported) as served:
         np.testing.assert_array_equal(live.predict(images), notebook)
         np.testing.assert_array_equal(served.predict(images), notebook)
         scores = metrics.evaluate(live.predict, val, live.scheme, progress=False)

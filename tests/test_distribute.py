@@ -116,7 +116,8 @@ def test_two_device_run_works_with_predict_export_and_resume(two_device_run, sce
     val = datasets.find_dataset(str(scenes)).splits["val"]
     images = np.stack([datasets.load_image(s.image) for s in val])
     out = export.export(run, str(tmp_path / "export"))
-    with inference.load_predictor(run) as live, inference.load_predictor(out) as exported:
+    with inference.load_predictor(run, backend="tensorflow") as live, \
+            inference.load_predictor(out) as exported:
         maps = live.predict(images)
         np.testing.assert_array_equal(maps, exported.predict(images))
     assert maps.shape == images.shape[:3]

@@ -7,6 +7,7 @@ Width-1/16 random VGG16 (``vgg_dir``), demo scenes, ``small_run`` (conftest.py).
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -84,7 +85,7 @@ def test_every_path_builds_the_network_through_model_network(monkeypatch, small_
     cfg = TrainConfig.from_dict(OPTIONS)
     assert count(lambda: _training_graph(cfg, train_samples, vgg_dir, 1)) == 1
     assert count(lambda: _training_graph(cfg, train_samples, vgg_dir, 2)) == 3   # 2 replicas + eval
-    assert count(lambda: inference.load_predictor(small_run).close()) == 1
+    assert count(lambda: inference.load_predictor(small_run, backend="tensorflow").close()) == 1
     assert count(lambda: export.export(small_run, str(tmp_path / "saved"))) == 1
     assert count(lambda: litert.export_tflite(small_run, str(tmp_path / "lite"), log=print)) == 1
     if importlib.util.find_spec("openvino"):
@@ -125,7 +126,8 @@ def test_a_run_in_todays_config_format_reads_back_and_predicts_identically(small
     shutil.copytree(small_run, run)
     saved = json.loads((run / "config.json").read_text())
     # config.json exactly as the trainer wrote it before ModelSpec: TrainConfig.to_dict() + vgg_info
-    today = {**TrainConfig.from_dict({k: v for k, v in saved.items() if k != "vgg_info"}).to_dict(),
+    today = {**TrainConfig.from_dict({k: v for k, v in saved.items()
+                                      if k not in trainer.RUN_FACTS}).to_dict(),
              "vgg_info": saved["vgg_info"]}
     (run / "config.json").write_text(json.dumps(today, indent=2))
     spec = model.ModelSpec.from_run(str(run))
@@ -136,7 +138,7 @@ def test_a_run_in_todays_config_format_reads_back_and_predicts_identically(small
                        .splits["val"]])
     before = _reference_maps(str(run), today, images)
     assert len(np.unique(before)) >= 3
-    with inference.load_predictor(str(run)) as predictor:
+    with inference.load_predictor(str(run), backend="tensorflow") as predictor:   # the same graph
         np.testing.assert_array_equal(predictor.predict(images), before)
     # written back unchanged by the trainer's writer: the same flat object
     assert spec.run_config(TrainConfig.from_dict(
@@ -202,3 +204,104 @@ def test_loss_scaled_replicated_step_runs_on_two_logical_devices(train_samples, 
             steps, good_steps = sess.run([g.progress[0]["step"], good])
             assert np.all(np.isfinite(losses)) and steps == 3 and good_steps == 3
             assert not np.allclose(sess.run(weights), before)
+
+
+# ============================================================================ the encoder's learning
+def _vgg_values(vgg_dir):
+    """{variable name: value} saved in a VGG16 folder."""
+    reader = tf.train.load_checkpoint(os.path.join(vgg_dir, "variables", "variables"))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+
+
+def _steps(cfg, samples, vgg_dir, n, lr=1e-3):
+    """(graph, {trainable variable: value} before, and after ``n`` steps at ``lr``); with
+    several replicas, the values of replica 0, and each other replica's are checked equal."""
+    graph = tf.Graph()
+    with graph.as_default():
+        dist = distribute.Distribution(cfg).start()
+        with dist.session(graph) as sess:
+            g = trainer.build_training_graph(sess, cfg, samples, vgg_dir, dist)
+            variables = {v.op.name: getattr(v, "values", [v]) for v in tf1.trainable_variables()}
+            before = sess.run(variables)
+            sess.run(g.data_init)
+            for _ in range(n):
+                sess.run(g.train_op, {g.lr: lr, g.keep_prob: 1.0})
+            after = sess.run(variables)
+    for values in (*before.values(), *after.values()):
+        for copy in values[1:]:
+            np.testing.assert_array_equal(copy, values[0])
+    return graph, {k: v[0] for k, v in before.items()}, {k: v[0] for k, v in after.items()}
+
+
+def _nodes(graph):
+    """The graph's nodes as text, tf.data's functions without their process-wide counters."""
+    return [re.sub(r'"(__inference_\w*?)_\d+"', r'"\1"', str(node)) for node in graph.as_graph_def().node]
+
+
+def _ops(graph, kind):
+    return sum(op.type == kind for op in graph.get_operations())
+
+
+def test_encoder_lr_scale_1_without_reinit_is_todays_step(train_samples, vgg_dir, monkeypatch):
+    """The default options build, node for node, the graph of the step before the options:
+    one plain Adam over every trainable variable."""
+    cfg = TrainConfig.from_dict(OPTIONS)
+    assert (cfg.encoder_lr_scale, cfg.reinit) == (1.0, [])
+    today, _ = _training_graph(cfg, train_samples, vgg_dir, 1)
+    monkeypatch.setattr(model, "optimizer", lambda lr, options: (tf1.train.AdamOptimizer(lr), None))
+    before, _ = _training_graph(cfg, train_samples, vgg_dir, 1)
+    assert len(_nodes(today)) > 1000 and _nodes(today) == _nodes(before)
+    with today.as_default():
+        slots = [v.op.name for v in tf1.global_variables() if v.op.name.endswith(("/Adam", "/Adam_1"))]
+        assert len(slots) == 2 * len(tf1.trainable_variables()) > 2 * 30   # VGG16: 30
+
+
+def test_encoder_lr_scale_0_freezes_the_conv_layers(train_samples, vgg_dir):
+    cfg = TrainConfig.from_dict(dict(OPTIONS, encoder_lr_scale=0.0))
+    graph, before, after = _steps(cfg, train_samples, vgg_dir, 3)
+    saved = _vgg_values(vgg_dir)
+    convs = [n for n in after if n.startswith("conv")]
+    assert len(convs) == 26
+    for name in convs:   # bit for bit the VGG16 folder's, after 3 steps
+        np.testing.assert_array_equal(after[name], saved[name])
+    moved = [n for n in after if not np.array_equal(after[n], before[n])]
+    assert sorted(moved) == sorted(n for n in after if not n.startswith("conv"))
+    assert any(n.startswith("fcn8/") for n in moved) and "fc6/weights" in moved
+    with graph.as_default():   # no Adam slots and no gradients for the conv layers
+        assert not [v for v in tf1.global_variables() if v.op.name.startswith("conv")
+                    and "Adam" in v.op.name]
+    default, _ = _training_graph(TrainConfig.from_dict(OPTIONS), train_samples, vgg_dir, 1)
+    assert _ops(default, "MaxPoolGrad") == 5 and _ops(graph, "MaxPoolGrad") == 0
+    assert _ops(default, "Conv2DBackpropFilter") - _ops(graph, "Conv2DBackpropFilter") == 13
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_encoder_lr_scale_scales_the_conv_layers_steps(train_samples, vgg_dir, devices):
+    """Adam's first step moves each weight by about lr (lr x sign of its gradient): the conv
+    layers by lr x 0.25, fc6/fc7 and the decoder by lr; on every replica."""
+    cfg = TrainConfig.from_dict(dict(OPTIONS, encoder_lr_scale=0.25, devices=devices))
+    _, before, after = _steps(cfg, train_samples, vgg_dir, 1, lr=1e-3)
+    step = {n: np.abs(after[n] - before[n]).max() for n in after}
+    for name, size in step.items():
+        want = 2.5e-4 if name.startswith("conv") else 1e-3
+        assert want * 0.95 < size < want * 1.001, (name, size)
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_reinit_gives_those_layers_new_weights_that_learn_at_lr(train_samples, vgg_dir, devices):
+    cfg = TrainConfig.from_dict(dict(OPTIONS, encoder_lr_scale=0.0, reinit=["conv5", "fc7"],
+                                     devices=devices))
+    _, before, after = _steps(cfg, train_samples, vgg_dir, 1)
+    saved = _vgg_values(vgg_dir)
+    for name in (n for n in saved if n.endswith("/weights")):   # (the random VGG's biases are 0)
+        same = np.array_equal(before[name], saved[name])
+        assert same == (not name.startswith(("conv5", "fc7/"))), name
+    kernel = before["conv5_1/weights"]
+    assert kernel.shape == (3, 3, 32, 32) and abs(kernel.std() / np.sqrt(2 / (9 * 32)) - 1) < 0.1
+    assert not before["conv5_1/biases"].any() and not before["fc7/biases"].any()
+    # frozen conv1..conv4; the re-initialised conv5 learns (at lr)
+    assert np.array_equal(after["conv4_3/weights"], saved["conv4_3/weights"])
+    assert 0.95e-3 < np.abs(after["conv5_1/weights"] - kernel).max() < 1.001e-3
+    if devices == 1:   # the same seed, the same new weights
+        _, again, _ = _steps(cfg, train_samples, vgg_dir, 0)
+        np.testing.assert_array_equal(again["conv5_3/weights"], before["conv5_3/weights"])

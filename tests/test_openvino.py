@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from fakes import class_maps, val_mious
 from PIL import Image
 
-from roadseg import cli, datasets, inference, openvino_model, precision, video
+from roadseg import cli, datasets, inference, openvino_model, precision, trainer, video
 
 pytest.importorskip("openvino")
 
@@ -163,20 +164,156 @@ def test_export_mistakes_are_one_line(exports, small_run, tmp_path, capsys, monk
 
 
 def test_batch_predict_opens_openvino_and_litert_models(exports, small_run, demo_root, tmp_path):
-    """batch-predict (Apache Beam) takes an OpenVINO folder and a LiteRT one as --model: its
-    class-map PNGs are the ones that model's predictor gives."""
+    """batch-predict (Apache Beam) takes an OpenVINO folder and a LiteRT one as --model, and
+    runs a run folder through its cached OpenVINO conversion: its class-map PNGs are the ones
+    that model's predictor gives."""
     pytest.importorskip("apache_beam")
     from roadseg import batch_predict, litert
     tflite = litert.export_tflite(small_run, str(tmp_path / "tflite"), log=lambda *a: None)
     paths = [s.image for s in datasets.find_dataset(demo_root).splits["val"]][:3]
-    for name, model in (("openvino", exports["none"]), ("litert", tflite)):
-        out = tmp_path / f"bp_{name}"
-        result = batch_predict.batch_predict(model, paths, str(out), log=lambda *a: None)
+    for name, model in (("openvino", exports["none"]), ("litert", tflite), ("run", small_run)):
+        out, lines = tmp_path / f"bp_{name}", []
+        result = batch_predict.batch_predict(model, paths, str(out), log=lines.append)
+        assert name != "run" or lines[0].startswith("backend: OpenVINO fp32"), lines
         assert result["ok"] == len(paths) and result["failed"] == 0
         expected = class_maps(model, np.stack([datasets.load_image(p) for p in paths]))
         for path, want in zip(paths, expected):
             got = np.asarray(Image.open(out / f"{Path(path).stem}_classes.png"))
             assert np.array_equal(got, want), name
+
+
+# ============================================================================ a run folder in OpenVINO
+def _quiet(*args):
+    pass
+
+
+def _fresh_copy(small_run, tmp_path, name="run"):
+    """A copy of ``small_run`` under ``tmp_path/runs`` without its OpenVINO conversions."""
+    return str(shutil.copytree(small_run, tmp_path / "runs" / name,
+                               ignore=shutil.ignore_patterns(openvino_model.CACHE_DIR)))
+
+
+def _count_conversions(monkeypatch):
+    calls = []
+    real = openvino_model.convert
+    monkeypatch.setattr(openvino_model, "convert", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_a_run_folder_runs_in_openvino_with_tensorflows_class_maps(small_run, demo_images):
+    """``--backend auto`` (the default) runs a run folder in OpenVINO at fp32: TensorFlow's
+    class maps (measured: every pixel, probabilities within 1.1e-6 on the AVX2 EPYC), with
+    ``--tta flip`` too; bf16 / fp16 stay on TensorFlow."""
+    with inference.load_predictor(small_run, backend="tensorflow") as tf_path:
+        assert type(tf_path) is inference.Predictor
+        ref, ref_probs = tf_path.predict(demo_images), tf_path.predict_proba(demo_images)
+    assert len(np.unique(ref)) >= 3
+    with inference.load_predictor(small_run) as predictor:
+        assert isinstance(predictor, openvino_model.OpenVINOPredictor) and predictor.source == small_run
+        assert predictor.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
+        maps, probs = predictor.predict(demo_images), predictor.predict_proba(demo_images)
+    diff, agree = float(np.abs(probs - ref_probs).max()), float(np.mean(maps == ref))
+    print(f"OpenVINO run folder vs TensorFlow: {agree:.6f} of pixels, max prob diff {diff:.2e}")
+    assert diff < 1e-4 and agree >= 0.9999, (agree, diff)   # a pixel may differ only at a tie
+    flip = class_maps(small_run, demo_images[:4], tta="flip")
+    assert np.mean(flip == class_maps(small_run, demo_images[:4], tta="flip", backend="tensorflow")) >= 0.9999
+    assert inference.run_backend("auto") == ("openvino", inference.run_backend()[1])
+    for asked in ("bf16", "fp16"):
+        assert inference.run_backend("auto", asked)[0] == "tensorflow"
+    auto = "openvino" if precision.resolve("auto") == "fp32" else "tensorflow"   # by the CPU
+    assert inference.run_backend("auto", "auto")[0] == auto
+
+
+def test_the_conversion_is_cached_and_rebuilt_when_the_checkpoint_changes(small_run, demo_images,
+                                                                          tmp_path, monkeypatch):
+    run = _fresh_copy(small_run, tmp_path)
+    cache = Path(run) / openvino_model.CACHE_DIR
+    calls = _count_conversions(monkeypatch)
+    for _ in range(2):
+        first = class_maps(run, demo_images[:4], which="latest")
+    assert len(calls) == 1                               # the second load converted nothing
+    (old,) = os.listdir(cache)
+    assert old.startswith("latest-128x256-")
+    info = json.loads((cache / old / "export_info.json").read_text())
+    assert info["checkpoint"] == "model.ckpt-60" and info["which"] == "latest"
+    # one more epoch: a new latest checkpoint
+    trainer.train(runs_dir=str(tmp_path / "runs"), run="run", resume=True, epochs=21, log=_quiet)
+    with inference.load_predictor(run, which="latest") as predictor:
+        probs = predictor.predict_proba(demo_images[:4])
+    with inference.load_predictor(run, which="latest", backend="tensorflow") as tf_path:
+        np.testing.assert_allclose(probs, tf_path.predict_proba(demo_images[:4]), atol=1e-4)
+    assert len(calls) == 2
+    (new,) = os.listdir(cache)                           # the outdated conversion is gone
+    assert new != old
+    assert json.loads((cache / new / "export_info.json").read_text())["checkpoint"] == "model.ckpt-63"
+    (cache / new / "model.bin").write_bytes(b"")         # a damaged conversion: converted again
+    assert np.array_equal(class_maps(run, demo_images[:4], which="latest"),
+                          class_maps(run, demo_images[:4], which="latest", backend="tensorflow"))
+    assert len(calls) == 3 and first.shape == (4, 128, 256)
+
+
+def test_a_read_only_run_folder_converts_into_a_temporary_folder(small_run, demo_images, tmp_path,
+                                                                monkeypatch):
+    run = _fresh_copy(small_run, tmp_path)
+    real_access = os.access   # root ignores file modes: a read-only folder is os.access saying no
+    monkeypatch.setattr(os, "access", lambda p, mode: os.fspath(p) != run and real_access(p, mode))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    lines = []
+    with inference.load_predictor(run, log=lines.append) as predictor:
+        assert isinstance(predictor, openvino_model.OpenVINOPredictor)
+        maps = predictor.predict(demo_images[:4])
+    assert np.array_equal(maps, class_maps(small_run, demo_images[:4]))
+    assert any(f"{run} is read-only" in line and "temporary folder" in line for line in lines), lines
+    assert not (Path(run) / openvino_model.CACHE_DIR).exists() and not os.listdir(tmp_path / "tmp")
+
+
+def test_two_loads_converting_at_once_go_on_with_the_first_conversion(small_run, tmp_path,
+                                                                      monkeypatch, demo_images):
+    """Two Beam workers or two commands converting one checkpoint at once: the one that
+    finishes second (here: the outer one) goes on with the folder that landed first."""
+    run = _fresh_copy(small_run, tmp_path)
+    real_save, other = openvino_model._save, []
+
+    def save(out_dir, *args):
+        if not other:   # the other process converts and finishes first
+            other.append(None)
+            other[0] = openvino_model.run_model(run, log=_quiet)
+        real_save(out_dir, *args)
+    monkeypatch.setattr(openvino_model, "_save", save)
+    folder = openvino_model.run_model(run, log=_quiet)
+    assert folder == other[0] and os.listdir(Path(run) / openvino_model.CACHE_DIR) == [Path(folder).name]
+    assert sorted(os.listdir(folder)) == ["export_info.json", "model.bin", "model.xml"]
+    assert np.array_equal(class_maps(run, demo_images[:2]), class_maps(small_run, demo_images[:2]))
+
+
+def test_backend_option(small_run, small_export, demo_root, tmp_path, capsys, monkeypatch):
+    image = datasets.find_dataset(demo_root).splits["val"][0].image
+    assert cli.main(["predict", "--model", small_run, image, "--out", str(tmp_path / "auto")]) == 0
+    assert f"backend: OpenVINO fp32 for {small_run} (auto: OpenVINO is installed" in capsys.readouterr().out
+    line = _one_line_error(capsys, "predict", "--model", small_export, image, "--backend", "openvino",
+                           "--out", tmp_path / "p")
+    assert "--backend openvino does not apply to" in line and "SavedModel" in line
+    line = _one_line_error(capsys, "evaluate", "--model", small_run, "--data", demo_root, "--backend",
+                           "openvino", "--precision", "fp16", "--out", tmp_path / "e.json")
+    assert "does not apply to OpenVINO models" in line
+
+    def no_openvino(*args, **kwargs):
+        raise AssertionError("OpenVINO was used")
+    monkeypatch.setattr(openvino_model, "run_predictor", no_openvino)   # today's TensorFlow path
+    assert cli.main(["predict", "--model", small_run, image, "--out", str(tmp_path / "tf"),
+                     "--backend", "tensorflow"]) == 0
+    assert "backend: TensorFlow fp32" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "openvino", None)   # as if not installed: auto is TensorFlow
+    assert cli.main(["predict", "--model", small_run, image, "--out", str(tmp_path / "none")]) == 0
+    assert "backend: TensorFlow fp32" in capsys.readouterr().out
+    line = _one_line_error(capsys, "predict", "--model", small_run, image, "--backend", "openvino",
+                           "--out", tmp_path / "p")
+    assert "--backend openvino needs OpenVINO" in line and "pip install" in line
+    for name in ("auto", "tf", "none"):
+        (png,) = (tmp_path / name).glob("*_classes.png")
+        assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(
+            tmp_path / "auto" / png.name)))
 
 
 @pytest.mark.parametrize("native, hint", [(False, "f32"), (True, "bf16")])

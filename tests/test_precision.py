@@ -127,7 +127,8 @@ def test_bf16_class_maps_are_what_the_cpu_makes_of_them(small_run, demo_root):
     ``precision.notes`` tells the user there)."""
     images = np.stack([datasets.load_image(s.image) for split in
                        datasets.find_dataset(demo_root).splits.values() for s in split])
-    with inference.load_predictor(small_run) as fp32:
+    # TensorFlow's fp32 against TensorFlow's bf16 rewrite (auto would run fp32 in OpenVINO)
+    with inference.load_predictor(small_run, backend="tensorflow") as fp32:
         ref = fp32.predict(images)
         ref_probs = fp32.predict_proba(images[:2])
     with inference.load_predictor(small_run, precision="bf16") as bf16:

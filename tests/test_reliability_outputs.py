@@ -341,7 +341,8 @@ def _break(kind, run, exp, vgg_copy):
         (exp / "saved_model.pb").write_bytes(b"\x08\x01garbage" * 10)
         return ["--model", exp], [f"exported model {exp} is damaged", "saved_model.pb"]
     if kind == "VGG saved_model.pb corrupt":
-        _truncate(vgg_copy / "saved_model.pb", 100)
+        _truncate(vgg_copy / "saved_model.pb", 100)   # a cached OpenVINO conversion needs no VGG16:
+        shutil.rmtree(run / "openvino_cache", ignore_errors=True)   # converting does
         config = json.loads((run / "config.json").read_text())
         (run / "config.json").write_text(json.dumps({**config, "vgg": str(vgg_copy)}))
         return ["--model", run], [f"VGG16 model folder {vgg_copy} is damaged", "get-vgg"]

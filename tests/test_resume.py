@@ -144,6 +144,29 @@ def test_resume_with_another_batch_size_is_refused(tiny, vgg_dir, tmp_path):
     assert epochs_of(runs / "r") == [1]
 
 
+def test_a_frozen_encoder_stays_frozen_on_resume(tiny, vgg_dir, tmp_path):
+    """encoder_lr_scale 0 is kept in config.json: the resumed run's conv layers are still the
+    VGG16 folder's, bit for bit; another scale (other Adam slots) is refused in one line."""
+    runs = tmp_path / "runs"
+    train(tiny, vgg_dir, runs, epochs=1, encoder_lr_scale=0.0, reinit=["fc7"])
+    assert json.loads((runs / "r" / "config.json").read_text())["encoder_lr_scale"] == 0.0
+    first = tf.train.load_checkpoint(str(runs / "r" / "checkpoints" / "model.ckpt-5"))
+    result = train(tiny, vgg_dir, runs, epochs=2, resume=True)
+    assert result["steps"] == 10 and epochs_of(runs / "r") == [1, 2]
+    saved = tf.train.load_checkpoint(os.path.join(vgg_dir, "variables", "variables"))
+    latest = tf.train.load_checkpoint(str(runs / "r" / "checkpoints" / "model.ckpt-10"))
+    names = sorted(latest.get_variable_to_shape_map())
+    assert not [n for n in names if n.startswith("conv") and "Adam" in n]
+    for name in [n for n in names if re.fullmatch(r"conv\d_\d/(weights|biases)", n)]:
+        np.testing.assert_array_equal(latest.get_tensor(name), saved.get_tensor(name))
+    # fc7 (re-initialised at the start, not frozen) learnt in both epochs
+    assert not np.array_equal(first.get_tensor("fc7/weights"), saved.get_tensor("fc7/weights"))
+    assert not np.array_equal(latest.get_tensor("fc7/weights"), first.get_tensor("fc7/weights"))
+    with pytest.raises(UserError, match=r"trained with encoder_lr_scale=0.0, now encoder_lr_scale=0.1"):
+        train(tiny, vgg_dir, runs, epochs=3, resume=True, encoder_lr_scale=0.1)
+    assert epochs_of(runs / "r") == [1, 2]
+
+
 def test_resume_of_a_run_with_all_its_epochs_says_so(tiny, vgg_dir, tmp_path):
     runs, lines = tmp_path / "runs", []
     train(tiny, vgg_dir, runs, epochs=1)

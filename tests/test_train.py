@@ -50,7 +50,8 @@ def test_export_matches_live_session_and_training_metric(trained, tmp_path):
     with pytest.raises(Exception, match="already exists"):
         export.export(trained["run_dir"], out)
     images = np.stack([datasets.load_image(s.image) for s in val])
-    with inference.load_predictor(trained["run_dir"]) as live, inference.load_predictor(out) as exported:
+    with inference.load_predictor(trained["run_dir"], backend="tensorflow") as live, \
+            inference.load_predictor(out) as exported:
         np.testing.assert_array_equal(live.predict(images), exported.predict(images))
         odd = images[:2, :100, :150]  # any input size: resized inside, class maps at input size
         assert exported.predict(np.ascontiguousarray(odd)).shape == (2, 100, 150)

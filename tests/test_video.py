@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fakes import COLORS, GREEN, RED, ROAD, blend, read_video, red_is_road  # noqa: F401
 
-from roadseg import video
+from roadseg import cli, video
 from roadseg.errors import UserError
 from roadseg.overlays import _palette, overlay
 from roadseg.schemes import get_scheme
@@ -252,6 +252,9 @@ def test_realtime_drops_frames_when_the_model_is_behind_and_counts_them(tmp_path
     assert 0.5 <= stats["latency_p50"] <= stats["latency_p95"]   # each waited for its call
     shown = _check_output(tmp_path / "out.mp4", 30, stats["processed"])
     assert shown[-1] == 29    # the last frame is never dropped: nothing comes after it
+    line = cli.video_summary("out.mp4", stats)   # segment.py video's closing line says so
+    assert f"realtime: {stats['dropped']} of 30 frames dropped" in line, line
+    assert f"p95 {1000 * stats['latency_p95']:.0f} ms" in line and "30 frames at 20.00 fps" in line
 
 
 def test_realtime_batches_what_waits(tmp_path):
@@ -285,6 +288,10 @@ def test_non_realtime_output_is_every_frames_overlay(tmp_path):
     _, frames = read_video(clip)
     video.write_video(tmp_path / "expected.mp4", overlay(frames, red_is_road(frames), COLORS))
     assert (tmp_path / "out.mp4").read_bytes() == (tmp_path / "expected.mp4").read_bytes()
+    assert "slower than the clip's frame rate" not in cli.video_summary("out.mp4", dict(
+        stats, frames_per_second=stats["fps"]))
+    assert "slower than the clip's frame rate: --realtime drops" in cli.video_summary("out.mp4", dict(
+        stats, frames_per_second=stats["fps"] / 2))
 
 
 def test_overlay_table_equals_the_float_blend():

@@ -315,9 +315,10 @@ def test_overlay_table_equals_the_float_blend():
         np.testing.assert_array_equal(overlay(images[1], maps[1], colors, alpha, skip), expected[1])
 
 
-def test_video_from_standard_input(tmp_path, monkeypatch):
+def test_video_from_standard_input_or_a_fifo(tmp_path, monkeypatch):
     """``-`` reads a stream (here matroska) from standard input -- a pipe -- as ffmpeg gives
-    it; with --realtime a stream is not paced (it comes at its own rate)."""
+    it; with --realtime a stream is not paced (it comes at its own rate); a FIFO the same;
+    a terminal on standard input is one line."""
     clip = _index_clip(tmp_path / "in.mp4", 20, fps=10)
     mkv = tmp_path / "in.mkv"
     subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(clip), "-c", "copy",
@@ -341,3 +342,17 @@ def test_video_from_standard_input(tmp_path, monkeypatch):
         if not realtime:   # (realtime: the stream comes as fast as the pipe, so some may drop)
             assert stats["processed"] == 20
             assert _check_output(out, 20, 20) == list(range(20))
+    fifo = tmp_path / "camera"   # a named pipe is a stream too
+    os.mkfifo(fifo)
+    feeder = threading.Thread(target=lambda: fifo.write_bytes(mkv.read_bytes()))
+    feeder.start()
+    try:
+        stats = video.process_video(fifo, tmp_path / "out_fifo.mp4", _zeros, COLORS)
+    finally:
+        feeder.join()
+    assert (stats["frames"], stats["processed"]) == (20, 20)
+    assert _check_output(tmp_path / "out_fifo.mp4", 20, 20) == list(range(20))
+    with monkeypatch.context() as m:
+        m.setattr(os, "isatty", lambda fd: True)
+        with pytest.raises(UserError, match="standard input .* is a terminal; pipe a video"):
+            video.process_video("-", tmp_path / "never.mp4", _zeros, COLORS)

@@ -12,6 +12,7 @@ Every case returns at least ``rate`` (images, frames or GFLOP per second, see
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -393,10 +394,57 @@ def quality(spec):
     return dict(out, images=len(samples), split=split, run=spec["run"], data=spec["data"])
 
 
+def realtime(spec):
+    """Issue 34: ``segment.py video`` as a user runs it (a subprocess) on ``clip``, every frame
+    and then ``--realtime``, with the road4 model of VGG width ``model_width`` at 256x512
+    (random weights, ``ov.bench_run``): ``backend`` "tf" (its SavedModel export, TensorFlow
+    fp32) or "openvino_int8" (``segment.py export --format openvino --quantize int8``).
+    Figures are the command's own closing line: frames/s (wall clock), latency p50 / p95,
+    CPU ms a frame (its process and ffmpeg), frames dropped."""
+    import ov
+    vgg = os.path.join(spec["work"], f"vgg_random_w{spec['model_width']:g}")
+    prepare(dict(vgg=vgg, width=spec["model_width"]))
+    if spec["backend"] == "tf":
+        model = ov.savedmodel(vgg, spec["work"], "road4")
+    else:
+        model = ov.exported(vgg, spec["work"], "int8", scheme="road4")
+    clip = os.path.join(os.path.dirname(common.ROOT), "shared", "data", "videos", spec["clip"])
+    if not os.path.isfile(clip):
+        raise SystemExit(f"{clip} is absent (../shared/data is not part of a clone)")
+    out = {}
+    with tempfile.TemporaryDirectory(dir=spec["work"]) as tmp:
+        for mode, flags in (("all", []), ("realtime", ["--realtime"])):
+            if spec.get("max_frames"):
+                flags += ["--max-frames", str(spec["max_frames"])]
+            cmd = [sys.executable, os.path.join(common.ROOT, "segment.py"), "video", "--model", model,
+                   clip, os.path.join(tmp, f"{mode}.mp4"), *flags]
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            print(proc.stdout[-2000:])
+            if proc.returncode:
+                raise SystemExit(f"segment.py video failed: {proc.stdout.strip().splitlines()[-1:]}")
+            out[mode] = video_line(proc.stdout.strip().splitlines()[-1])
+    a, r = out["all"], out["realtime"]
+    import resource  # the largest segment.py process, not this one
+    video_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return dict(rate=a["frames_per_second"], unit="frames/s", times=[], model=model, clip=spec["clip"],
+                video_peak_rss_mb=round(video_mb, 1),
+                **{f"all_{k}": v for k, v in a.items()}, **{f"realtime_{k}": v for k, v in r.items()})
+
+
+def video_line(line):
+    """The figures of ``segment.py video``'s closing line (``cli.video_summary``)."""
+    import re
+    fields = dict(frames=r"(\d+) frames at", fps=r"at ([\d.]+) fps", frames_per_second=r"([\d.]+) frames/s",
+                  latency_p50_ms=r"p50 (\d+) ms", latency_p95_ms=r"p95 (\d+) ms",
+                  cpu_ms_per_frame=r"CPU (\d+) ms a frame", dropped=r"(\d+) of \d+ frames dropped")
+    found = {k: re.search(pattern, line) for k, pattern in fields.items()}
+    return {k: float(m.group(1)) for k, m in found.items() if m}
+
+
 CASES = dict(prepare=prepare, gemm=gemm, flops=flops, infer=infer, check_variants=check_variants, train=train,
              pipeline=input_pipeline, video=video, peer_infer=peer_infer,
              peer_train=peer_train, litert=litert, quality=quality, openvino=openvino,
-             gemm_openvino=gemm_openvino, run_folder=run_folder)
+             gemm_openvino=gemm_openvino, run_folder=run_folder, realtime=realtime)
 
 
 def main(argv):

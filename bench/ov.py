@@ -6,7 +6,9 @@ and OpenVINO's own GEMM limit.
   own export paths run on it unchanged: ``export.export`` (SavedModel),
   ``openvino_model.export_openvino`` (none / int8).  Made once per VGG16 build, kept in
   ``work``.
-* ``exported(vgg, work, quantize)`` -- that run's OpenVINO model folder (made once).
+* ``exported(vgg, work, quantize)`` -- that run's OpenVINO model folder (made once);
+  ``savedmodel(vgg, work)`` its SavedModel export.  Both, and ``bench_run``, take a
+  ``scheme`` and ``image_shape`` too (default: 19 classes at 256x512).
 * ``gemm_model(n, reps, int8)`` -- a chain of ``reps`` n x n MatMuls as an OpenVINO model
   (with FakeQuantize on both operands of every product for int8: OpenVINO then runs them
   as int8 GEMMs), the limit rows' workload.
@@ -23,14 +25,15 @@ def _stamp(vgg):
     return str(os.path.getmtime(os.path.join(vgg, "saved_model.pb")))
 
 
-def bench_run(vgg, work):
-    """A run folder of the random-weight full-width model at 256x512, 19 classes (cached)."""
+def bench_run(vgg, work, scheme=common.SCHEME, image_shape=common.IMAGE_SHAPE):
+    """A run folder of the random-weight model of ``vgg`` at ``image_shape`` (default 256x512)
+    with ``scheme``'s classes (default 19) (cached)."""
     import tensorflow as tf
 
     from roadseg import demo_scenes, inference, model
     from roadseg.run_folders import write_json
     tf1 = tf.compat.v1
-    run = os.path.join(work, f"openvino_run_{os.path.basename(vgg)}")
+    run = os.path.join(work, f"openvino_run_{os.path.basename(vgg)}{_variant(scheme, image_shape)}")
     stamp = os.path.join(run, "vgg_stamp")
     if os.path.isfile(stamp) and open(stamp).read() == _stamp(vgg):
         return run
@@ -39,7 +42,7 @@ def bench_run(vgg, work):
         shutil.rmtree(run)
     data = os.path.join(work, DEMO)
     demo_scenes.make_demo_data(data, n=16, seed=0, size=common.IMAGE_SHAPE, val_fraction=0.0)
-    spec = model.ModelSpec(common.SCHEME, tuple(common.IMAGE_SHAPE), os.path.abspath(vgg),
+    spec = model.ModelSpec(scheme, tuple(image_shape), os.path.abspath(vgg),
                            skip_scales=(0.01, 0.0001), l2_scale=1e-3)
     # written in place; the stamp, written last, marks it complete (a staged folder would not
     # do: the checkpoint index names the folder it was saved in)
@@ -57,12 +60,19 @@ def bench_run(vgg, work):
     return run
 
 
-def exported(vgg, work, quantize="none", calibration=8):
-    """The bench run exported by ``openvino_model.export_openvino`` (cached); int8 is
-    calibrated on ``calibration`` demo scenes of the run's data."""
+def _variant(scheme, image_shape):
+    """The folder-name suffix of a bench run that is not the default 19 classes at 256x512."""
+    same = scheme == common.SCHEME and tuple(image_shape) == tuple(common.IMAGE_SHAPE)
+    return "" if same else f"_{scheme}_{image_shape[0]}x{image_shape[1]}"
+
+
+def exported(vgg, work, quantize="none", calibration=8, scheme=common.SCHEME,
+             image_shape=common.IMAGE_SHAPE):
+    """The bench run (``bench_run``) exported by ``openvino_model.export_openvino`` (cached);
+    int8 is calibrated on ``calibration`` demo scenes of the run's data."""
     from roadseg import openvino_model
-    run = bench_run(vgg, work)
-    out = os.path.join(work, f"openvino_{quantize}_{os.path.basename(vgg)}")
+    run = bench_run(vgg, work, scheme, image_shape)
+    out = os.path.join(work, f"openvino_{quantize}_{os.path.basename(vgg)}{_variant(scheme, image_shape)}")
     stamp = os.path.join(run, "vgg_stamp")
     info = os.path.join(out, "export_info.json")
     if os.path.isfile(info) and os.path.getmtime(info) > os.path.getmtime(stamp):
@@ -81,6 +91,22 @@ def exported(vgg, work, quantize="none", calibration=8):
                 os.symlink(os.path.abspath(path), link)
     openvino_model.export_openvino(run, out, quantize, cal)
     return out
+
+
+def savedmodel(vgg, work, scheme=common.SCHEME, image_shape=common.IMAGE_SHAPE):
+    """The bench run (``bench_run``) as ``segment.py export`` writes it (a SavedModel, run by
+    TensorFlow whatever backend a run folder would get), made once."""
+    from roadseg import export
+    run = bench_run(vgg, work, scheme, image_shape)
+    out = os.path.join(work, f"savedmodel_{os.path.basename(vgg)}{_variant(scheme, image_shape)}")
+    stamp = os.path.join(run, "vgg_stamp")
+    if os.path.isfile(os.path.join(out, "export_info.json")) and \
+            os.path.getmtime(os.path.join(out, "export_info.json")) > os.path.getmtime(stamp):
+        return out
+    if os.path.isdir(out):
+        import shutil
+        shutil.rmtree(out)
+    return export.export(run, out)
 
 
 def gemm_model(n, reps, int8=False):

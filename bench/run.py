@@ -68,7 +68,29 @@ def main_plan(quick):
     plan += [   # issue 31: a run folder as segment.py predict / evaluate / video open it
         ("run_folder_b8", dict(case="run_folder", batch=8, warmup=1, iters=q(4, 2))),
     ]
-    return [(key, spec, {}) for key, spec in plan + precision_plan(quick) + openvino_plan(quick)]
+    return [(key, spec, {}) for key, spec in
+            plan + precision_plan(quick) + openvino_plan(quick) + realtime_plan(quick)]
+
+
+REALTIME_CLIPS = dict(lanes="highway_lanes.mp4", cars="highway_cars.mp4")   # 960x540, 1280x720
+REALTIME_MODELS = dict(  # key: (label, VGG width, backend, --max-frames)
+    w025_tf=("width 1/4 TF fp32", 0.25, "tf", None),
+    w025_ov_int8=("width 1/4 OpenVINO int8", 0.25, "openvino_int8", None),
+    w1_ov_int8=("full width OpenVINO int8", 1.0, "openvino_int8", 48),
+    w1_tf=("full width TF fp32", 1.0, "tf", 48),
+)
+
+
+def realtime_plan(quick):
+    """Issue 34: ``segment.py video`` end to end on the real clips (every frame, then
+    ``--realtime``), road4 at 256x512; full-width models on the first 48 frames only."""
+    clips = ["lanes"] if quick else list(REALTIME_CLIPS)
+    models = ["w025_tf", "w025_ov_int8"] if quick else list(REALTIME_MODELS)
+    return [(f"realtime_{clip}_{m}", dict(case="realtime", clip=REALTIME_CLIPS[clip],
+                                          model_width=REALTIME_MODELS[m][1],
+                                          backend=REALTIME_MODELS[m][2],
+                                          max_frames=REALTIME_MODELS[m][3]))
+            for clip in clips for m in models]
 
 
 def precision_plan(quick, quality=None):
@@ -260,7 +282,34 @@ def build_rows(results):
                                    f"{'predict' if kind == 'infer' else 'fit'} batch {batch}", per_image))
     rows += device_rows(results, flops.get("train_b4"))
     return (rows + pipeline_and_video_rows(results) + precision_rows(results) + openvino_rows(results)
-            + run_folder_rows(results))
+            + run_folder_rows(results) + realtime_rows(results))
+
+
+def realtime_rows(results):
+    """Issue 34: ``segment.py video`` on the real clips -- frames/s (wall clock) and latency
+    of every frame, what ``--realtime`` keeps, and CPU ms a frame against what the machine's
+    cores have at the clip's rate (2 cores at 25 fps: 80 ms), the load-robust verdict."""
+    rows = []
+    for key in (k for k in results if k.startswith("realtime_")):
+        r = results[key]
+        _, clip, model = key.split("_", 2)
+        size = {"lanes": "960x540", "cars": "1280x720"}[clip]
+        label = f"video {size} {REALTIME_MODELS[model][0]}"
+        if "error" in r:
+            rows.append([label, "FAILED", "", "", "", "", r["error"], ""])
+            continue
+        budget = os.cpu_count() * 1000 / r["all_fps"]
+        kept = r["realtime_frames"] - r.get("realtime_dropped", 0)
+        compare = (f"{r['all_frames']:.0f} frames: latency p50 {r['all_latency_p50_ms']:.0f} ms, p95 "
+                   f"{r['all_latency_p95_ms']:.0f} ms, CPU {r['all_cpu_ms_per_frame']:.0f} ms a frame; "
+                   f"--realtime: {kept:.0f} of {r['realtime_frames']:.0f} kept at "
+                   f"{r['realtime_frames_per_second']:.3g}/s, p50 {r['realtime_latency_p50_ms']:.0f} "
+                   f"ms, p95 {r['realtime_latency_p95_ms']:.0f} ms")
+        verdict = (f"CPU <= {budget:.0f} ms a frame: "
+                   f"{'MET' if r['all_cpu_ms_per_frame'] <= budget else 'missed'}")
+        rows.append([label, f"{r['rate']:.3g} frames/s", "", "", "", f"{r['video_peak_rss_mb']:.0f}",
+                     compare, verdict])
+    return rows
 
 
 def pipeline_and_video_rows(results):

@@ -221,11 +221,30 @@ def cmd_batch_predict(a):
 
 def cmd_video(a):
     _at_least_one(a, "batch_size", "max_frames")
+    batch_size = a.batch_size or (1 if a.realtime else 4)
     with _predictor(a) as predictor:
         stats = video.process_video(a.input, a.output, predictor.predict, predictor.scheme,
-                                      batch_size=a.batch_size, max_frames=a.max_frames)
-    logger.info(f"{a.output}: {stats['frames']} frames at {stats['fps']:.2f} fps, "
-          f"{stats['frames_per_second']:.2f} frames/s end to end")
+                                    batch_size=batch_size, max_frames=a.max_frames,
+                                    realtime=a.realtime, preset=a.preset)
+    logger.info(video_summary(a.output, stats))
+
+
+def video_summary(output, stats):
+    """The closing line of ``segment.py video``: frames, rate against the clip's, latency,
+    and what ``--realtime`` dropped (or that the run was slower than real time)."""
+    line = (f"{output}: {stats['frames']} frames at {stats['fps']:.2f} fps; "
+            f"{stats['frames_per_second']:.2f} frames/s end to end "
+            f"({stats['frames_per_second'] / stats['fps']:.2f}x real time), latency per frame "
+            f"p50 {1000 * stats['latency_p50']:.0f} ms, p95 {1000 * stats['latency_p95']:.0f} ms "
+            f"(decoded -> to the encoder); CPU {1000 * stats['cpu_seconds'] / stats['frames']:.0f} ms "
+            f"a frame (with ffmpeg; {os.cpu_count()} cores at {stats['fps']:.0f} fps have "
+            f"{1000 * os.cpu_count() / stats['fps']:.0f})")
+    if stats["realtime"]:
+        return line + (f"; realtime: {stats['dropped']} of {stats['frames']} frames dropped "
+                       f"(the overlay before each one repeated)")
+    if stats["frames_per_second"] < stats["fps"]:
+        line += "; slower than the clip's frame rate: --realtime drops frames to keep up"
+    return line
 
 
 def cmd_export(a):
@@ -385,12 +404,23 @@ def _model_commands(add):
                     "--out: only the inputs its manifest.jsonl does not list as ok")
     add_backend(sp)
 
-    sp = add("video", cmd_video, "overlay every frame of a video, write an H.264 mp4")
+    sp = add("video", cmd_video, "overlay every frame of a video, write an H.264 mp4; "
+             "ends with frames/s and latency per frame")
     sp.add_argument("--model", required=True)
-    sp.add_argument("input")
-    sp.add_argument("output")
-    sp.add_argument("--batch-size", type=int, default=4)
+    sp.add_argument("input", help="a video file, or a stream: '-' (standard input: mkv, mpegts, "
+                    "nut or y4m, not mp4), a FIFO or a device")
+    sp.add_argument("output", help="the new .mp4")
+    sp.add_argument("--batch-size", type=int, help="frames per model call (default 4); with "
+                    "--realtime the most frames that wait for the model, which takes them all at "
+                    "once, and those beyond are dropped (default 1: the lowest latency)")
     sp.add_argument("--max-frames", type=int)
+    sp.add_argument("--realtime", action="store_true", help="as from a camera: a file is read "
+                    "at its frame rate, the model takes the newest frames and drops those it "
+                    "cannot keep up with; each dropped frame shows the overlay before it again, so "
+                    "the output keeps the input's frame count and duration; the count is reported")
+    sp.add_argument("--preset", default=video.PRESET, choices=video.PRESETS, help="libx264 speed "
+                    f"preset (default {video.PRESET}; medium: x264's default, over twice the "
+                    "encoder's CPU time; ultrafast: under half of veryfast's, a file twice as big)")
     add_tta(sp)
     add_precision(sp)
     add_backend(sp)

@@ -1,7 +1,8 @@
 """Video in and out: one reader, one writer, and the overlaid copy of a video.
 
 * ``process_video``     -> an overlaid H.264 copy of a video; decoding, inference and
-                           encoding overlap in three threads
+                           encoding overlap in three threads; ``realtime``: paced as a
+                           camera, dropping frames the model cannot keep up with
 * ``render_overlay``    -> its core: batches of frames + a class-map function -> the overlaid
                            mp4 (also ``batch-predict``'s, so both write the same frames)
 * ``probe_video``       -> size, exact frame rate and estimated frame count of a video
@@ -19,9 +20,11 @@ import collections
 import itertools
 import os
 import queue
+import resource
 import tempfile
 import threading
 import time
+import typing
 from fractions import Fraction
 
 import imageio_ffmpeg
@@ -35,6 +38,12 @@ from roadseg.overlays import overlay
 from roadseg.run_folders import WRITE_FIX, check_can_create, refuse_existing, staged_file
 
 CRF = 18          # libx264 constant rate factor: 18 is close to visually lossless
+# libx264's speed presets, fastest first.  The default, veryfast, encodes a 960x540 overlay
+# in 21-29 CPU ms against medium's (x264's own default) 47-69, its PSNR 0.4 dB lower and its
+# file no larger (bench/README.md, "The video path at frame rate").
+PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
+           "veryslow")
+PRESET = "veryfast"
 QUEUE_BATCHES = 4  # batches buffered between the reader, the model and the writer
 # A range starting at frame i is decoded from ffmpeg's input seek to (i - SEEK_LEAD) / fps:
 # ffmpeg seeks to the keyframe before it and decodes forward, dropping frames earlier than
@@ -50,40 +59,78 @@ def _exact_fps(fps):
     return Fraction(fps).limit_denominator(1001)
 
 
+def _ffmpeg_input(path):
+    """``(what ffmpeg opens, live)`` for a video path; ``live``: a stream that comes at its own
+    pace and has no end known in advance -- ``-`` (this process's standard input), a FIFO or
+    a device -- rather than a file.  A missing path is a UserError naming it."""
+    if path == "-":
+        stdin = f"/proc/{os.getpid()}/fd/0"   # ffmpeg reads our stdin (its own is a pipe to us)
+        if not os.path.exists(stdin):
+            raise UserError("reading a video from standard input ('-') needs Linux's /proc; "
+                            "pass a file")
+        if os.isatty(0):
+            raise UserError("standard input ('-') is a terminal; pipe a video stream into it "
+                            "(e.g. ffmpeg ... -f matroska - | segment.py video ... - out.mp4)")
+        return stdin, True
+    if not os.path.exists(path):
+        raise UserError(f"video {path} does not exist; check the path")
+    return path, not os.path.isfile(path)
+
+
 def _open_reader(path, seek_seconds=None):
     """``(raw frame generator, metadata)`` of a video, or a UserError naming the file;
     ``seek_seconds``: decoding starts there (ffmpeg's input ``-ss``)."""
-    if not os.path.isfile(path):
-        raise UserError(f"video {path} does not exist; check the path")
+    source, live = _ffmpeg_input(path)
     seek = ["-ss", f"{seek_seconds:.6f}"] if seek_seconds else None
-    frames = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24", input_params=seek)
+    frames = imageio_ffmpeg.read_frames(source, pix_fmt="rgb24", input_params=seek)
     try:
         meta = next(frames)
     except (OSError, RuntimeError, IndexError, AttributeError, StopIteration) as err:
         frames.close()
-        raise UserError(f"cannot read video {path} ({reason(err)}); "
-                        f"is it a video file?") from None
+        what = "a video stream (mkv, mpegts, nut or y4m: an mp4 needs a file)" if live else "a video file"
+        raise UserError(f"cannot read video {path} ({reason(err)}); is it {what}?") from None
     return frames, meta
 
 
-def _read_batches(frames, path, size, batch_size, max_frames=None):
-    """Yield uint8 (N, H, W, 3) RGB batches from a ``read_frames`` generator, then close it."""
+class Frames(typing.NamedTuple):
+    """Consecutive or not (``realtime`` drops some) frames of a video, with their indices in
+    it and when each was decoded (``time.perf_counter``)."""
+    indices: np.ndarray   # int (N,)
+    images: np.ndarray    # uint8 (N, H, W, 3) RGB
+    times: np.ndarray     # float (N,)
+
+
+def _decoded(frames, path, size, max_frames=None):
+    """Yield ``(index, uint8 (H, W, 3) RGB frame, when it was decoded)`` from a ``read_frames``
+    generator (the first ``max_frames``), then close it."""
     width, height = size
-    batch = []
     try:
         for i, raw in enumerate(frames):
             if max_frames is not None and i >= max_frames:
                 break
-            batch.append(np.frombuffer(raw, np.uint8).reshape(height, width, 3))
-            if len(batch) == batch_size:
-                yield np.stack(batch)
-                batch = []
+            yield i, np.frombuffer(raw, np.uint8).reshape(height, width, 3), time.perf_counter()
     except (OSError, RuntimeError) as err:
         raise UserError(f"cannot decode video {path}: {reason(err)}") from None
     finally:
         frames.close()  # stops ffmpeg
-    if batch:
-        yield np.stack(batch)
+
+
+def _batched(decoded, batch_size):
+    """``Frames`` of up to ``batch_size`` consecutive frames from ``_decoded``."""
+    batch = []
+    for item in itertools.chain(decoded, [None]):
+        if item is not None:
+            batch.append(item)
+        if batch and (item is None or len(batch) == batch_size):
+            indices, images, times = zip(*batch)
+            yield Frames(np.array(indices), np.stack(images), np.array(times))
+            batch = []
+
+
+def _read_batches(frames, path, size, batch_size, max_frames=None):
+    """Yield uint8 (N, H, W, 3) RGB batches from a ``read_frames`` generator, then close it."""
+    for batch in _batched(_decoded(frames, path, size, max_frames), batch_size):
+        yield batch.images
 
 
 def _video_format(meta):
@@ -117,18 +164,20 @@ def read_frame_batches(path, batch_size, start=0, count=None):
     yield from _read_batches(frames, path, tuple(meta["size"]), batch_size, count)
 
 
-def _open_writer(path, size, fps, log):
+def _open_writer(path, size, fps, log, preset=PRESET):
     """An imageio-ffmpeg writer (a generator: ``.send(frame)``, ``.close()``) for RGB frames.
 
-    H.264 at exactly ``size`` (W, H).  yuv420p, which every player supports, needs even
-    sides; odd sizes are written as yuv444p rather than rescaled.  ffmpeg's own messages go
+    H.264 at exactly ``size`` (W, H), libx264 at ``CRF`` and ``preset``.  yuv420p, which
+    every player supports, needs even sides; odd sizes are written as yuv444p rather than
+    rescaled.  ffmpeg's own messages go
     to the file ``log`` (not onto our stderr), to say why a write failed.
     """
     even = size[0] % 2 == 0 and size[1] % 2 == 0
     writer = imageio_ffmpeg.write_frames(
         path, size, fps=fps, codec="libx264", pix_fmt_in="rgb24",
         pix_fmt_out="yuv420p" if even else "yuv444p", macro_block_size=1,
-        quality=None, output_params=["-crf", str(CRF), "-f", "mp4"], ffmpeg_log_level="error")
+        quality=None, output_params=["-crf", str(CRF), "-preset", preset, "-f", "mp4"],
+        ffmpeg_log_level="error")
     saved = os.dup(2)   # ffmpeg inherits stderr when it starts: point it at the log meanwhile
     try:
         os.dup2(log.fileno(), 2)
@@ -139,8 +188,9 @@ def _open_writer(path, size, fps, log):
     return writer
 
 
-def _write_batches(batches, path, size, fps, name=None):
-    """Encode every frame of every batch; ffmpeg starts at the first batch.
+def _write_batches(batches, path, size, fps, name=None, preset=PRESET):
+    """Encode every frame of every batch; ffmpeg starts at the first batch.  Returns the
+    number of frames.
 
     ffmpeg does not report its failures (a full disk, say) to imageio-ffmpeg, which only sees
     a broken pipe or nothing at all; so the file is read back at the end and must hold every
@@ -150,7 +200,7 @@ def _write_batches(batches, path, size, fps, name=None):
     with tempfile.TemporaryFile() as log:
         try:
             for batch in batches:
-                writer = writer or _open_writer(path, size, fps, log)
+                writer = writer or _open_writer(path, size, fps, log, preset)
                 try:
                     for frame in batch:
                         writer.send(np.ascontiguousarray(frame))
@@ -171,6 +221,7 @@ def _write_batches(batches, path, size, fps, name=None):
         if writer is not None and (failed or _count_frames(path) != frames):
             raise UserError(f"could not write the video {name or path} "
                             f"({said or 'ffmpeg wrote an incomplete file'}); {WRITE_FIX}")
+    return frames
 
 
 def _count_frames(path):
@@ -207,15 +258,69 @@ def _drain(q, stop):
         yield item
 
 
-def _overlapped(source, transform, sink, on_item=lambda item: None):
+class _Queue:
+    """A bounded FIFO between two stages of ``_overlapped``: ``put`` waits for room."""
+
+    def __init__(self, size):
+        self._queue = queue.Queue(size)
+
+    def put(self, item, stop):
+        return put_until_stopped(self._queue, item, stop)
+
+    def end(self, stop):
+        put_until_stopped(self._queue, _END, stop)
+
+    def items(self, stop):
+        return _drain(self._queue, stop)
+
+
+class NewestFrames:
+    """The realtime inbox of the model: at most ``capacity`` frames (``Frames`` of one) wait;
+    one arriving when it is full pushes the oldest out (dropped: the model is behind, and the
+    newest frames are the ones worth showing).  ``items`` gives every waiting frame at
+    once as one batch, without waiting for more: a batch of one while the model keeps up."""
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self._waiting, self._ended = collections.deque(), False
+        self._changed = threading.Condition()
+
+    def put(self, frames, stop):
+        with self._changed:
+            if len(self._waiting) == self.capacity:
+                self._waiting.popleft()
+            self._waiting.append(frames)
+            self._changed.notify()
+        return True
+
+    def end(self, stop):
+        with self._changed:
+            self._ended = True
+            self._changed.notify()
+
+    def items(self, stop):
+        while True:
+            with self._changed:
+                while not (self._waiting or self._ended or stop.is_set()):
+                    self._changed.wait(0.1)
+                if stop.is_set() or not self._waiting:
+                    return
+                taken = list(self._waiting)
+                self._waiting.clear()
+            yield Frames(*(np.concatenate(part) for part in zip(*taken)))
+
+
+def _overlapped(source, transform, sink, on_item=lambda item: None, inbox=None, stop=None):
     """``sink(transform(x) for x in source)`` with the three stages in three threads.
 
     ``source`` is iterated in a reader thread, ``transform`` runs in this thread and
-    ``sink`` consumes the results in a writer thread; bounded queues connect them.  The
-    first error of any stage stops the others and is raised here; threads are always joined.
+    ``sink`` consumes the results in a writer thread; bounded queues connect them (``inbox``
+    between the reader and this thread: default a FIFO of ``QUEUE_BATCHES``).  The first
+    error of any stage sets ``stop``, which stops the others, and is raised here; threads
+    are always joined.
     """
-    inbox, outbox = queue.Queue(QUEUE_BATCHES), queue.Queue(QUEUE_BATCHES)
-    stop, errors = threading.Event(), []
+    inbox, outbox = inbox or _Queue(QUEUE_BATCHES), _Queue(QUEUE_BATCHES)
+    stop, errors = stop or threading.Event(), []
 
     def run(stage, *args):
         try:
@@ -226,22 +331,22 @@ def _overlapped(source, transform, sink, on_item=lambda item: None):
 
     def read():
         for item in source:
-            if not put_until_stopped(inbox, item, stop):
+            if not inbox.put(item, stop):
                 return
-        put_until_stopped(inbox, _END, stop)
+        inbox.end(stop)
 
     reader = threading.Thread(target=run, args=(read,), name="video-reader", daemon=True)
-    writer = threading.Thread(target=run, args=(sink, _drain(outbox, stop)), name="video-writer",
+    writer = threading.Thread(target=run, args=(sink, outbox.items(stop)), name="video-writer",
                               daemon=True)
     reader.start()
     writer.start()
     try:
-        for item in _drain(inbox, stop):
+        for item in inbox.items(stop):
             result = transform(item)
-            if not put_until_stopped(outbox, result, stop):
+            if not outbox.put(result, stop):
                 break
             on_item(item)
-        put_until_stopped(outbox, _END, stop)
+        outbox.end(stop)
         writer.join()  # normal end: the writer empties the queue and finishes
     finally:
         stop.set()  # after an error: releases both threads from their queues
@@ -249,6 +354,81 @@ def _overlapped(source, transform, sink, on_item=lambda item: None):
         writer.join()
     if errors:
         raise errors[0]
+
+
+class _Tally:
+    """What one render did: frames ``read`` (decoded), ``processed`` (by the model);
+    ``latencies``: per processed frame, seconds from its decoding to its overlay being
+    handed to the encoder; ``started`` is set once the first overlay has been; ``stop``
+    stops the pipeline's threads."""
+
+    def __init__(self):
+        self.read = self.processed = 0
+        self.latencies = []
+        self.started, self.stop = threading.Event(), threading.Event()
+
+    def count(self, decoded):
+        """Count the frames of a ``_decoded`` stream as they are read."""
+        for item in decoded:
+            self.read += 1
+            yield item
+
+
+def _camera(decoded, fps, tally, live):
+    """``Frames`` of one frame each, as a camera gives them: frame i >= 1 comes (i - 1) / fps
+    after the first overlay has gone to the encoder (the model and the encoder are running),
+    and counts as decoded then.  A ``live`` stream (pipe, device) comes at its own pace."""
+    start = None
+    for i, image, decoded_at in decoded:
+        if i and not live:
+            if start is None:
+                while not tally.started.wait(0.1):
+                    if tally.stop.is_set():
+                        return
+                start = time.perf_counter() - 1 / fps
+            if tally.stop.wait(max(0.0, start + i / fps - time.perf_counter())):
+                return
+            decoded_at = time.perf_counter()
+        yield Frames(np.array([i]), image[None], np.array([decoded_at]))
+
+
+def _overlay_frames(pairs, scheme, alpha, tally):
+    """Each frame's overlay, one frame a batch, from ``(Frames, class maps)`` in order; a
+    dropped frame (an index missing) gets the overlay before it again, so the video keeps
+    every frame's time; its latency is taken as each overlay is handed on."""
+    last, previous = -1, None
+    for frames, maps in pairs:
+        for index, frame, class_map, decoded_at in zip(frames.indices, frames.images, maps, frames.times):
+            image = overlay(frame, class_map, scheme, alpha)   # a frame at a time: in the cache
+            for _ in range(index - last - 1):
+                yield [image if previous is None else previous]
+            tally.latencies.append(time.perf_counter() - decoded_at)
+            yield [image]
+            tally.started.set()
+            last, previous = index, image
+    for _ in range(tally.read - last - 1):   # dropped after the last one processed
+        yield [previous]
+
+
+def _render(source, maps_fn, out_path, size, fps, scheme, tally, alpha=0.5, name=None,
+            on_batch=None, preset=PRESET, inbox=None):
+    """The overlapped pipeline of ``render_overlay`` on ``Frames`` from ``source``."""
+    def segment(frames):
+        maps = maps_fn(frames.images)
+        tally.processed += len(frames.indices)
+        if on_batch is not None:
+            on_batch(frames, maps)
+        return frames, maps
+
+    def encode(pairs):
+        if out_path is None:
+            for _ in pairs:   # drain: the maps were all that was wanted
+                tally.started.set()
+        else:
+            _write_batches(_overlay_frames(pairs, scheme, alpha, tally), out_path, size, fps,
+                           name, preset)
+
+    _overlapped(source=source, transform=segment, sink=encode, inbox=inbox, stop=tally.stop)
 
 
 def _check_new_mp4(out_path):
@@ -259,45 +439,73 @@ def _check_new_mp4(out_path):
 
 
 def process_video(in_path, out_path, predict_fn, scheme, batch_size=4, alpha=0.5,
-                  max_frames=None):
+                  max_frames=None, realtime=False, preset=PRESET):
     """Write an H.264 mp4 of ``in_path`` with the predicted classes of ``scheme`` overlaid.
 
     Same frame count (or the first ``max_frames``), size and frame rate as the input; RGB
-    end to end.  Decoding, inference (this thread) and overlay + encoding overlap
-    (``render_overlay``), so the rate is close to ``predict_fn``'s own.  The video goes to a
-    hidden temporary file next to ``out_path`` that gets its name only when complete; an
-    existing ``out_path`` is refused.
+    end to end.  Decoding, inference (this thread) and overlay + encoding (libx264 at
+    ``preset``) overlap (``render_overlay``).  ``in_path`` may be ``-`` (standard input), a
+    FIFO or a device: a stream (``_ffmpeg_input``).  The video goes to a hidden temporary
+    file next to ``out_path`` that gets its name only when complete; an existing
+    ``out_path`` is refused.
 
-    Returns ``{"frames", "fps", "size", "seconds", "frames_per_second"}`` (wall-clock rate).
+    ``realtime``: frames come as a camera gives them (``_camera``: a file at its frame rate),
+    the model takes whatever waits, up to ``batch_size`` frames, and frames that arrive when
+    ``batch_size`` already wait are dropped (``NewestFrames``); each dropped frame's place in
+    the video holds the overlay before it, so the video keeps the input's frame count and
+    duration.  Without it, every frame is segmented, however long that takes.
+
+    Returns ``{"frames" (in the video), "processed", "dropped", "fps", "size", "seconds",
+    "frames_per_second" (processed, wall clock), "latency_p50", "latency_p95" (seconds from a
+    frame's decoding to its overlay going to the encoder), "realtime", "cpu_seconds" (this
+    process's and ffmpeg's)}``.
     """
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
     if max_frames is not None and max_frames < 1:
         raise UserError(f"max_frames must be at least 1, got {max_frames}")
     _check_new_mp4(out_path)
+    if preset not in PRESETS:
+        raise UserError(f"unknown libx264 preset {preset!r}; use one of {', '.join(PRESETS)}")
+    live = _ffmpeg_input(in_path)[1]
     frames, meta = _open_reader(in_path)
     size, fps, total = _video_format(meta)
+    total = None if live else total
     if max_frames is not None:
         total = min(total or max_frames, max_frames)
-    start = time.perf_counter()
-    bar = tqdm(total=total, desc=os.path.basename(in_path), unit="frame")
+    tally = _Tally()
+    decoded = tally.count(_decoded(frames, in_path, size, max_frames))
+    source = _camera(decoded, fps, tally, live) if realtime else _batched(decoded, batch_size)
+    bar = tqdm(total=total, desc="stdin" if in_path == "-" else os.path.basename(in_path), unit="frame")
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     try:
         with staged_file(out_path) as tmp_path:
-            n_frames = render_overlay(
-                _read_batches(frames, in_path, size, batch_size, max_frames),
-                lambda images: predict_batch(predict_fn, images), tmp_path, size, fps, scheme,
-                alpha, name=out_path, on_batch=lambda images, maps: bar.update(len(images)))
-            if n_frames == 0:
+            _render(source, lambda images: predict_batch(predict_fn, images), tmp_path, size, fps,
+                    scheme, tally, alpha, name=out_path, preset=preset,
+                    on_batch=lambda batch, maps: bar.update(batch.indices[-1] + 1 - bar.n),
+                    inbox=NewestFrames(batch_size) if realtime else None)
+            if tally.read == 0:
                 raise UserError(f"video {in_path} has no frames; check the file")
     finally:
         bar.close()
         frames.close()  # in case the reader stopped early or never started
-    seconds = time.perf_counter() - start
-    return {"frames": n_frames, "fps": float(fps), "size": size,
-            "seconds": seconds, "frames_per_second": n_frames / seconds}
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
+    p50, p95 = np.percentile(tally.latencies, [50, 95])
+    return {"frames": tally.read, "processed": tally.processed,
+            "dropped": tally.read - tally.processed, "fps": float(fps), "size": size,
+            "seconds": seconds, "frames_per_second": tally.processed / seconds,
+            "latency_p50": float(p50), "latency_p95": float(p95), "realtime": realtime,
+            "cpu_seconds": cpu}
+
+
+def _cpu_seconds():
+    """CPU seconds used so far by this process (every thread) and its ended children
+    (ffmpeg's reader and encoder once they have finished)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def render_overlay(batches, maps_fn, out_path, size, fps, scheme, alpha=0.5, name=None,
-                   on_batch=None):
+                   on_batch=None, preset=PRESET):
     """The overlaid H.264 video of ``batches`` (uint8 RGB ``(N, H, W, 3)``) in the new file
     ``out_path`` (None: no video, only ``on_batch``); returns the number of frames.
 
@@ -306,25 +514,17 @@ def render_overlay(batches, maps_fn, out_path, size, fps, scheme, alpha=0.5, nam
     ``on_batch(images, maps)`` is called here after each batch.  The one renderer of
     ``segment.py video`` and ``batch-predict``, so both write the same frames (bytes, even).
     """
-    count = 0
+    tally = _Tally()
 
-    def segment(images):
-        nonlocal count
-        maps = maps_fn(images)
-        count += len(images)
-        if on_batch is not None:
-            on_batch(images, maps)
-        return images, maps
+    def stamped():
+        for images in batches:
+            first = tally.read
+            tally.read += len(images)
+            yield Frames(np.arange(first, tally.read), images, np.full(len(images), time.perf_counter()))
 
-    def encode(pairs):
-        if out_path is None:
-            collections.deque(pairs, maxlen=0)   # drain: the maps were all that was wanted
-        else:
-            _write_batches((overlay(images, maps, scheme, alpha) for images, maps in pairs),
-                           out_path, size, fps, name)
-
-    _overlapped(source=batches, transform=segment, sink=encode)
-    return count
+    _render(stamped(), maps_fn, out_path, size, fps, scheme, tally, alpha, name, preset=preset,
+            on_batch=None if on_batch is None else lambda frames, maps: on_batch(frames.images, maps))
+    return tally.processed
 
 
 def write_video(out_path, frames, fps=12):

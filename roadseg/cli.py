@@ -314,7 +314,8 @@ def build_parser():
         add_verbosity(sp)
         return sp
 
-    for commands in (_data_commands, _train_command, _model_commands, _export_and_demo_commands):
+    for commands in (_data_commands, _train_command, _model_commands, _archive_and_video_commands,
+                     _export_and_demo_commands):
         commands(add)
     return p
 
@@ -361,7 +362,7 @@ def _train_command(add):
 
 
 def _model_commands(add):
-    """The commands that run a trained model: evaluate, predict, batch-predict, video."""
+    """The commands that run a trained model on images: evaluate, predict."""
     sp = add("evaluate", cmd_evaluate, "per-class IoU, mIoU, pixel accuracy on a split (table + JSON)")
     sp.add_argument("--model", required=True, help="runs/<name> folder or exported model")
     sp.add_argument("--data", required=True)
@@ -386,6 +387,10 @@ def _model_commands(add):
     sp.add_argument("--batch-size", type=int, default=4)
     sp.add_argument("--runs", default=DEFAULT_RUNS, help=argparse.SUPPRESS)
 
+
+
+def _archive_and_video_commands(add):
+    """The commands that run a trained model over many files or a video: batch-predict, video."""
     sp = add("batch-predict", cmd_batch_predict, "predict on Apache Beam (RunInference): overlays "
              "and class maps of many images and videos (files, folders, globs, gs://...); per "
              "video an overlay mp4 and per-frame class shares (csv); offline in this "

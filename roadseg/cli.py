@@ -222,6 +222,7 @@ def cmd_batch_predict(a):
 def cmd_video(a):
     _at_least_one(a, "batch_size", "max_frames")
     batch_size = a.batch_size or (1 if a.realtime else 4)
+    video.check_input(a.input)   # before the model: its first load may convert it (~1 min)
     with _predictor(a) as predictor:
         stats = video.process_video(a.input, a.output, predictor.predict, predictor.scheme,
                                     batch_size=batch_size, max_frames=a.max_frames,

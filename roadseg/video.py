@@ -77,6 +77,11 @@ def _ffmpeg_input(path):
     return path, not os.path.isfile(path)
 
 
+def check_input(path):
+    """A UserError in one line when ``path`` cannot be a video input (missing, a terminal)."""
+    _ffmpeg_input(os.fspath(path))
+
+
 def _open_reader(path, seek_seconds=None):
     """``(raw frame generator, metadata)`` of a video, or a UserError naming the file;
     ``seek_seconds``: decoding starts there (ffmpeg's input ``-ss``)."""

@@ -71,14 +71,21 @@ def test_help_and_user_error_as_a_subprocess(trained_run, tmp_path):
     assert out.returncode == 0
     for command in COMMANDS:
         assert command in out.stdout
-    # The model loads (TensorFlow and OpenVINO log nothing on the way), then the input is missing.
+    # A missing input is refused before the model loads (its first load may convert it).
     missing = subprocess.run([sys.executable, str(ROOT / "segment.py"), "video", "--model",
                               str(trained_run), "nowhere.mp4", "out.mp4"],
                              cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
-    assert missing.returncode == 2
-    lines = missing.stdout.splitlines()   # only ours: the backend, its conversion (once per checkpoint)
-    assert lines[0].startswith("backend: ") and all(line.startswith("converted ") for line in lines[1:])
+    assert missing.returncode == 2 and missing.stdout == ""
     assert missing.stderr.splitlines() == ["error: video nowhere.mp4 does not exist; check the path"]
+    # The model loads (TensorFlow and OpenVINO log nothing on the way), then the input does not read.
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    bad = subprocess.run([sys.executable, str(ROOT / "segment.py"), "video", "--model",
+                          str(trained_run), "bad.mp4", "out.mp4"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2
+    lines = bad.stdout.splitlines()   # only ours: the backend, its conversion (once per checkpoint)
+    assert lines[0].startswith("backend: ") and all(line.startswith("converted ") for line in lines[1:])
+    assert len(bad.stderr.splitlines()) == 1 and bad.stderr.startswith("error: cannot read video bad.mp4")
     assert not (tmp_path / "out.mp4").exists()
 
 

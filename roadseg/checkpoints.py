@@ -133,8 +133,9 @@ class Checkpointer:
             self.saver.recover_last_checkpoints(paths[:i + 1])
             best = find_checkpoints(os.path.join(self.run_dir, "best"), lambda *a: None)
             self.best_saver.recover_last_checkpoints(best)   # a better one replaces it
-            self.saved = self.read()
-            return self.read(), paths[i]
+            progress = self.read()
+            self.saved = dataclasses.replace(progress)
+            return progress, paths[i]
         if paths:
             raise UserError(f"no readable checkpoint in {self.dir} (tried {len(paths)}); "
                             f"start a new --run")

@@ -217,7 +217,8 @@ def _write_batches(batches, path, size, fps, name=None, preset=PRESET):
             if writer is not None:
                 writer.close()  # waits until ffmpeg has finished the file
         log.seek(0)
-        said = reason(log) if writer is not None and log.read().strip() else ""   # ffmpeg's word
+        text = log.read().decode(errors="replace").strip()
+        said = reason(text) if writer is not None and text else ""   # ffmpeg's word, if any
         if writer is not None and not os.path.exists(path) and not failed and not said:
             # ffmpeg wrote and said nothing wrong, yet the file is gone: someone else removed it
             raise UserError(f"could not write the video {name or path}: its temporary file "
